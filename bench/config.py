@@ -1,0 +1,324 @@
+"""Typed configuration: dataclass defaults, `studies/NAME.yaml`, then `key=value` overrides.
+
+Unknown keys, wrong types and invalid values raise `ConfigError`, which names the key, the bad value
+and the valid choices; the CLI turns it into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models import likelihoods
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
+BINARIZE = ("none", "threshold", "static", "dynamic")
+DEVICES = ("auto", "cpu", "cuda")
+PRUNERS = ("none", "median")
+SEARCH_KINDS = ("float", "int", "categorical")
+
+
+class ConfigError(ValueError):
+    """A bad config or command line; the message names the key, the value and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist | digits (offline) | mnist_t10k (the 10k test files only)
+    root: str = "data"  # torchvision's folder; MNIST lives in <root>/MNIST/raw
+    download: bool = True  # fetch missing files through torchvision
+    binarize: str = "dynamic"  # none (8-bit) | threshold (static, at ½) | static (one fixed draw) | dynamic
+    dequantize: bool = True  # 8-bit data: densities see y = (k + u)/256, pmfs see k/255
+    n_val: int = 10000  # validation examples held out from the training split
+    limit: int = 0  # keep at most this many examples per split (0: all); for quick runs and tests
+    seed: int = 0  # the split, the static binarization and the evaluation draws
+
+
+@dataclass
+class ModelConfig:
+    hidden: List[int] = field(default_factory=lambda: [400])  # encoder sizes; the decoder mirrors them
+    latent_dim: int = 20
+
+
+@dataclass
+class LikelihoodConfig:
+    name: str = "bernoulli"  # a family of models/likelihoods.py
+    scale: float = 1.0  # fixed σ (gaussian) or b (laplace)
+    min_scale: float = 0.0  # floor on a learned scale (0: off); > 0 makes the family bounded
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam
+    beta: float = 1.0  # weight of the KL in the training objective
+    n_samples: int = 1  # L reparameterised samples per datapoint
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    scale_collapse: float = 1e-3  # a learned scale below this ends an unbounded family's run as diverged
+
+
+@dataclass
+class EvalConfig:
+    iwae_k: int = 1000  # importance samples of the final IWAE estimate (Burda et al. use 5000)
+    iwae_examples: int = 1000  # test examples it is computed on (0: all)
+    chunk: int = 250  # samples per chunk, so large k fits in memory
+    figures: bool = True  # reconstruction, samples and manifold grids, ELBO curve
+
+
+@dataclass
+class SearchDim:
+    kind: str = "float"  # float | int | categorical
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Optional[List[Any]] = None
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""  # set from the study file
+    description: str = ""
+    grids: List[Dict[str, Any]] = field(default_factory=list)  # each: dotted key -> list of values
+    seeds: List[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
+    search_space: Dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
+    n_trials: int = 0  # TPE trials (with a search space)
+    pruner: str = "none"  # none | median: prune on the validation ELBO reported each epoch
+    n_workers: int = 1  # local worker processes
+    storage: str = ""  # Optuna storage URL; "" = sqlite file beside the MLflow store
+    worker: bool = False  # join the existing study (from another machine) instead of creating it
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    system_metrics: bool = True  # CPU/GPU usage through psutil (and pynvml on GPUs)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report_dir: str = "reports"  # reports are written to <report_dir>/<study>/
+
+
+def available_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def study_path(study: str) -> Path:
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"study file {study!r} does not exist")
+        return path
+    path = STUDIES_DIR / f"{study}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown study {study!r}; valid choices: {', '.join(available_studies())} "
+                          "(or a path to a .yaml file)")
+    return path
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        section = OmegaConf.select(base, parent) if parent else base
+        valid = ", ".join(str(k) for k in section) if isinstance(section, DictConfig) else ""
+        msg = str(e).splitlines()[0]
+        hint = f"; valid keys{' in ' + parent if parent else ''}: {valid}" if "not in" in msg or \
+            "Key '" in msg else ""
+        raise ConfigError(f"{where}: {msg}{hint}") from None
+
+
+def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    study, overrides = None, []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form key=value (e.g. study=likelihoods "
+                              "train.epochs=3); see --help")
+        key, value = arg.split("=", 1)
+        if key == "study":
+            study = value
+        else:
+            overrides.append(arg)
+    return study, overrides
+
+
+def load(args: list[str] | None = None, study: str | None = None) -> Config:
+    """Defaults <- study YAML <- dotted overrides, validated. Returns a plain `Config` dataclass."""
+    cli_study, overrides = _parse_overrides(list(args or []))
+    study = cli_study or study
+    cfg = OmegaConf.structured(Config)
+    if study:
+        path = study_path(study)
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"study file {path} is not valid YAML: {e}") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
+        cfg = _merge(cfg, content, str(path))
+        if not cfg.study.name:
+            cfg.study.name = path.stem
+    for arg in overrides:
+        try:
+            dot = OmegaConf.from_dotlist([arg])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {arg!r}: {e}") from None
+        cfg = _merge(cfg, dot, f"override {arg!r}")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def validate_run(cfg: Config) -> None:
+    """Checks that one variant's config can run; raises ConfigError naming the key."""
+    d, m, lk, t, e = cfg.data, cfg.model, cfg.likelihood, cfg.train, cfg.eval
+    _check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
+    _check(d.binarize in BINARIZE, "data.binarize", d.binarize, f"one of {', '.join(BINARIZE)}")
+    _check(d.n_val >= 1, "data.n_val", d.n_val, "an integer ≥ 1")
+    _check(d.limit >= 0, "data.limit", d.limit, "an integer ≥ 0 (0: all)")
+    _check(len(m.hidden) >= 1 and all(h >= 1 for h in m.hidden), "model.hidden", m.hidden,
+           "a non-empty list of layer sizes ≥ 1")
+    _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "an integer ≥ 1")
+    _check(lk.name in likelihoods.FAMILIES, "likelihood.name", lk.name,
+           f"one of {', '.join(likelihoods.NAMES)}")
+    _check(lk.scale > 0, "likelihood.scale", lk.scale, "a number > 0")
+    _check(lk.min_scale >= 0, "likelihood.min_scale", lk.min_scale, "a number ≥ 0 (0: no floor)")
+    support = likelihoods.FAMILIES[lk.name].support
+    if support == likelihoods.BINARY:
+        _check(d.binarize != "none", "data.binarize", d.binarize,
+               f"threshold, static or dynamic: likelihood {lk.name} is a pmf of binary pixels "
+               "(for 8-bit data use continuous_bernoulli or discretized_logistic)")
+    if support == likelihoods.EIGHT_BIT:
+        _check(d.binarize == "none", "data.binarize", d.binarize,
+               f"none: likelihood {lk.name} is a pmf of 8-bit pixels (for binary data use bernoulli)")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer ≥ 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer ≥ 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(t.beta >= 0, "train.beta", t.beta, "a number ≥ 0")
+    _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "an integer ≥ 1 (L)")
+    _check(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
+    _check(t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse, "a number ≥ 0")
+    _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")
+    _check(e.iwae_examples >= 0, "eval.iwae_examples", e.iwae_examples, "an integer ≥ 0 (0: all)")
+    _check(e.chunk >= 1, "eval.chunk", e.chunk, "an integer ≥ 1")
+
+
+def validate(cfg: Config) -> None:
+    s = cfg.study
+    _check(s.pruner in PRUNERS, "study.pruner", s.pruner, f"one of {', '.join(PRUNERS)}")
+    _check(s.n_workers >= 1, "study.n_workers", s.n_workers, "an integer ≥ 1")
+    _check(len(s.seeds) >= 1, "study.seeds", s.seeds, "a non-empty list of integers")
+    _check(s.n_trials >= 0, "study.n_trials", s.n_trials, "an integer ≥ 0")
+    _check(not s.search_space or s.n_trials >= 1, "study.n_trials", s.n_trials,
+           "an integer ≥ 1 when study.search_space is given")
+    if s.storage:
+        _check(s.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"),
+               "study.storage", s.storage, "an URL sqlite:///FILE or postgresql://USER@HOST/DB")
+    for key, dim in s.search_space.items():
+        _check(dim.kind in SEARCH_KINDS, f"study.search_space.{key}.kind", dim.kind,
+               f"one of {', '.join(SEARCH_KINDS)}")
+        if dim.kind == "categorical":
+            _check(bool(dim.choices), f"study.search_space.{key}.choices", dim.choices, "a non-empty list")
+        else:
+            _check(dim.low is not None and dim.high is not None and dim.low < dim.high,
+                   f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "low < high")
+            _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
+                   "a number > 0 with log: true")
+    for point in grid_points(cfg):
+        try:
+            validate_run(apply(cfg, point))
+        except ConfigError as err:
+            where = f" (in the variant {point})" if point else ""
+            raise ConfigError(f"{err}{where}") from None
+
+
+def grid_points(cfg: Config) -> list[dict[str, Any]]:
+    """The product of each grid's factor lists, concatenated; [{}] when the study has no grid."""
+    points: list[dict[str, Any]] = []
+    valid = [k for k in flatten(to_dict(Config())) if not k.startswith("study.")]
+    for i, grid in enumerate(cfg.study.grids):
+        for key, values in grid.items():
+            _check(key in valid, f"study.grids[{i}] key", key,
+                   "a dotted config key such as likelihood.name, model.latent_dim, train.beta")
+            _check(isinstance(values, list) and len(values) >= 1, f"study.grids[{i}].{key}", values,
+                   "a non-empty list of values")
+        keys = list(grid)
+        points += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return points or [{}]
+
+
+def apply(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted params set (type-checked)."""
+    node = OmegaConf.structured(cfg)
+    for key, value in params.items():
+        try:
+            OmegaConf.update(node, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}={value!r}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(node)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Keys that change where results go or how fast they come, not what they are: left out of the hash.
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "tracking.", "report_dir", "train.device")
+
+
+def config_hash(cfg: Config) -> str:
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(_NOT_HASHED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def help_text() -> str:
+    keys = "\n".join(f"  {k} = {v!r}" for k, v in flatten(to_dict(Config())).items())
+    return (
+        "usage: python -m bench.run study=NAME [key=value ...]\n\n"
+        f"studies: {', '.join(available_studies())} (or study=path/to/file.yaml)\n"
+        f"likelihoods: {', '.join(likelihoods.NAMES)}\n\nkeys and defaults:\n{keys}\n"
+    )

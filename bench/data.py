@@ -1,0 +1,155 @@
+"""Datasets as uint8 tensors resident on the training device, and the data protocols.
+
+Pixels are stored once as 8-bit values k ∈ {0..255} (or {0, 1} after a static binarization), shape
+(N, D). A batch becomes model input through `Data.transform`, which applies the protocol on the
+device: a fresh Bernoulli draw (dynamic binarization), uniform dequantization y = (k + u)/256 for
+densities, or k/255 for the 8-bit pmf. No per-item PIL conversion happens anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from bench.config import ConfigError, DataConfig
+from models.likelihoods import EIGHT_BIT, LEVELS, Family
+
+MNIST_TEST_FILES = ("t10k-images-idx3-ubyte",)
+TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+class DataError(ConfigError):
+    """Data that cannot be had: names the files expected and the offline alternatives."""
+
+
+@dataclass
+class Data:
+    train: Tensor  # (N, D) uint8: 0..255, or {0, 1} under a static binarization
+    val: Tensor  # (N, D) uint8: 0..255, or {0, 1} (one fixed draw) under any binarization
+    test: Tensor
+    image_shape: tuple[int, int]
+    cfg: DataConfig
+    source: str  # provenance: what was read, and the split
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def binarized(self) -> bool:
+        return self.cfg.binarize != "none"
+
+    @property
+    def protocol(self) -> str:
+        if self.binarized:
+            return f"binarized-{self.cfg.binarize}"
+        return "8bit-dequantized" if self.cfg.dequantize else "8bit-raw"
+
+    def dequantized_for(self, family: Family) -> bool:
+        return not self.binarized and family.support != EIGHT_BIT and self.cfg.dequantize
+
+    def transform(self, family: Family, train: bool) -> Callable[[Tensor], Tensor]:
+        """uint8 batch (B, D) -> model input (B, D) float, on the batch's device."""
+        if self.binarized:
+            if train and self.cfg.binarize == "dynamic":
+                return lambda k: torch.bernoulli(k.float() / (LEVELS - 1))
+            return lambda k: k.float()
+        if self.dequantized_for(family):
+            return lambda k: (k.float() + torch.rand(k.shape, device=k.device)) / LEVELS
+        return lambda k: k.float() / (LEVELS - 1)
+
+
+def read_idx(path: Path) -> Tensor:
+    """An IDX file (MNIST's format), gzipped or not, as a uint8 tensor."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    n_dims = raw[3]
+    dims = struct.unpack(f">{n_dims}I", raw[4 : 4 + 4 * n_dims])
+    return torch.frombuffer(bytearray(raw[4 + 4 * n_dims :]), dtype=torch.uint8).view(*dims)
+
+
+def _offline_hint(root: str) -> str:
+    return ("offline alternatives: data.name=digits (scikit-learn's bundled 8x8 digits), or "
+            f"data.name=mnist_t10k with data.root pointing at a folder that holds MNIST/raw/"
+            f"{MNIST_TEST_FILES[0]}[.gz] (MNIST's official 10k test images)")
+
+
+def _torchvision(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[cfg.name])
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download).data
+        test = cls(cfg.root, train=False, download=cfg.download).data
+    except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError offline
+        folder = Path(cfg.root) / TORCHVISION[cfg.name] / "raw"
+        files = ", ".join(cls.resources[i][0].rsplit("/", 1)[-1] for i in range(len(cls.resources)))
+        how = "download failed" if cfg.download else "files missing and data.download=false"
+        raise DataError(f"data.name={cfg.name}: {how} ({type(e).__name__}: {str(e)[:200]}); expected "
+                        f"{files} in {folder}; {_offline_hint(cfg.root)}") from None
+    return train.flatten(1), test.flatten(1), f"torchvision {TORCHVISION[cfg.name]} from {cfg.root}"
+
+
+def _mnist_t10k(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
+    raw = Path(cfg.root) / "MNIST" / "raw"
+    for name in (MNIST_TEST_FILES[0], MNIST_TEST_FILES[0] + ".gz"):
+        if (raw / name).is_file():
+            images = read_idx(raw / name).flatten(1)
+            break
+    else:
+        raise DataError(f"data.name=mnist_t10k: expected {raw / MNIST_TEST_FILES[0]}[.gz] "
+                        "(MNIST's official test images); set data.root to the folder above MNIST/")
+    n_test = len(images) // 5
+    return images[n_test:], images[:n_test], (
+        f"MNIST official test split only ({len(images)} images from {raw}): "
+        f"first {n_test} as test, the rest as train and validation")
+
+
+def _digits(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
+    from sklearn.datasets import load_digits
+
+    values = torch.from_numpy(load_digits().images).flatten(1)  # (1797, 64), values 0..16
+    pixels = (values * (LEVELS - 1) / 16).round().to(torch.uint8)
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(1234))
+    n_test = len(pixels) // 6
+    return pixels[order[n_test:]], pixels[order[:n_test]], (
+        f"scikit-learn digits (1797 8x8 images, 0..16 rescaled to 0..255): {n_test} fixed test images")
+
+
+SOURCES = {"mnist": _torchvision, "fashion_mnist": _torchvision, "mnist_t10k": _mnist_t10k, "digits": _digits}
+
+
+def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
+    """Read, split, binarize and move to `device`. The test split is kept for final numbers only."""
+    train_full, test, source = SOURCES[cfg.name](cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(train_full), generator=gen)
+    n_val = min(cfg.n_val, len(train_full) // 5)  # small datasets keep most data for training
+    val, train = train_full[order[:n_val]], train_full[order[n_val:]]
+    if cfg.limit:
+        train, val, test = train[: cfg.limit], val[: cfg.limit], test[: cfg.limit]
+    if cfg.binarize == "threshold":
+        train, val, test = ((x > (LEVELS - 1) // 2).to(torch.uint8) for x in (train, val, test))
+    elif cfg.binarize in ("static", "dynamic"):
+        # One fixed draw for the evaluation splits (and for training when static).
+        def draw(x: Tensor) -> Tensor:
+            return torch.bernoulli(x.float() / (LEVELS - 1), generator=gen).to(torch.uint8)
+
+        val, test = draw(val), draw(test)
+        if cfg.binarize == "static":
+            train = draw(train)
+    side = int(round(train.shape[1] ** 0.5))
+    split = f"{len(train)} train / {len(val)} validation / {len(test)} test"
+    return Data(train.to(device), val.to(device), test.to(device), (side, side), cfg, f"{source}; {split}")
+
+
+def batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """A fresh random permutation of x (N, D), cut into batches (B, D) on x's device."""
+    for idx in torch.randperm(len(x), device=x.device).split(batch_size):
+        yield x[idx]

@@ -1,0 +1,226 @@
+"""The registry of decoder likelihood families.
+
+Each family maps the decoder's raw output, shape (..., P, D) with P outputs per pixel, to a
+`torch.distributions` distribution over the whole image: `Independent(..., 1)`, batch shape (...),
+event shape (D,). Every log-density keeps its normalising constant, so numbers on the same measure
+can be compared across families (see `measure`).
+
+Bounded families have a finite supremum of log p(x|z) per pixel; unbounded ones can grow without
+limit (a learned scale → 0, or the continuous Bernoulli's normaliser as λ → 0 or 1). A `min_scale`
+floor on a learned scale makes that family bounded again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributions import (
+    Bernoulli,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    Laplace,
+    Normal,
+    constraints,
+)
+
+BINARY, UNIT_INTERVAL, EIGHT_BIT = "binary", "[0,1]", "8-bit"
+LEVELS = 256  # pixel values of 8-bit data
+
+
+class DiscretizedLogistic(Distribution):
+    """Logistic density integrated over the 256 bins of 8-bit pixels (Salimans et al. 2017, PixelCNN++).
+
+    x is a pixel value k/255; P(k) = F((k+½)/255) − F((k−½)/255), with F(−∞) = 0 at k = 0 and
+    F(+∞) = 1 at k = 255. Computed in log space so the tails stay finite:
+    log(σ(a) − σ(b)) = log σ(a) + log σ(−b) + log(1 − e^(b−a)).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.unit_interval
+
+    def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = False):
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        half_bin = 0.5 / (LEVELS - 1)
+        upper = (x + half_bin - self.loc) / self.scale
+        lower = (x - half_bin - self.loc) / self.scale
+        interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(lower - upper))
+        first = F.logsigmoid(upper)  # k = 0: all mass below the upper edge
+        last = F.logsigmoid(-lower)  # k = 255: all mass above the lower edge
+        return torch.where(x < half_bin, first, torch.where(x > 1 - half_bin, last, interior))
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc.clamp(0, 1)
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        u = torch.rand(self._extended_shape(sample_shape), device=self.loc.device).clamp(1e-6, 1 - 1e-6)
+        y = self.loc + self.scale * (torch.log(u) - torch.log1p(-u))
+        return (y.clamp(0, 1) * (LEVELS - 1)).round() / (LEVELS - 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registry entry. `make` builds the per-pixel distribution from the raw decoder output."""
+
+    name: str
+    n_params: int  # decoder outputs per pixel
+    support: str  # data the family is a likelihood of: BINARY, UNIT_INTERVAL or EIGHT_BIT
+    is_pmf: bool  # a probability mass function (log p ≤ 0) rather than a density
+    learned_scale: str | None  # None, "per_pixel", "shared" (one parameter) or "optimal" (analytic)
+    fixed_supremum: Callable[[float], float] | None  # sup of log p per pixel given the fixed scale
+    floored_supremum: Callable[[float], float] | None  # sup given a min_scale floor on a learned scale
+    make: Callable[..., Distribution]  # (raw (..., P, D), scale, min_scale, shared, x) -> per-pixel dist
+    summary: str
+
+
+def _learned(raw: Tensor, min_scale: float) -> Tensor:
+    return min_scale + torch.exp(raw)
+
+
+def _gaussian_sup(scale: float) -> float:
+    return -0.5 * math.log(2 * math.pi * scale**2)
+
+
+def _laplace_sup(scale: float) -> float:
+    return -math.log(2 * scale)
+
+
+def _optimal_scale(loc: Tensor, x: Tensor, min_scale: float) -> Tensor:
+    # σ*² = mean squared error over the pixels of each image: the maximiser of the Gaussian
+    # log-likelihood in σ (Rybkin, Daniilidis & Levine 2021, "σ-VAE", eq. 4).
+    mse = (x - loc).pow(2).mean(-1, keepdim=True)  # (..., 1)
+    return mse.sqrt().clamp_min(min_scale) if min_scale > 0 else mse.sqrt()
+
+
+_V = {"validate_args": False}  # argument checks cost ~20 % of a small step; tests check the values
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "bernoulli", 1, BINARY, True, None, lambda s: 0.0, None,
+            lambda raw, scale, ms, shared, x: Bernoulli(logits=raw[..., 0, :], **_V),
+            "Bernoulli(logits): the pmf of binary pixels",
+        ),
+        Family(
+            "continuous_bernoulli", 1, UNIT_INTERVAL, False, None, None, None,
+            lambda raw, scale, ms, shared, x: ContinuousBernoulli(logits=raw[..., 0, :], **_V),
+            "continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): normalised density on [0,1]",
+        ),
+        Family(
+            "gaussian", 1, UNIT_INTERVAL, False, None, _gaussian_sup, None,
+            lambda raw, scale, ms, shared, x: Normal(raw[..., 0, :], scale, **_V),
+            "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)",
+        ),
+        Family(
+            "gaussian_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _gaussian_sup,
+            lambda raw, scale, ms, shared, x: Normal(raw[..., 0, :], _learned(raw[..., 1, :], ms), **_V),
+            "Gaussian with a per-pixel σ from the decoder",
+        ),
+        Family(
+            "gaussian_shared", 1, UNIT_INTERVAL, False, "shared", None, _gaussian_sup,
+            lambda raw, scale, ms, shared, x: Normal(raw[..., 0, :], _learned(shared, ms), **_V),
+            "Gaussian with one learned σ for all pixels",
+        ),
+        Family(
+            "gaussian_optimal", 1, UNIT_INTERVAL, False, "optimal", None, _gaussian_sup,
+            lambda raw, scale, ms, shared, x: Normal(
+                raw[..., 0, :], _optimal_scale(raw[..., 0, :], x, ms), **_V
+            ),
+            "Gaussian with the analytic per-image optimal σ² = MSE (σ-VAE)",
+        ),
+        Family(
+            "laplace", 1, UNIT_INTERVAL, False, None, _laplace_sup, None,
+            lambda raw, scale, ms, shared, x: Laplace(raw[..., 0, :], scale, **_V),
+            "Laplace with fixed scale b",
+        ),
+        Family(
+            "laplace_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _laplace_sup,
+            lambda raw, scale, ms, shared, x: Laplace(raw[..., 0, :], _learned(raw[..., 1, :], ms), **_V),
+            "Laplace with a per-pixel scale b from the decoder",
+        ),
+        Family(
+            "discretized_logistic", 2, EIGHT_BIT, True, "per_pixel", lambda s: 0.0, lambda s: 0.0,
+            lambda raw, scale, ms, shared, x: DiscretizedLogistic(
+                raw[..., 0, :], _learned(raw[..., 1, :], ms)
+            ),
+            "logistic integrated over the 256 bins of 8-bit pixels: the pmf of 8-bit data",
+        ),
+    ]
+}
+NAMES = tuple(FAMILIES)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a log-likelihood number means, and whether it may be compared with others."""
+
+    name: str  # e.g. "pmf of binarized pixels"
+    comparable: bool  # a (bound on a) log-probability of the data, shared with other rows of its name
+    nats_offset_per_pixel: float  # added to log p to put it on that measure
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """A family with its variant parameters: the fixed scale and an optional floor on a learned one."""
+
+    family: Family
+    scale: float = 1.0  # σ of `gaussian`, b of `laplace`
+    min_scale: float = 0.0  # floor on a learned scale; > 0 makes an unbounded family bounded
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def bounded(self) -> bool:
+        return self.supremum_per_pixel is not None
+
+    @property
+    def supremum_per_pixel(self) -> float | None:
+        f = self.family
+        if f.is_pmf:
+            return 0.0
+        if f.fixed_supremum is not None:
+            return f.fixed_supremum(self.scale)
+        if f.floored_supremum is not None and self.min_scale > 0:
+            return f.floored_supremum(self.min_scale)
+        return None
+
+    def distribution(self, raw: Tensor, shared: Tensor | None = None, x: Tensor | None = None) -> Independent:
+        """raw (..., P, D) -> p(x|z) over images, batch shape (...), event shape (D,)."""
+        per_pixel = self.family.make(raw, self.scale, self.min_scale, shared, x)
+        return Independent(per_pixel, 1)
+
+    def smallest_scale(self, dist: Independent) -> Tensor | None:
+        """The smallest learned scale in `dist` (a 0-d tensor), None for families without one."""
+        return dist.base_dist.scale.min() if self.family.learned_scale else None
+
+    def measure(self, binarized: bool, dequantized: bool) -> Measure:
+        """Which measure log p(x|z) is on, given the data protocol (see ../shared/notes/science.md)."""
+        f = self.family
+        if binarized:
+            if f.support == BINARY:
+                return Measure("pmf of binarized pixels", True, 0.0)
+            return Measure("density at binary values (not a likelihood of the data)", False, 0.0)
+        if f.support == EIGHT_BIT:
+            return Measure("pmf of 8-bit pixels", True, 0.0)
+        if dequantized:
+            # y = (k + u)/256: E_u log p(y) − D·log 256 ≤ log P(k) (Theis, van den Oord & Bethge 2016).
+            return Measure("pmf of 8-bit pixels (dequantized lower bound)", True, -math.log(LEVELS))
+        return Measure("density at raw 8-bit values (training objective only)", False, 0.0)
+
+
+def get(name: str, scale: float = 1.0, min_scale: float = 0.0) -> Likelihood:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown likelihood {name!r}; valid choices: {', '.join(NAMES)}")
+    return Likelihood(FAMILIES[name], scale=scale, min_scale=min_scale)
