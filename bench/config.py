@@ -66,7 +66,9 @@ class TrainConfig:
     n_samples: int = 1  # L reparameterised samples per datapoint
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    scale_collapse: float = 1e-3  # a learned scale below this ends an unbounded family's run as diverged
+    # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
+    # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
+    scale_collapse: float = 0.01
 
 
 @dataclass

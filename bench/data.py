@@ -51,6 +51,11 @@ class Data:
             return f"binarized-{self.cfg.binarize}"
         return "8bit-dequantized" if self.cfg.dequantize else "8bit-raw"
 
+    @property
+    def quantum(self) -> float:
+        """The gap between pixel values the model sees."""
+        return 1.0 if self.binarized else 1.0 / LEVELS
+
     def dequantized_for(self, family: Family) -> bool:
         return not self.binarized and family.support != EIGHT_BIT and self.cfg.dequantize
 

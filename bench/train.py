@@ -1,0 +1,225 @@
+"""Training loop and evaluation for one variant: `train(cfg)` returns the model, per-epoch metrics
+and how the run ended.
+
+Inside an epoch nothing is read back to the host: sums, the largest log p per pixel and the smallest
+learned scale are accumulated on the device and read once per epoch, so a GPU is never stalled. The
+step time is measured around the step alone (CUDA events on a GPU, a wall clock on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bench import data as data_mod
+from bench.config import Config
+from bench.data import Data
+from models import likelihoods
+from models.estimators import active_units, bits_per_dim, elbo_terms, gaussian_kl, iwae
+from models.likelihoods import Likelihood, Measure
+from models.vae import VAE
+
+COMPLETED, DIVERGED = "completed", "diverged"
+SUPREMUM_SLACK = 1e-4  # nats per pixel of float error allowed above a bounded family's supremum
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    model: VAE
+    data: Data
+    measure: Measure
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict of metrics per epoch
+    status: str = COMPLETED  # COMPLETED or DIVERGED
+    reason: str = ""  # why a run diverged
+
+
+def build(cfg: Config, data: Data) -> VAE:
+    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+    return VAE(data.dim, list(cfg.model.hidden), cfg.model.latent_dim, lik)
+
+
+class _StepTimer:
+    """Sums the time of the timed regions of an epoch without synchronising inside it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def total(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.seconds
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: kB
+
+
+def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: Tensor, transform: Callable[[Tensor], Tensor],
+                cfg: Config) -> dict[str, float]:
+    t = cfg.train
+    device = x_train.device
+    sums = torch.zeros(4, device=device)  # Σ recon, Σ kl, Σ objective, n
+    top_log_p = torch.tensor(-math.inf, device=device)  # largest per-image log p(x|z) in the epoch
+    low_scale = torch.tensor(math.inf, device=device)  # smallest learned scale in the epoch
+    timer, steps = _StepTimer(device), 0
+    model.train()
+    for batch in data_mod.batches(x_train, t.batch_size):
+        x = transform(batch)  # (B, D)
+        timer.start()
+        terms = elbo_terms(model, x, t.n_samples)
+        objective = terms.objective(t.beta)  # (B,)
+        loss = -objective.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        timer.stop()
+        steps += 1
+        with torch.no_grad():
+            sums += torch.stack([terms.recon.sum(), terms.kl.sum(), objective.sum(),
+                                 torch.tensor(float(len(x)), device=device)])
+            top_log_p = torch.maximum(top_log_p, terms.recon.max())
+            if terms.smallest_scale is not None:
+                low_scale = torch.minimum(low_scale, terms.smallest_scale.detach())
+    seconds = timer.total()
+    recon, kl, obj, n = sums.tolist()  # the epoch's one read-back
+    return {
+        "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
+        "train_objective": obj / n, "samples_per_s": n / seconds, "ms_per_step": 1000 * seconds / steps,
+        "max_log_p_per_pixel": top_log_p.item() / model.data_dim, "min_scale": low_scale.item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], batch_size: int = 1000,
+             seed: int = 0) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL per image (β = 1, one sample), with a fixed seed so that
+    dequantization noise and z draws are the same at every epoch."""
+    model.eval()
+    sums = torch.zeros(3, device=x_eval.device)
+    with torch.random.fork_rng(devices=[x_eval.device] if x_eval.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(x_eval), batch_size):
+            x = transform(x_eval[i : i + batch_size])
+            terms = elbo_terms(model, x)
+            sums += torch.stack([terms.recon.sum(), terms.kl.sum(), terms.elbo.sum()])
+    recon, kl, elbo = (sums / len(x_eval)).tolist()
+    return {"recon": recon, "kl": kl, "elbo": elbo}
+
+
+def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum: float) -> str:
+    """Why this epoch's metrics mean the run has diverged ("" when it has not)."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k != "min_scale")
+    if bad:
+        return f"non-finite {', '.join(bad)} (NaN or ∞)"
+    sup = lik.supremum_per_pixel
+    if sup is not None and metrics["max_log_p_per_pixel"] > sup + SUPREMUM_SLACK:
+        return (f"log p(x|z) per pixel {metrics['max_log_p_per_pixel']:.4f} above the supremum {sup:.4f} "
+                f"of the bounded family {lik.name}")
+    threshold = cfg.train.scale_collapse * quantum
+    if sup is None and lik.family.learned_scale and metrics["min_scale"] < threshold:
+        return (f"learned scale collapsed to {metrics['min_scale']:.2e} < {threshold:.2e} (train.scale_collapse="
+                f"{cfg.train.scale_collapse:g} of the pixel quantum {quantum:.4g}): {lik.name} is unbounded, "
+                "its log p grows without limit")
+    return ""
+
+
+def train(cfg: Config, data: Data | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Trains one variant. `on_epoch(epoch, metrics)` sees each epoch's metrics (for tracking and
+    pruning; it may raise to stop the run). Divergence ends the run with a recorded reason."""
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = data if data is not None else data_mod.load(cfg.data, device)
+    model = build(cfg, data).to(device)
+    lik = model.likelihood
+    measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
+    offset = measure.nats_offset_per_pixel * data.dim
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
+    result = TrainResult(model, data, measure)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for epoch in range(1, cfg.train.epochs + 1):
+        metrics = train_epoch(model, opt, data.train, train_tf, cfg)
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, data.val, eval_tf, seed=cfg.data.seed).items()})
+        for key in ("train_elbo", "train_recon", "val_elbo", "val_recon"):
+            metrics[key] += offset  # on the run's measure, like every ELBO reported
+        metrics["peak_memory_mb"] = peak_memory_mb(device)
+        metrics["epoch"] = epoch
+        result.history.append(metrics)
+        result.reason = divergence(metrics, lik, cfg, data.quantum)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if result.reason:
+            result.status = DIVERGED
+            break
+    return result
+
+
+@torch.no_grad()
+def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
+    """Test-set numbers on the run's measure: ELBO, IWAE-k NLL ± s.e., bits/dim, KL anomaly score and
+    active units. The test split is touched only here."""
+    model, data, offset = result.model, result.data, result.measure.nats_offset_per_pixel * result.data.dim
+    fam = model.likelihood.family
+    eval_tf = data.transform(fam, train=False)
+    test = evaluate(model, data.test, eval_tf, seed=cfg.data.seed)
+    out = {"test_elbo": test["elbo"] + offset, "test_recon": test["recon"] + offset, "test_kl": test["kl"]}
+
+    subset = data.test[: cfg.eval.iwae_examples or None]
+    with torch.random.fork_rng(devices=[subset.device] if subset.device.type == "cuda" else []):
+        torch.manual_seed(cfg.data.seed)
+        estimates = [iwae(model, eval_tf(subset[i : i + 100]), cfg.eval.iwae_k, cfg.eval.chunk)
+                     for i in range(0, len(subset), 100)]
+        log_px = torch.cat([e.log_px for e in estimates]) + offset  # (N,)
+        mc_se = torch.cat([e.mc_se for e in estimates])
+        noise = torch.randint(0, 2 if data.binarized else likelihoods.LEVELS, data.test.shape,
+                              device=data.test.device, dtype=torch.uint8)
+        kl_data = gaussian_kl(*model.encode(eval_tf(data.test)))
+        kl_noise = gaussian_kl(*model.encode(eval_tf(noise)))
+    n = len(log_px)
+    out.update({
+        "test_iwae_nll": -log_px.mean().item(),
+        "test_iwae_nll_se": (log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
+        "test_iwae_mc_se": (mc_se.pow(2).sum().sqrt() / n).item(),
+        "iwae_k": float(cfg.eval.iwae_k),
+        "anomaly_kl_data": kl_data.mean().item(),
+        "anomaly_kl_noise": kl_noise.mean().item(),
+        # fraction of noise inputs whose KL exceeds the 99th percentile of the data's
+        "anomaly_detection_rate": (kl_noise > kl_data.quantile(0.99)).float().mean().item(),
+        "active_units": float(active_units(model.encode(eval_tf(data.test))[0])),
+    })
+    out["test_bpd"] = bits_per_dim(out["test_iwae_nll"], data.dim)
+    return out
