@@ -66,8 +66,17 @@ class Data:
                 return lambda k: torch.bernoulli(k.float() / (LEVELS - 1))
             return lambda k: k.float()
         if self.dequantized_for(family):
-            return lambda k: (k.float() + torch.rand(k.shape, device=k.device)) / LEVELS
+            return _dequantize
         return lambda k: k.float() / (LEVELS - 1)
+
+
+def _dequantize(k: Tensor) -> Tensor:
+    """y = (k + u)/LEVELS, u ~ U[0, 1), kept inside bin k: in float32, k + u rounds up to k + 1 when u is
+    within 2^-16 of 1 (about once in 65,000 pixels), which would put y in the next bin (y = 1 at k = 255)."""
+    k = k.float()
+    y = (k + torch.rand(k.shape, device=k.device)) / LEVELS
+    top = (k + 1) / LEVELS
+    return torch.minimum(y, torch.nextafter(top, torch.zeros_like(top)))
 
 
 def read_idx(path: Path) -> Tensor:

@@ -1,0 +1,113 @@
+"""The main job: `python -m bench.run study=NAME [key=value ...]`.
+
+Reads top to bottom: load and validate the config; check every input (data, stores) before writing
+anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
+variants that are missing; train them with one or more workers; print the summary.
+Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason;
+2 bad input (nothing written); 130 interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+
+import pandas as pd
+import torch
+
+from bench import config, study, tracking
+from bench import data as data_mod
+from bench.config import Config, ConfigError
+from bench.train import resolve_device
+
+
+def preflight(cfg: Config) -> None:
+    """Every check that bad input can fail, before a run, a study or a file is written."""
+    if not cfg.study.name:
+        raise ConfigError(f"study=NAME is required; valid choices: {', '.join(config.available_studies())}")
+    try:
+        resolve_device(cfg.train.device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    tracking.check_reachable(config.tracking_uri(cfg))
+    study.check_storage(study.storage_url(cfg))
+    seen = set()
+    for params in study.variants(cfg) or [{}]:
+        data_cfg = config.apply(cfg, params).data
+        if repr(data_cfg) not in seen:  # fails with the expected files and the offline alternatives
+            seen.add(repr(data_cfg))
+            data_mod.load(data_cfg)
+
+
+def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
+    outcomes = study.work(cfg, parent_id, experiment_id, position)
+    sys.exit(1 if any(o.state == study.CRASHED for o in outcomes) else 0)
+
+
+def run(cfg: Config) -> bool:
+    """Runs the study; returns False when a trial failed for a reason other than divergence."""
+    experiment_id = tracking.setup(cfg)
+    optuna_study = study.open_study(cfg, create=not cfg.study.worker)
+    if not cfg.study.worker:
+        stale = study.fail_stale(optuna_study)
+        added = study.enqueue_missing(optuna_study, cfg)
+        print(f"study {optuna_study.study_name}: {added} variants to run"
+              + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
+    parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg)
+    ok = True
+    try:
+        if cfg.study.n_workers == 1:
+            ok = not any(o.state == study.CRASHED for o in study.work(cfg, parent_id, experiment_id))
+        else:
+            ctx = mp.get_context("spawn")
+            workers = [ctx.Process(target=_worker, args=(cfg, parent_id, experiment_id, i))
+                       for i in range(cfg.study.n_workers)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            ok = all(w.exitcode == 0 for w in workers)
+    except KeyboardInterrupt:
+        tracking.end_parent(parent_id, failed=True)
+        raise
+    tracking.end_parent(parent_id, failed=not ok)
+    return ok
+
+
+def summary(cfg: Config) -> pd.DataFrame:
+    """One row per trial of the study: variant, state, validation ELBO, samples/s."""
+    rows = [{"trial": t.number, "variant": study.variant_label(study.json.loads(t.user_attrs[study.VARIANT])),
+             "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
+             "val ELBO": t.user_attrs.get("val_elbo"), "samples/s": t.user_attrs.get("samples_per_s"),
+             "reason": t.user_attrs.get(study.REASON, "")[:60]}
+            for t in study.open_study(cfg, create=False).get_trials(deepcopy=False) if study.VARIANT in t.user_attrs]
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip(), config.help_text(), sep="\n\n")
+        return 0
+    try:
+        cfg = config.load(argv)
+        preflight(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(config.to_yaml(cfg))
+    try:
+        ok = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+    table = summary(cfg)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(table) else "no trials")
+    print(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: {study.storage_url(cfg)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

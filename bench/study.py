@@ -1,0 +1,294 @@
+"""Variants, the Optuna study that holds them, and the worker loop that trains them.
+
+A study's grids × seeds are its variants. Each is enqueued once as an Optuna trial carrying its
+params; workers claim queued trials atomically, so every variant runs exactly once with any number of
+workers and after a restart (only what is missing is enqueued again). A search space adds `n_trials`
+TPE trials on top. A diverged trial is recorded as FAIL with its reason and not retried; a crashed
+or killed one is retried on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from bench import config, tracking
+from bench import data as data_mod
+from bench.config import Config
+from bench.train import DIVERGED, final_metrics, resolve_device, train
+from models import likelihoods
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Trial user attributes
+VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
+DIVERGED_STATUS, CRASHED, KILLED = "diverged", "failed", "killed"
+
+
+def variants(cfg: Config) -> list[dict[str, Any]]:
+    """Every grid point × seed, as dotted params (none for a pure search study)."""
+    if cfg.study.search_space and not cfg.study.grids:
+        return []
+    return [{**point, "train.seed": seed} for point in config.grid_points(cfg) for seed in cfg.study.seeds]
+
+
+def variant_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def variant_label(params: dict[str, Any]) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
+
+
+def study_name(cfg: Config) -> str:
+    return f"{cfg.study.name}-{config.config_hash(cfg)}"
+
+
+def storage_url(cfg: Config) -> str:
+    """The Optuna storage: `study.storage`, else an SQLite file beside the MLflow SQLite store."""
+    if cfg.study.storage:
+        return cfg.study.storage
+    path = tracking.sqlite_path(config.tracking_uri(cfg))
+    folder = path.parent if path is not None else Path(".")
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def check_storage(url: str) -> None:
+    """Raises ConfigError when the Optuna storage cannot be reached, before anything is written."""
+    path = tracking.sqlite_path(url)
+    if path is not None:
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise config.ConfigError(f"study.storage={url!r}: folder {folder} does not exist or is not writable")
+        return
+    import sqlalchemy
+
+    try:
+        with sqlalchemy.create_engine(url).connect():
+            pass
+    except Exception as e:
+        raise config.ConfigError(f"study.storage={url!r}: cannot connect ({str(e).splitlines()[0][:200]}); "
+                                 "expected sqlite:///FILE or a reachable postgresql://USER@HOST/DB") from None
+
+
+def _sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=cfg.study.seeds[0])
+
+
+def _pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_warmup_steps=1) if cfg.study.pruner == "median" else optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, create: bool) -> optuna.Study:
+    kwargs = dict(study_name=study_name(cfg), storage=storage_url(cfg), sampler=_sampler(cfg), pruner=_pruner(cfg))
+    if create:
+        return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
+    try:
+        return optuna.load_study(**kwargs)
+    except KeyError:
+        raise config.ConfigError(f"study.worker=true: no study {study_name(cfg)!r} in {storage_url(cfg)}; "
+                                 "start it first without study.worker (same config)") from None
+
+
+def _done(trial: optuna.trial.FrozenTrial) -> bool:
+    """Finished for good: complete, pruned, diverged — or queued/running (claimed by some worker)."""
+    if trial.state == TrialState.FAIL:
+        return trial.user_attrs.get(STATUS) == DIVERGED_STATUS
+    return True
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's worker: only it can tell
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+
+
+def fail_stale(study: optuna.Study) -> int:
+    """Trials left RUNNING by a dead local worker (SIGKILL): FAIL in Optuna, KILLED in MLflow.
+    (Optuna's public API can only fail trials from inside a worker, hence the storage calls.)"""
+    n = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER, "")
+        if owner and _alive(owner):
+            continue
+        reason = f"worker {owner or '?'} died while the trial was running"
+        study._storage.set_trial_user_attr(trial._trial_id, STATUS, KILLED)
+        study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if RUN_ID in trial.user_attrs:
+            tracking.mark_run(trial.user_attrs[RUN_ID], "KILLED", reason)
+        n += 1
+    return n
+
+
+def enqueue_missing(study: optuna.Study, cfg: Config) -> int:
+    """Enqueues every variant that has no finished-for-good, queued or running trial."""
+    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if _done(t)}
+    missing = [p for p in variants(cfg) if variant_key(p) not in have]
+    for params in missing:
+        study.enqueue_trial({k: _encode(v) for k, v in params.items()},
+                            user_attrs={VARIANT: variant_key(params)}, skip_if_exists=False)
+    return len(missing)
+
+
+def _encode(value: Any) -> Any:
+    """Optuna params are scalars; lists (layer sizes) travel as JSON."""
+    return value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
+
+
+def _claim(study: optuna.Study) -> optuna.Trial | None:
+    # Atomically moves one queued trial to RUNNING. `study.ask()` would create a new, unqueued trial
+    # when the queue is empty — which is how GridSampler repeats points under parallel workers.
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
+    searched = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search" and _done(t)]
+    if len(searched) >= cfg.study.n_trials:
+        return None
+    trial = study.ask()
+    trial.set_user_attr("kind", "search")
+    return trial
+
+
+def trial_params(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
+    if VARIANT in trial.user_attrs:
+        return json.loads(trial.user_attrs[VARIANT])
+    params: dict[str, Any] = {"train.seed": cfg.study.seeds[0]}
+    for key, dim in cfg.study.search_space.items():
+        if dim.kind == "float":
+            params[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+        elif dim.kind == "int":
+            params[key] = trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
+        else:
+            params[key] = trial.suggest_categorical(key, [_encode(c) for c in dim.choices])
+    trial.set_user_attr(VARIANT, variant_key(params))
+    return params
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    label: str
+    state: str  # complete | pruned | diverged | failed | interrupted
+    reason: str
+    val_elbo: float
+    samples_per_s: float
+
+
+class _DataCache:
+    """Each distinct data config is read once per worker."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cache = device, {}
+
+    def get(self, cfg: Config) -> data_mod.Data:
+        key = repr(cfg.data)
+        if key not in self.cache:
+            self.cache[key] = data_mod.load(cfg.data, self.device)
+        return self.cache[key]
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
+              cache: _DataCache, position: int = 0) -> TrialOutcome:
+    params = trial_params(trial, base)
+    cfg = config.apply(base, params)
+    label = variant_label(params)
+    data = cache.get(cfg)
+    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+    measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
+    tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
+            "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,
+            "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
+            "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
+            "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
+    run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
+    trial.set_user_attr(RUN_ID, run_id)
+    trial.set_user_attr(OWNER, _owner())
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_epoch(epoch, metrics)
+        if math.isfinite(metrics["val_elbo"]):
+            trial.report(metrics["val_elbo"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
+
+    result, history = None, []
+    epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
+
+    def on_epoch_with_bar(epoch: int, metrics: dict[str, float]) -> None:
+        epochs.update()
+        epochs.set_postfix_str(f"val ELBO {metrics['val_elbo']:.2f}")
+        on_epoch(epoch, metrics)
+
+    try:
+        result = train(cfg, data, on_epoch_with_bar)
+        history = result.history
+        final = final_metrics(result, cfg)
+        if result.status == DIVERGED:
+            state, reason = DIVERGED_STATUS, result.reason
+        else:
+            state, reason = "complete", ""
+    except optuna.TrialPruned as e:
+        state, reason, final = "pruned", str(e), {}
+    except KeyboardInterrupt:
+        tracking.finish_child(None, cfg, {}, "interrupted", "interrupted by the user (SIGINT)")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as e:  # the study goes on; the run and trial keep the reason
+        state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}
+    finally:
+        epochs.close()
+    tracking.finish_child(result, cfg, final, state, reason)
+    last = history[-1] if history else {}
+    val = last.get("val_elbo", float("nan"))
+    for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
+                       "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
+        trial.set_user_attr(key, value)
+    if state == "complete":
+        study.tell(trial, val if math.isfinite(val) else None,
+                   state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL)
+    else:
+        study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
+    return TrialOutcome(trial.number, label, state, reason, val, last.get("samples_per_s", float("nan")))
+
+
+def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> list[TrialOutcome]:
+    """One worker: claims queued variants, then search trials, until none is left."""
+    device = resolve_device(cfg.train.device)
+    tracking.setup(cfg)
+    study = open_study(cfg, create=False)
+    cache = _DataCache(device)
+    outcomes: list[TrialOutcome] = []
+    total = len(variants(cfg)) if not cfg.study.search_space else len(variants(cfg)) + cfg.study.n_trials
+    with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
+        while True:
+            trial = _claim(study) or (_search_trial(study, cfg) if cfg.study.search_space else None)
+            if trial is None:
+                return outcomes
+            outcome = run_trial(study, trial, cfg, parent_id, experiment_id, cache, position)
+            outcomes.append(outcome)
+            bar.set_postfix_str(f"{outcome.label}: {outcome.state}")
+            bar.update()
