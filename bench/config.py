@@ -182,12 +182,20 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         if not cfg.study.name:
             cfg.study.name = path.stem
     for arg in overrides:
+        if arg.endswith("="):  # `key=` sets an empty string (YAML would read it as null)
+            arg += "''"
         try:
             dot = OmegaConf.from_dotlist([arg])
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {arg!r}: {e}") from None
         cfg = _merge(cfg, dot, f"override {arg!r}")
     config: Config = OmegaConf.to_object(cfg)
+    varied = {key for grid in config.study.grids for key in grid}
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        if key in varied:
+            raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
+                              f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
     validate(config)
     return config
 
@@ -197,8 +205,9 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
-def validate_run(cfg: Config) -> None:
-    """Checks that one variant's config can run; raises ConfigError naming the key."""
+def validate_run(cfg: Config, combination: bool = True) -> None:
+    """Checks that one variant's config can run (with `combination`, also that its likelihood fits its
+    data protocol); raises ConfigError naming the key."""
     d, m, lk, t, e = cfg.data, cfg.model, cfg.likelihood, cfg.train, cfg.eval
     _check(d.name in DATASETS, "data.name", d.name, f"one of {', '.join(DATASETS)}")
     _check(d.binarize in BINARIZE, "data.binarize", d.binarize, f"one of {', '.join(BINARIZE)}")
@@ -211,7 +220,7 @@ def validate_run(cfg: Config) -> None:
            f"one of {', '.join(likelihoods.NAMES)}")
     _check(lk.scale > 0, "likelihood.scale", lk.scale, "a number > 0")
     _check(lk.min_scale >= 0, "likelihood.min_scale", lk.min_scale, "a number ≥ 0 (0: no floor)")
-    support = likelihoods.FAMILIES[lk.name].support
+    support = likelihoods.FAMILIES[lk.name].support if combination else None
     if support == likelihoods.BINARY:
         _check(d.binarize != "none", "data.binarize", d.binarize,
                f"threshold, static or dynamic: likelihood {lk.name} is a pmf of binary pixels "
@@ -252,7 +261,9 @@ def validate(cfg: Config) -> None:
                    f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
-    for point in grid_points(cfg):
+    points = grid_points(cfg)
+    validate_run(cfg, combination=points == [{}])  # values the grids replace must still be valid
+    for point in points:
         try:
             validate_run(apply(cfg, point))
         except ConfigError as err:

@@ -118,7 +118,8 @@ def _mnist_t10k(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
             break
     else:
         raise DataError(f"data.name=mnist_t10k: expected {raw / MNIST_TEST_FILES[0]}[.gz] "
-                        "(MNIST's official test images); set data.root to the folder above MNIST/")
+                        "(MNIST's official test images); set data.root to the folder above MNIST/; "
+                        f"{_offline_hint(cfg.root)}")
     n_test = len(images) // 5
     return images[n_test:], images[:n_test], (
         f"MNIST official test split only ({len(images)} images from {raw}): "

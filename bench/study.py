@@ -157,6 +157,16 @@ def _encode(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
 
 
+def _choices(cfg: Config) -> dict[str, list[Any]]:
+    """Every value each varied key takes in the study (Optuna needs one fixed choice list per param)."""
+    choices: dict[str, list[Any]] = {}
+    for params in variants(cfg):
+        for key, value in params.items():
+            if _encode(value) not in choices.setdefault(key, []):
+                choices[key].append(_encode(value))
+    return choices
+
+
 def _claim(study: optuna.Study) -> optuna.Trial | None:
     # Atomically moves one queued trial to RUNNING. `study.ask()` would create a new, unqueued trial
     # when the queue is empty — which is how GridSampler repeats points under parallel workers.
@@ -175,7 +185,11 @@ def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
 
 def trial_params(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
     if VARIANT in trial.user_attrs:
-        return json.loads(trial.user_attrs[VARIANT])
+        params = json.loads(trial.user_attrs[VARIANT])
+        choices = _choices(cfg)
+        for key in params:  # record the enqueued values as the trial's params
+            trial.suggest_categorical(key, choices[key])
+        return params
     params: dict[str, Any] = {"train.seed": cfg.study.seeds[0]}
     for key, dim in cfg.study.search_space.items():
         if dim.kind == "float":

@@ -52,7 +52,10 @@ class DiscretizedLogistic(Distribution):
         half_bin = 0.5 / (LEVELS - 1)
         upper = (x + half_bin - self.loc) / self.scale
         lower = (x - half_bin - self.loc) / self.scale
-        interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(lower - upper))
+        # lower − upper = −(bin width)/scale, written so: not ∞ − ∞ = NaN when the scale underflows
+        # (float32, log-scale < −88) and both edges are ±∞
+        width = 2 * half_bin / self.scale
+        interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(-width))
         first = F.logsigmoid(upper)  # k = 0: all mass below the upper edge
         last = F.logsigmoid(-lower)  # k = 255: all mass above the lower edge
         return torch.where(x < half_bin, first, torch.where(x > 1 - half_bin, last, interior))

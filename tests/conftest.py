@@ -12,24 +12,27 @@ from bench.config import Config
 SHARED_MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
 
-def shrink_config(cfg: Config, tmp_path: Path) -> Config:
-    """Tiny data (offline digits unless the dataset is 8x8 already), 1 epoch, CPU, small IWAE,
-    MLflow and Optuna stores and reports inside tmp_path."""
-    binarize = cfg.data.binarize
-    small = config.apply(cfg, {
-        "data.name": "digits", "data.limit": 200, "data.binarize": binarize,
-        "train.epochs": 1, "train.device": "cpu",
+def shrink_overrides(tmp_path: Path) -> dict[str, object]:
+    """Tiny offline data (digits), 1 epoch, one seed, CPU, a small IWAE, and the MLflow and Optuna
+    stores and reports inside tmp_path."""
+    return {
+        "data.name": "digits", "data.limit": 200,
+        "train.epochs": 1, "train.device": "cpu", "study.seeds": [0],
         "eval.iwae_k": 8, "eval.iwae_examples": 20,
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics": False,
         "study.storage": "", "study.n_workers": 1,
         "report_dir": str(tmp_path / "reports"),
-    })
-    return small
+    }
+
+
+def shrink_args(tmp_path: Path) -> list[str]:
+    """The same as command-line overrides."""
+    return [f"{k}={v}".replace("'", "") for k, v in shrink_overrides(tmp_path).items()]
 
 
 @pytest.fixture
 def shrink(tmp_path):
-    return lambda cfg: shrink_config(cfg, tmp_path)
+    return lambda cfg: config.apply(cfg, shrink_overrides(tmp_path))
 
 
 @pytest.fixture

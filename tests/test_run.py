@@ -1,0 +1,154 @@
+"""The study runner end to end: `python -m bench.run study=NAME` on offline data, MLflow and Optuna in
+tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from bench import config, run, study
+from tests.conftest import shrink_args
+
+# Every study file must be listed here, with what a shrunk run of it must show (the coverage test
+# below fails when a study in studies/ is missing from this list).
+STUDIES = {
+    "smoke": 4, "likelihoods": 16, "beta": 10, "latent": 10, "samples": 6, "aevb": 3, "manifold": 1,
+}
+
+
+def test_every_study_file_is_covered():
+    assert sorted(STUDIES) == config.available_studies()
+
+
+def test_every_study_file_starts_with_its_command():
+    for name in config.available_studies():
+        first = (config.STUDIES_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        assert first == f"# python -m bench.run study={name}"
+
+
+def _runs(tmp_path: Path, experiment: str):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def _optuna(tmp_path: Path, args: list[str]) -> optuna.Study:
+    cfg = config.load(args)
+    return optuna.load_study(study_name=study.study_name(cfg), storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_study_runs_shrunk(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [f"study={name}", *shrink_args(tmp_path)]
+    assert run.main(args) == 0
+    runs = _runs(tmp_path, name)
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(children) == STUDIES[name]
+    trials = _optuna(tmp_path, args).get_trials()
+    assert len(trials) == STUDIES[name]
+    # every trial ended for good, and its run keeps the state
+    assert {t.user_attrs["status"] for t in trials} <= {"complete", "diverged"}
+    assert set(children["tags.state"]) <= {"complete", "diverged"}
+
+
+def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2"]
+    assert run.main(args) == 0
+    runs = _runs(tmp_path, "smoke")
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and parents["status"].item() == "FINISHED"
+    assert (children["tags.mlflow.parentRunId"] == parents["run_id"].item()).all()
+    assert len(children) == 4 and (children["status"] == "FINISHED").all()
+    for column in ["metrics.train_elbo", "metrics.val_elbo", "metrics.train_kl", "metrics.train_objective",
+                   "metrics.samples_per_s", "metrics.ms_per_step", "metrics.peak_memory_mb",
+                   "metrics.test_elbo", "metrics.test_iwae_nll", "metrics.test_iwae_nll_se", "metrics.test_bpd",
+                   "metrics.anomaly_kl_noise", "metrics.active_units", "params.likelihood.name",
+                   "params.train.lr", "tags.family", "tags.bounded", "tags.measure", "tags.data_protocol",
+                   "tags.device", "tags.torch_version", "tags.git_commit", "tags.trial_number"]:
+        assert children[column].notna().all(), column
+    client = MlflowClient()
+    child = children.iloc[0]
+    assert len(client.get_metric_history(child.run_id, "val_elbo")) == 2  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(child.run_id)}
+    assert {"config.yaml", "reconstructions.png", "samples.png", "manifold.png", "elbo_curve.png",
+            "model_state_dict.pt"} <= artifacts
+
+    trials = _optuna(tmp_path, args).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == set(children["run_id"])
+    assert {t.params["likelihood.name"] for t in trials} == {"bernoulli", "gaussian", "laplace",
+                                                             "discretized_logistic"}
+
+    # the same command again: nothing new
+    assert run.main(args) == 0
+    assert len(_runs(tmp_path, "smoke")) == len(runs)
+    assert len(_optuna(tmp_path, args).get_trials()) == 4
+
+
+def test_changed_config_makes_a_new_study(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["study=smoke", *shrink_args(tmp_path)]
+    a = study.study_name(config.load(base))
+    b = study.study_name(config.load([*base, "train.lr=0.01"]))
+    assert a != b and a.startswith("smoke-")
+    # where results go does not change the study
+    assert a == study.study_name(config.load([*base, "study.n_workers=2"]))
+
+
+def test_diverging_variant_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "diverge.yaml"
+    path.write_text(
+        "study:\n  grids:\n    - likelihood.name: [gaussian_learned, bernoulli]\n"
+        "data:\n  binarize: static\n"
+    )
+    args = [f"study={path}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=25"]
+    assert run.main(args) == 0
+    children = _runs(tmp_path, "diverge")
+    children = children[children["tags.mlflow.parentRunId"].notna()].set_index("tags.family")
+    assert children.loc["gaussian_learned", "tags.state"] == "diverged"
+    assert children.loc["gaussian_learned", "status"] == "FAILED"
+    assert "unbounded" in children.loc["gaussian_learned", "tags.reason"]
+    assert children.loc["bernoulli", "status"] == "FINISHED"
+    trials = {t.params["likelihood.name"]: t for t in _optuna(tmp_path, args).get_trials()}
+    assert trials["gaussian_learned"].state == TrialState.FAIL
+    assert "collapsed" in trials["gaussian_learned"].user_attrs["reason"]
+    assert trials["bernoulli"].state == TrialState.COMPLETE
+
+
+def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "search.yaml"
+    path.write_text("study:\n  n_trials: 3\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                    "data:\n  binarize: static\n")
+    args = [f"study={path}", *shrink_args(tmp_path)]
+    assert run.main(args) == 0
+    trials = _optuna(tmp_path, args).get_trials()
+    assert len(trials) == 3 and all(1e-4 <= t.params["train.lr"] <= 1e-2 for t in trials)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["study=nope"], "valid choices: aevb, beta"),
+    (["study=smoke", "train.epochz=1"], "valid keys in train: epochs"),
+    (["study=smoke", "likelihood.name=gaussian"], "varied by the study's grids"),
+    (["study=smoke", "train.beta=-1"], "train.beta=-1.0 is invalid"),
+    (["study=smoke", "model.latent_dim=0"], "model.latent_dim=0"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run.main([*args, *shrink_args(tmp_path)]) == 2
+    assert needle in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_studies_and_keys(capsys):
+    assert run.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "likelihoods" in out and "train.n_samples" in out and "gaussian_learned" in out
