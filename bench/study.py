@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
+HEARTBEAT = "heartbeat"  # time of the trial's last finished epoch
+REMOTE_STALE_S = 1800  # a trial of another machine with no epoch for this long is taken as dead
 DIVERGED_STATUS, CRASHED, KILLED = "diverged", "failed", "killed"
 
 
@@ -111,10 +114,14 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(owner: str) -> bool:
+def _alive(trial: optuna.trial.FrozenTrial) -> bool:
+    owner = trial.user_attrs.get(OWNER)
+    last_sign = trial.user_attrs.get(HEARTBEAT) or (trial.datetime_start or trial.datetime_complete).timestamp()
+    if owner is None:  # claimed a moment ago, or killed before it could say who it is
+        return time.time() - last_sign < 60
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname():
-        return True  # another machine's worker: only it can tell
+        return time.time() - last_sign < REMOTE_STALE_S
     try:
         os.kill(int(pid), 0)
         return True
@@ -129,10 +136,9 @@ def fail_stale(study: optuna.Study) -> int:
     (Optuna's public API can only fail trials from inside a worker, hence the storage calls.)"""
     n = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(OWNER, "")
-        if owner and _alive(owner):
+        if _alive(trial):
             continue
-        reason = f"worker {owner or '?'} died while the trial was running"
+        reason = f"worker {trial.user_attrs.get(OWNER, '?')} died while the trial was running"
         study._storage.set_trial_user_attr(trial._trial_id, STATUS, KILLED)
         study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -227,6 +233,7 @@ class _DataCache:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
+    trial.set_user_attr(OWNER, _owner())
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
@@ -240,10 +247,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
     run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
     trial.set_user_attr(RUN_ID, run_id)
-    trial.set_user_attr(OWNER, _owner())
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_epoch(epoch, metrics)
+        trial.set_user_attr(HEARTBEAT, time.time())
         if math.isfinite(metrics["val_elbo"]):
             trial.report(metrics["val_elbo"], epoch)
             if trial.should_prune():

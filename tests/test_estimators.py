@@ -3,6 +3,7 @@ known in closed form, and against each other."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -99,7 +100,7 @@ def test_iwae_increases_with_k_on_a_random_nonlinear_vae():
     model = VAE(20, [16], 4, likelihoods.get("gaussian", scale=0.3))
     x = torch.rand(2000, 20)
     estimates = [iwae(model, x, k).log_px for k in (1, 10, 100)]
-    gains = [(b - a).mean().item() for a, b in zip(estimates, estimates[1:])]
+    gains = [(b - a).mean().item() for a, b in itertools.pairwise(estimates)]
     assert all(g > 0.1 for g in gains), gains
 
 

@@ -7,6 +7,7 @@ registry exactly: adding a family without adding its closed form here makes the 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -141,9 +142,7 @@ def random_x(support: str, rng: np.random.Generator, shape) -> np.ndarray:
 
 def random_raw(family: likelihoods.Family, rng: np.random.Generator, batch: int) -> np.ndarray:
     raw = np.empty((batch, family.n_params, D))
-    if family.support == UNIT_INTERVAL and family.name.startswith("continuous"):
-        raw[:, 0] = rng.normal(0, 2, size=(batch, D))  # logits
-    elif family.support == BINARY:
+    if family.support == BINARY or family.name == "continuous_bernoulli":
         raw[:, 0] = rng.normal(0, 2, size=(batch, D))  # logits
     else:
         raw[:, 0] = rng.uniform(-0.2, 1.2, size=(batch, D))  # location
@@ -183,8 +182,7 @@ def test_distribution_shapes(name):
     # batch shape (...) and event shape (D,): log p is per image, summed over pixels
     lik = likelihoods.get(name)
     raw = torch.zeros(3, 2, lik.family.n_params, D, dtype=torch.float64)
-    x = torch.full((3, 2, D), 0.5, dtype=torch.float64).round() if lik.family.support == BINARY else \
-        torch.full((3, 2, D), 128 / 255, dtype=torch.float64)
+    x = torch.full((3, 2, D), 1.0 if lik.family.support == BINARY else 128 / 255, dtype=torch.float64)
     dist = lik.distribution(raw, torch.zeros(1, dtype=torch.float64), x)
     assert dist.batch_shape == (3, 2) and dist.event_shape == (D,)
     assert dist.log_prob(x).shape == (3, 2)
@@ -378,7 +376,7 @@ def test_unbounded_family_log_p_grows_without_limit(name):
     lik = likelihoods.get(name)
     x, sequence = DIVERGENT_SEQUENCES[name]()
     values = [lik.distribution(raw, shared, x).log_prob(x).item() for raw, shared in sequence]
-    assert all(b > a for a, b in zip(values, values[1:])), values
+    assert all(b > a for a, b in itertools.pairwise(values)), values
     assert values[-1] > 1e3  # nats per 784-pixel image: beyond any pmf (≤ 0) and any fixed-σ Gaussian
 
 
