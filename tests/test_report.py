@@ -1,0 +1,281 @@
+"""The report: `python -m bench.report study=NAME` on a small real study read back from MLflow and Optuna
+in a temporary folder — 4 families under two data protocols, 2 seeds each, one family made to diverge."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from scipy import stats
+
+from bench import config, report, run, study
+from models import likelihoods
+from tests.conftest import shrink_args
+
+# gaussian_learned diverges honestly but fast: on binarized data its σ collapses without limit, and
+# train.scale_collapse: 2 declares the run diverged as soon as σ < 2 (σ starts near 1), in epoch 1.
+STUDY = """\
+study:
+  description: "report test"
+  seeds: [0, 1]
+  grids:
+    - data.binarize: [static]
+      likelihood.name: [bernoulli, gaussian_learned]
+    - data.binarize: [none]
+      likelihood.name: [gaussian, discretized_logistic]
+model:
+  hidden: [32]
+  latent_dim: 4
+train:
+  scale_collapse: 2.0
+"""
+ROWS = {("binarized-static", "bernoulli"): (2, 2, 0), ("binarized-static", "gaussian_learned"): (2, 0, 2),
+        ("8bit-dequantized", "gaussian"): (2, 2, 0), ("8bit-dequantized", "discretized_logistic"): (2, 2, 0)}
+SCRIPT = "<script>alert(1)</script>"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """The study, run once for the module, and its report."""
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "rep.yaml").write_text(STUDY)
+    args = [f"study={tmp / 'rep.yaml'}", *shrink_args(tmp), "study.seeds=[0,1]", "train.epochs=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        assert run.main(args) == 0
+        assert report.main(args) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["rep"])
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    return SimpleNamespace(tmp=tmp, args=args, folder=tmp / "reports" / "rep", children=children,
+                           parent=runs[runs["tags.mlflow.parentRunId"].isna()].run_id.item())
+
+
+def _is_png(data: bytes) -> bool:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.format == "PNG" and image.width > 0 and image.height > 0
+
+
+def test_report_writes_every_file(done):
+    names = {p.name for p in done.folder.iterdir()}
+    assert {"report.md", "report.html", "tables.csv", "tables.tex", "val_elbo.png", "reconstructions.png",
+            "throughput.png"} <= names
+    for png in done.folder.glob("*.png"):
+        assert _is_png(png.read_bytes()), png
+    md = (done.folder / "report.md").read_text()
+    for heading in ("1. Results per likelihood family", "2. Bounded vs unbounded", "3. Factor studies",
+                    "4. Provenance"):
+        assert heading in md
+    assert "![validation ELBO per epoch](val_elbo.png)" in md
+    tex = (done.folder / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") >= 5 and r"discretized\_logistic" in tex
+    csv = pd.read_csv(done.folder / "tables.csv")
+    assert {"1 family", "2 measure", "4 trials"} <= set(csv.table)
+
+
+def test_one_row_per_family_and_protocol_with_its_counts(done):
+    table = report.family_table(report.load(done.args).runs)
+    assert len(table) == len(ROWS)
+    for (protocol, family), (n_trials, n_complete, n_diverged) in ROWS.items():
+        row = table[(table.protocol == protocol) & (table.family == family)].iloc[0]
+        assert (row.n_trials, row.n_complete, row.n_diverged) == (n_trials, n_complete, n_diverged), family
+        assert row.divergence_rate == n_diverged / n_trials
+        # the grouping is the registry's (no min_scale floor here)
+        assert row.bounded == likelihoods.get(family).bounded
+    # bounded families come first in each protocol's block
+    for _, block in table.groupby("protocol"):
+        assert list(block.bounded) == sorted(block.bounded, reverse=True)
+
+
+def test_diverged_trials_are_counted_not_dropped(done):
+    table = report.family_table(report.load(done.args).runs)
+    row = table[table.family == "gaussian_learned"].iloc[0]
+    assert row.n_trials == 2 and row.n_diverged == 2 and row.divergence_rate == 1.0
+    assert row.test_elbo_n == 0 and math.isnan(row.test_elbo)  # their metrics do not enter the means
+    shown = report.display_family(table).set_index("family").loc["gaussian_learned"]
+    assert list(shown[["", "trials", "complete", "diverged", "divergence"]]) == ["unbounded", 2, 0, 2, "100%"]
+    md = (done.folder / "report.md").read_text()
+    failed = md.split("### Trials that did not complete")[1].split("###")[0]
+    assert failed.count("gaussian_learned") >= 2 and "collapsed" in failed
+
+
+def _hand_ci(values) -> tuple[float, float]:
+    x = np.asarray(values, dtype=float)
+    return x.mean(), stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+
+
+def test_confidence_intervals_equal_a_hand_computation(done):
+    table = report.family_table(report.load(done.args).runs).set_index("family")
+    complete = done.children[done.children["tags.state"] == "complete"]
+    client = MlflowClient()
+    for family, runs in complete.groupby("tags.family"):
+        assert table.loc[family, "test_elbo_n"] == len(runs) == 2
+        for metric in ("val_elbo", "test_elbo", "test_iwae_nll", "test_bpd", "samples_per_s", "ms_per_step"):
+            mean, half = _hand_ci(runs[f"metrics.{metric}"])
+            assert table.loc[family, metric] == pytest.approx(mean, rel=1e-9), (family, metric)
+            assert table.loc[family, f"{metric}_ci"] == pytest.approx(half, rel=1e-9), (family, metric)
+    # the smallest learned scale: the minimum over each run's epochs, then mean ± CI over seeds
+    runs = complete[complete["tags.family"] == "discretized_logistic"]
+    lowest = [min(m.value for m in client.get_metric_history(r, "min_scale")) for r in runs.run_id]
+    mean, half = _hand_ci(lowest)
+    assert table.loc["discretized_logistic", "min_scale"] == pytest.approx(mean)
+    assert table.loc["discretized_logistic", "min_scale_ci"] == pytest.approx(half)
+    assert math.isnan(table.loc["bernoulli", "min_scale"])  # no learned scale: shown as —
+    # n = 1: a mean, no interval
+    mean, half, n = report.mean_ci([3.0, float("nan")])
+    assert (mean, n) == (3.0, 1) and math.isnan(half)
+
+
+def test_bounded_vs_unbounded_table_states_every_measure(done):
+    measure = report.measure_table(report.family_table(report.load(done.args).runs)).set_index("family")
+    assert measure.loc["gaussian", "measure"] == "pmf of 8-bit pixels (dequantized lower bound)"
+    assert measure.loc["gaussian", "compare_with"] == "discretized_logistic"  # the same 8-bit scale
+    assert measure.loc["discretized_logistic", "compare_with"] == "gaussian"
+    assert not measure.loc["gaussian_learned", "comparable"]
+    assert measure.loc["gaussian_learned", "compare_with"].startswith("nothing")
+    assert math.isnan(measure.loc["gaussian_learned", "test_iwae_nll"])  # never beside a likelihood
+    md = (done.folder / "report.md").read_text()
+    section = md.split("## 2. Bounded vs unbounded")[1].split("## 3.")[0]
+    for words in ("pmf of binarized pixels", "lower bound on the same 8-bit pmf", "not a likelihood of the data",
+                  "8bit-dequantized: gaussian, discretized_logistic share the pmf of 8-bit pixels"):
+        assert words in section
+
+
+def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
+    data = report.load(done.args)
+    beta = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")  # as if train.beta were a grid key
+    data.runs["params.train.beta"] = beta
+    assert report.factors(data.runs) == ["train.beta"]  # not the seed, family or protocol
+    table = report.family_table(data.runs)
+    assert len(table) == 2 * len(ROWS) and set(table["train.beta"]) == {0.5, 2.0}
+    assert list(report.factor_tables(table)) == ["train.beta"]
+    report.write(data, tmp_path)
+    assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
+    assert "### Factor train.beta" in (tmp_path / "report.md").read_text()
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("chromium is not installed; the HTML report test needs it: "
+                "apt-get update && apt-get install -y chromium")
+
+
+def _browse(html_path: Path, tmp: Path, *flags: str) -> str:
+    out = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'profile'}", *flags,
+                          html_path.as_uri()], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.tables, self.attrs = [], 0, {}
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+        if tag == "table":
+            self.tables += 1
+        if tag == "body":
+            self.attrs = dict(attrs)
+
+
+def test_html_report_renders_in_headless_chromium(done, tmp_path):
+    # A copy with a probe script that records, after load, whether the browser decoded every image.
+    probe = tmp_path / "probe.html"
+    probe.write_text((done.folder / "report.html").read_text().replace(
+        "</body>", "<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
+                   "[...document.images].map(i => i.complete && i.naturalWidth > 0).join(',')))</script></body>"))
+    dom = _browse(probe, tmp_path, "--dump-dom")
+    page = _Images()
+    page.feed(dom)
+    assert page.tables >= 6 and "discretized_logistic" in dom and "Provenance" in dom
+    assert len(page.srcs) >= 3
+    assert page.attrs["data-images"] == ",".join(["true"] * len(page.srcs))  # no broken image
+    for src in page.srcs:
+        assert src.startswith("data:image/png;base64,")  # self-contained
+        assert _is_png(base64.b64decode(src.split(",", 1)[1]))
+    _browse(done.folder / "report.html", tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2400")
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"))
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 50  # not blank: text, tables and plots drawn
+
+
+def test_run_data_is_escaped(done, tmp_path):
+    # A copy of the stores, with markup in a tag, a param and the study description.
+    for name in ("mlflow.db", "optuna.db"):
+        shutil.copy(done.tmp / name, tmp_path / name)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    child = done.children.run_id.iloc[0]
+    client.set_tag(child, "reason", SCRIPT)
+    client.log_param(child, "extra.note", SCRIPT)  # varies across runs: becomes a factor, in a table and a plot
+    client.set_tag(done.parent, "mlflow.note.content", SCRIPT)
+    assert report.main([f"run={done.parent}", f"tracking.uri={uri}", f"report_dir={tmp_path / 'out'}"]) == 0
+    page = (tmp_path / "out" / "rep" / "report.html").read_text()
+    assert "<script" not in page.lower()
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # description, reason, factor value
+    md = (tmp_path / "out" / "rep" / "report.md").read_text()
+    assert SCRIPT not in md and "&lt;script&gt;" in md
+
+
+def test_study_selected_by_experiment_or_run(done):
+    uri = f"tracking.uri=sqlite:///{done.tmp / 'mlflow.db'}"
+    expected = study.study_name(config.load(done.args))
+    assert report.select(["experiment=rep", uri]).optuna_study == expected
+    assert report.select([f"run={done.parent}", uri]).parent.run_id == done.parent
+    child = done.children.run_id.iloc[0]
+    assert report.select([f"run={child}", uri]).parent.run_id == done.parent  # a child selects its parent
+
+
+@pytest.mark.parametrize("selection, needle", [
+    ("study=nope", "valid choices: aevb, beta"),
+    ("experiment=nope", "valid choices: rep"),
+    ("run=0123456789abcdef", "valid parent runs: run="),
+    ("the study with train.lr=0.5", "select one of its parent runs: run="),  # another config hash
+    ("", "exactly one of study=NAME"),
+])
+def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, needle, done, tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in done.tmp.rglob("*"))
+    if selection.startswith("the study"):
+        args = [*done.args, "train.lr=0.5"]
+    else:
+        args = [selection] if selection else []
+        args.append(f"tracking.uri=sqlite:///{done.tmp / 'mlflow.db'}")
+    assert report.main([*args, f"report_dir={tmp_path / 'reports'}"]) == 2
+    assert needle in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in done.tmp.rglob("*")) == before
+
+
+def test_missing_store_exits_2_and_creates_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["study=smoke", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_documents_the_selection(capsys):
+    assert report.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "study=NAME" in out and "experiment=NAME" in out and "run=RUN_ID" in out and "likelihoods" in out
