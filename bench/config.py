@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from models import likelihoods
 
@@ -138,17 +138,23 @@ def study_path(study: str) -> Path:
 
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    """OmegaConf.merge, with its errors turned into a ConfigError; an unknown key lists the valid ones."""
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
+    except ConfigKeyError as e:
+        parent = e.full_key.rsplit(".", 1)[0] if "." in (e.full_key or "") else ""
         section = OmegaConf.select(base, parent) if parent else base
-        valid = ", ".join(str(k) for k in section) if isinstance(section, DictConfig) else ""
-        msg = str(e).splitlines()[0]
-        hint = f"; valid keys{' in ' + parent if parent else ''}: {valid}" if "not in" in msg or \
-            "Key '" in msg else ""
-        raise ConfigError(f"{where}: {msg}{hint}") from None
+        valid = ", ".join(str(k) for k in section)
+        raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; valid keys{' in ' + parent if parent else ''}: "
+                          f"{valid}") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        current = OmegaConf.select(base, key) if key else None
+        if OmegaConf.is_list(current):
+            current = OmegaConf.to_container(current)
+        expected = f"{key} expects a {type(current).__name__} like {current!r}: " if key and current is not None \
+            else ""
+        raise ConfigError(f"{where}: {expected}{str(e).splitlines()[0]}") from None
 
 
 def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
