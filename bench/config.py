@@ -105,6 +105,9 @@ class StudyConfig:
 @dataclass
 class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    # Where a new experiment keeps its artifacts when `uri` is a database (postgresql://): a folder or an
+    # s3:// URL every worker can write. SQLite keeps them beside its file; a server where it was told to.
+    artifact_location: str = ""
     system_metrics: bool = True  # CPU/GPU usage through psutil (and pynvml on GPUs)
 
 
@@ -118,6 +121,16 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report_dir: str = "reports"  # reports are written to <report_dir>/<study>/
+
+
+def check_writable(key: str, value: str, folder: Path, create: bool = False) -> None:
+    """Raises ConfigError unless `folder` is a directory this process can write in; with `create`, the
+    nearest existing folder above it must be (the rest is made when results are written)."""
+    while create and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value!r}: {folder} is not a writable folder; expected a path in a folder "
+                          "you can write to")
 
 
 def available_studies() -> list[str]:

@@ -239,10 +239,11 @@ def load(argv: list[str]) -> StudyData:
     })
     # Optuna's status is the trial's final word (a killed worker's trial is failed there first).
     by_run = trials.dropna(subset=["run_id"]).set_index("run_id")
-    optuna_state = runs.run_id.map(by_run.state).fillna("")
+    optuna_state = runs.run_id.map(by_run.state).astype(object).fillna("")
+    optuna_reason = runs.run_id.map(by_run.reason).astype(object).fillna("")
     runs["state"] = optuna_state.where(optuna_state != "", runs.state)
     runs["state"] = runs.state.where(runs.state != "", runs.mlflow_status.str.lower())
-    runs["reason"] = runs.reason.where(runs.reason != "", runs.run_id.map(by_run.reason).fillna(""))
+    runs["reason"] = runs.reason.where(runs.reason != "", optuna_reason)
     for key, _ in METRICS:
         runs[key] = _metric(c, key)
     runs["iwae_k"] = _metric(c, "iwae_k")
@@ -488,12 +489,11 @@ def _color(family: str):
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
-    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False, layout="constrained")
     return fig, axes[0]
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -512,7 +512,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
                 continue
             label = None if run.family in seen else run.family + ("" if run.comparable else " †")
             seen.add(run.family)
-            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", color=_color(run.family), label=label)
+            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=_color(run.family),
+                    label=label)
             if run.state == "diverged":
                 ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
         ax.set(title=protocol, xlabel="epoch", ylabel="validation ELBO (nats per image)")
@@ -525,7 +526,8 @@ def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
     of panels per protocol."""
     client, protocols = MlflowClient(), sorted(family.protocol.unique())
     width = max((family.protocol == p).sum() for p in protocols)
-    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, 1.8 * len(protocols)), squeeze=False)
+    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, 1.8 * len(protocols)), squeeze=False,
+                             layout="constrained")
     found = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i, protocol in enumerate(protocols):
@@ -555,7 +557,7 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     """Training samples/s per row (mean ± 95 % CI over completed seeds)."""
     t = family[np.isfinite(family.samples_per_s)]
     labels = [f"{_row_label(r, factor_columns(family))} ({r.protocol})" for _, r in t.iterrows()]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(t) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(t) + 1.2), layout="constrained")
     y = np.arange(len(t))
     ax.barh(y, t.samples_per_s, xerr=t.samples_per_s_ci.fillna(0), color=[_color(f) for f in t.family])
     ax.set_yticks(y, labels, fontsize=8)
@@ -570,7 +572,7 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     others = [k for k in factor_columns(table) if k != key]
     numeric = pd.api.types.is_numeric_dtype(table[key])
     values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
-    fig, axes = _figure(len(FACTOR_METRICS), width=3.6, height=3.2)
+    fig, axes = _figure(len(FACTOR_METRICS), width=3.6, height=3.8)
     for ax, metric in zip(axes, FACTOR_METRICS):
         for group, g in table.groupby(["protocol", "family", *others], sort=False):
             x = g[key] if numeric else g[key].map(values.index)
@@ -578,11 +580,12 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
             ax.errorbar(x, g[metric], yerr=g[f"{metric}_ci"].fillna(0), marker="o", capsize=3,
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=7)
+            ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
+        ax.set_xticks(values if numeric else range(len(values)), [_value(v) for v in values], fontsize=7)
+        ax.minorticks_off()
         ax.set(xlabel=key, title=dict(METRICS)[metric])
-    axes[0].legend(fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
     return _save(fig, path)
 
 
@@ -834,9 +837,10 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
     # Labels come from run data: no $…$ mathtext, so a `$` in a param cannot break a plot.
     with plt.rc_context({"text.parse_math": False}):
         blocks, tables = build(data, folder)
-    (folder / "report.md").write_text(render_markdown(blocks))
-    (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {data.selection.name}"))
-    (folder / "tables.tex").write_text(render_latex(blocks))
+    title = f"vaebench report: {data.selection.name}"
+    for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, title)),
+                       ("tables.tex", render_latex(blocks))):
+        (folder / name).write_text(text, encoding="utf-8")
     pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).to_csv(
         folder / "tables.csv", index=False)
     return folder

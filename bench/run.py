@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -30,8 +32,10 @@ def preflight(cfg: Config) -> None:
         resolve_device(cfg.train.device)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    tracking.check_artifact_location(cfg)
     tracking.check_reachable(config.tracking_uri(cfg))
-    study.check_storage(study.storage_url(cfg))
+    study.check_storage(cfg)
+    config.check_writable("report_dir", cfg.report_dir, Path(cfg.report_dir), create=True)
     seen = set()
     for params in study.variants(cfg) or [{}]:
         data_cfg = config.apply(cfg, params).data
@@ -41,8 +45,14 @@ def preflight(cfg: Config) -> None:
 
 
 def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> None:
+    # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
+    # once (a second SIGINT would interrupt a worker while it records the first).
+    os.setpgrp()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
-    outcomes = study.work(cfg, parent_id, experiment_id, position)
+    try:
+        outcomes = study.work(cfg, parent_id, experiment_id, position)
+    except KeyboardInterrupt:  # its trial is recorded as interrupted; no traceback
+        sys.exit(130)
     sys.exit(1 if any(o.state == study.CRASHED for o in outcomes) else 0)
 
 
@@ -56,7 +66,7 @@ def run(cfg: Config) -> bool:
         print(f"study {optuna_study.study_name}: {added} variants to run"
               + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
     parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg)
-    ok = True
+    ok, workers = True, []
     try:
         if cfg.study.n_workers == 1:
             ok = not any(o.state == study.CRASHED for o in study.work(cfg, parent_id, experiment_id))
@@ -70,9 +80,14 @@ def run(cfg: Config) -> bool:
                 w.join()
             ok = all(w.exitcode == 0 for w in workers)
     except KeyboardInterrupt:
-        tracking.end_parent(parent_id, failed=True)
+        for w in workers:  # each ends its trial as interrupted, then exits
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGINT)
+        for w in workers:
+            w.join()
+        tracking.end_parent(parent_id, "KILLED")
         raise
-    tracking.end_parent(parent_id, failed=not ok)
+    tracking.end_parent(parent_id, "FINISHED" if ok else "FAILED")
     return ok
 
 

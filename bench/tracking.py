@@ -6,7 +6,6 @@ Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 import urllib.request
@@ -21,6 +20,8 @@ from mlflow.tracking import MlflowClient
 from bench import config, figures
 from bench.config import Config, ConfigError
 from bench.train import TrainResult
+from models import likelihoods
+from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
 
@@ -29,24 +30,52 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+CONNECT_TIMEOUT_S = 5  # a wrong host or a dead server fails the preflight in seconds, not minutes
+
+
+def check_sql_store(key: str, url: str) -> None:
+    """Raises ConfigError when an SQL store (an SQLite file, or a database server) cannot be used."""
+    path = sqlite_path(url)
+    if path is not None:
+        config.check_writable(key, url, path.parent)  # SQLite creates the file, not its folder
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # no driver, bad URL, refused, timed out, no such database or user
+        raise ConfigError(f"{key}={url!r}: cannot connect ({str(e).strip().splitlines()[0][:200]}); expected "
+                          "sqlite:///FILE or a reachable postgresql://USER@HOST:PORT/DB (an existing database; "
+                          "driver: pip install 'psycopg[binary]')") from None
+
+
 def check_reachable(uri: str) -> None:
     """Raises ConfigError when the tracking store cannot be used, before anything is written."""
-    path = sqlite_path(uri)
-    if path is not None:
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tracking.uri={uri!r}: folder {folder} does not exist or is not writable")
-        return
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).read()
         except Exception as e:
             raise ConfigError(f"tracking.uri={uri!r}: tracking server unreachable ({e}); start one with "
                               "`mlflow server --host 127.0.0.1`, or use sqlite:///mlflow.db") from None
-        return
-    if not uri.startswith(("postgresql://", "postgresql+psycopg2://", "mysql://", "file:")):
+    elif uri.startswith(("sqlite:///", "postgresql", "mysql")):
+        check_sql_store("tracking.uri", uri)
+    elif not uri.startswith("file:"):
         raise ConfigError(f"tracking.uri={uri!r}: expected sqlite:///FILE, http://HOST:PORT or "
-                          "postgresql://USER@HOST/DB")
+                          "postgresql://USER@HOST:PORT/DB")
+
+
+def check_artifact_location(cfg: Config) -> None:
+    """A database tracking store keeps no artifacts: they need a location every worker can write."""
+    uri, location = config.tracking_uri(cfg), cfg.tracking.artifact_location
+    if uri.startswith(("postgresql", "mysql")) and not location:
+        raise ConfigError(f"tracking.uri={uri!r} is a database: set tracking.artifact_location to a folder or "
+                          "an s3:// URL every worker can write, or use a tracking server "
+                          "(tracking.uri=http://127.0.0.1:5000) that serves artifacts")
+    if location and "://" not in location:
+        config.check_writable("tracking.artifact_location", location, Path(location), create=True)
 
 
 def setup(cfg: Config) -> str:
@@ -57,9 +86,12 @@ def setup(cfg: Config) -> str:
     experiment = client.get_experiment_by_name(cfg.study.name)
     if experiment is not None:
         return experiment.experiment_id
-    path = sqlite_path(uri)
-    # Artifacts beside the SQLite file, not in whatever folder the command happens to run from.
-    location = (path.resolve().parent / "mlartifacts").as_uri() if path is not None else None
+    path, location = sqlite_path(uri), cfg.tracking.artifact_location or None
+    if path is not None:  # beside the SQLite file, not in whatever folder the command happens to run from
+        location = (path.resolve().parent / "mlartifacts").as_uri()
+    elif location and "://" not in location:
+        location = Path(location).resolve().as_uri()
+    # None with a tracking server: it keeps artifacts where its --artifacts-destination says
     return client.create_experiment(cfg.study.name, artifact_location=location)
 
 
@@ -80,8 +112,8 @@ def parent_run(experiment_id: str, study_name: str, cfg: Config) -> str:
     return run.info.run_id
 
 
-def end_parent(run_id: str, failed: bool) -> None:
-    MlflowClient().set_terminated(run_id, "FAILED" if failed else "FINISHED")
+def end_parent(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status)
 
 
 def git_commit() -> str:
@@ -135,3 +167,19 @@ def mark_run(run_id: str, status: str, reason: str) -> None:
     client.set_tag(run_id, "state", "killed")
     client.set_tag(run_id, "reason", reason)
     client.set_terminated(run_id, status)
+
+
+def load_model(run_id: str) -> VAE:
+    """The trained model of a child run, rebuilt from its config.yaml and state dict (on the CPU).
+    `weights_only=True`: a checkpoint from a shared tracking server is untrusted input, and a full
+    unpickle would run whatever code it names."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("config.yaml", "model_state_dict.pt"):
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
+        cfg = config.load(study=str(Path(tmp) / "config.yaml"))
+        state = torch.load(Path(tmp) / "model_state_dict.pt", map_location="cpu", weights_only=True)
+    # bench.train.build takes the data only for its width, which the first encoder layer records
+    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+    model = VAE(state["encoder.0.weight"].shape[1], list(cfg.model.hidden), cfg.model.latent_dim, lik)
+    model.load_state_dict(state)
+    return model.eval()

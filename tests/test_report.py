@@ -77,12 +77,12 @@ def test_report_writes_every_file(done):
             "throughput.png"} <= names
     for png in done.folder.glob("*.png"):
         assert _is_png(png.read_bytes()), png
-    md = (done.folder / "report.md").read_text()
+    md = (done.folder / "report.md").read_text(encoding="utf-8")
     for heading in ("1. Results per likelihood family", "2. Bounded vs unbounded", "3. Factor studies",
                     "4. Provenance"):
         assert heading in md
     assert "![validation ELBO per epoch](val_elbo.png)" in md
-    tex = (done.folder / "tables.tex").read_text()
+    tex = (done.folder / "tables.tex").read_text(encoding="utf-8")
     assert tex.count(r"\begin{tabular}") >= 5 and r"discretized\_logistic" in tex
     csv = pd.read_csv(done.folder / "tables.csv")
     assert {"1 family", "2 measure", "4 trials"} <= set(csv.table)
@@ -109,7 +109,7 @@ def test_diverged_trials_are_counted_not_dropped(done):
     assert row.test_elbo_n == 0 and math.isnan(row.test_elbo)  # their metrics do not enter the means
     shown = report.display_family(table).set_index("family").loc["gaussian_learned"]
     assert list(shown[["", "trials", "complete", "diverged", "divergence"]]) == ["unbounded", 2, 0, 2, "100%"]
-    md = (done.folder / "report.md").read_text()
+    md = (done.folder / "report.md").read_text(encoding="utf-8")
     failed = md.split("### Trials that did not complete")[1].split("###")[0]
     assert failed.count("gaussian_learned") >= 2 and "collapsed" in failed
 
@@ -149,7 +149,7 @@ def test_bounded_vs_unbounded_table_states_every_measure(done):
     assert not measure.loc["gaussian_learned", "comparable"]
     assert measure.loc["gaussian_learned", "compare_with"].startswith("nothing")
     assert math.isnan(measure.loc["gaussian_learned", "test_iwae_nll"])  # never beside a likelihood
-    md = (done.folder / "report.md").read_text()
+    md = (done.folder / "report.md").read_text(encoding="utf-8")
     section = md.split("## 2. Bounded vs unbounded")[1].split("## 3.")[0]
     for words in ("pmf of binarized pixels", "lower bound on the same 8-bit pmf", "not a likelihood of the data",
                   "8bit-dequantized: gaussian, discretized_logistic share the pmf of 8-bit pixels"):
@@ -166,15 +166,15 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     assert list(report.factor_tables(table)) == ["train.beta"]
     report.write(data, tmp_path)
     assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
-    assert "### Factor train.beta" in (tmp_path / "report.md").read_text()
+    assert "### Factor train.beta" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.fail("chromium is not installed; the HTML report test needs it: "
-                "apt-get update && apt-get install -y chromium")
+    pytest.fail("chromium is not installed; the HTML report test needs it: run tests/setup.sh, or "
+                "`apt-get update && apt-get install -y chromium` (Debian)")
 
 
 def _browse(html_path: Path, tmp: Path, *flags: str) -> str:
@@ -201,9 +201,10 @@ class _Images(HTMLParser):
 def test_html_report_renders_in_headless_chromium(done, tmp_path):
     # A copy with a probe script that records, after load, whether the browser decoded every image.
     probe = tmp_path / "probe.html"
-    probe.write_text((done.folder / "report.html").read_text().replace(
+    probe.write_text((done.folder / "report.html").read_text(encoding="utf-8").replace(
         "</body>", "<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
-                   "[...document.images].map(i => i.complete && i.naturalWidth > 0).join(',')))</script></body>"))
+                   "[...document.images].map(i => i.complete && i.naturalWidth > 0).join(',')))</script></body>"),
+        encoding="utf-8")
     dom = _browse(probe, tmp_path, "--dump-dom")
     page = _Images()
     page.feed(dom)
@@ -230,11 +231,21 @@ def test_run_data_is_escaped(done, tmp_path):
     client.log_param(child, "extra.note", SCRIPT)  # varies across runs: becomes a factor, in a table and a plot
     client.set_tag(done.parent, "mlflow.note.content", SCRIPT)
     assert report.main([f"run={done.parent}", f"tracking.uri={uri}", f"report_dir={tmp_path / 'out'}"]) == 0
-    page = (tmp_path / "out" / "rep" / "report.html").read_text()
+    page = (tmp_path / "out" / "rep" / "report.html").read_text(encoding="utf-8")
     assert "<script" not in page.lower()
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # description, reason, factor value
-    md = (tmp_path / "out" / "rep" / "report.md").read_text()
+    md = (tmp_path / "out" / "rep" / "report.md").read_text(encoding="utf-8")
     assert SCRIPT not in md and "&lt;script&gt;" in md
+
+
+def test_without_the_optuna_storage_states_come_from_the_mlflow_runs(done, tmp_path):
+    shutil.copy(done.tmp / "mlflow.db", tmp_path / "mlflow.db")  # no optuna.db beside it
+    data = report.load(["experiment=rep", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert data.trials.empty and "no Optuna storage" in data.optuna_note
+    table = report.family_table(data.runs).set_index(["protocol", "family"])
+    for row, counts in ROWS.items():
+        assert tuple(table.loc[row, ["n_trials", "n_complete", "n_diverged"]]) == counts
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_study_selected_by_experiment_or_run(done):

@@ -1,0 +1,264 @@
+"""Speed of the training step (forward, backward, Adam) at batch 128, 784-400-20, on MNIST:
+
+    .venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-json=reports/benchmarks/cpu.json
+
+- ours: `bench.train.train_epoch` itself, over 20 batches a round, for every likelihood family and
+  L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
+  metric sums and the one read-back per epoch;
+- classic: the loop of the VAE tutorials (pytorch/examples vae/main.py): a DataLoader over torchvision's
+  MNIST with a per-item ToTensor (and rounding, for binary pixels), BCE with sum reduction, Adam;
+  data loading included, since that is what it costs;
+- floor: the step's matrix products alone at the same shapes: what an ideal step must do;
+- stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16.
+
+Each runs on the CPU, and on CUDA when there is a GPU. Every timing is the median over rounds of 20
+steps. tests/benchmarks/conftest.py prints the summary (samples/s, ms/step, both ratios, targets),
+adds it to the JSON under "vaebench" and renders README_SECTION.md beside the JSON. The normal test
+run skips all of this (pyproject's addopts has --benchmark-skip).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench import config
+from bench import data as data_mod
+from bench.stacked import build_stacked, stacked_optimizer, train_epoch_stacked
+from bench.train import build, make_optimizer, train_epoch
+from models import likelihoods
+
+BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
+STEPS = 20  # training steps per timed round
+ROUNDS, WARMUP = 12, 2
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data from the repo root
+RAW = SHARED_DATA / "MNIST" / "raw"
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _config(family: str, n_samples: int, device: str) -> config.Config:
+    # Binary families see thresholded pixels, as the classic loop's rounding gives; the others see
+    # 8-bit pixels (dequantized for densities, k/255 for the 8-bit pmf).
+    binary = likelihoods.FAMILIES[family].support == likelihoods.BINARY
+    return config.load([
+        "data.name=mnist_t10k", f"data.root={SHARED_DATA}", f"data.binarize={'threshold' if binary else 'none'}",
+        f"likelihood.name={family}", f"model.hidden=[{HIDDEN}]", f"model.latent_dim={LATENT}",
+        f"train.batch_size={BATCH}", f"train.n_samples={n_samples}", f"train.device={device}",
+    ])
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """(cfg, device) -> Data, each protocol read once (MNIST's 10k official test images)."""
+    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST test files not found in {RAW}")
+    cache: dict[tuple[str, str], data_mod.Data] = {}
+
+    def get(cfg: config.Config, device: str) -> data_mod.Data:
+        key = (cfg.data.binarize, device)
+        if key not in cache:
+            cache[key] = data_mod.load(cfg.data, device)
+        return cache[key]
+
+    return get
+
+
+def _info(benchmark, **info) -> None:
+    benchmark.extra_info.update({"batch": BATCH, "steps": STEPS, "variants": 1, **info})
+
+
+# --- ours -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_samples", [1, 5])
+@pytest.mark.parametrize("family", likelihoods.NAMES)
+def test_step(benchmark, mnist, family, n_samples, device):
+    cfg = _config(family, n_samples, device)
+    data = mnist(cfg, device)
+    torch.manual_seed(0)
+    model = build(cfg, data).to(device)
+    opt = make_optimizer(model.parameters(), cfg.train.lr)
+    transform = data.transform(model.likelihood.family, train=True)
+    x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8: one "epoch" of STEPS steps per round
+    _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples,
+          n_params=model.n_params)
+    metrics = benchmark.pedantic(train_epoch, args=(model, opt, x, transform, cfg), rounds=ROUNDS,
+                                 warmup_rounds=WARMUP)
+    assert not math.isnan(metrics["train_elbo"])
+
+
+# --- classic: the tutorial loop ---------------------------------------------------------------------
+
+class TutorialVAE(nn.Module):
+    """pytorch/examples vae/main.py, as published."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 400)
+        self.fc21 = nn.Linear(400, 20)
+        self.fc22 = nn.Linear(400, 20)
+        self.fc3 = nn.Linear(20, 400)
+        self.fc4 = nn.Linear(400, 784)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu, logvar):
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def decode(self, z):
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x.view(-1, 784))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+def tutorial_loss(recon_x, x, mu, logvar):
+    bce = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())  # Kingma & Welling 2014, App. B
+    return bce + kld
+
+
+def round_pixels(x: Tensor) -> Tensor:
+    """Binary pixels after ToTensor (a named function: DataLoader workers pickle the transform)."""
+    return x.round()
+
+
+@pytest.fixture(scope="session")
+def torchvision_root(tmp_path_factory) -> Path:
+    """A torchvision MNIST root built from the shared 10k test files, copied as the train files too
+    (torchvision checks that the four uncompressed files exist; download=False)."""
+    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST test files not found in {RAW}")
+    root = tmp_path_factory.mktemp("torchvision")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        with gzip.open(RAW / f"t10k-{kind}-ubyte.gz") as src, open(raw / f"t10k-{kind}-ubyte", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.copy(raw / f"t10k-{kind}-ubyte", raw / f"train-{kind}-ubyte")
+    return root
+
+
+def _forever(loader):
+    """Batches across epochs, as the tutorial's epoch loop sees them (a new shuffle each epoch; its
+    last batch of 16 is counted as a full one, in the classic loop's favour)."""
+    while True:
+        yield from loader
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_classic_loop(benchmark, torchvision_root, device):
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(0)
+    kwargs = {"num_workers": 1, "pin_memory": True} if device == "cuda" else {}  # as the tutorial
+    dataset = datasets.MNIST(torchvision_root, train=True, download=False,
+                             transform=transforms.Compose([transforms.ToTensor(), round_pixels]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, **kwargs)
+    model = TutorialVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stream = _forever(loader)
+
+    def steps() -> float:
+        model.train()
+        train_loss = 0.0
+        for _ in range(STEPS):
+            data, _ = next(stream)
+            data = data.to(device)
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = model(data)
+            loss = tutorial_loss(recon_batch, data, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+        return train_loss
+
+    _info(benchmark, kind="classic", device=device, family="bernoulli", n_samples=1, n_params=1)
+    benchmark.pedantic(steps, rounds=ROUNDS, warmup_rounds=WARMUP)
+
+
+# --- floor: the step's matrix products alone --------------------------------------------------------
+
+def gemm_floor(n_params: int, n_samples: int, device: str):
+    """The 11 matrix products of one step, at its shapes and layouts (weights (out, in) used through
+    .t() as nn.Linear does), writing into preallocated outputs. R = L·B rows pass the decoder.
+
+    forward:  x (B,D)·W1ᵀ -> (B,H);  h1 (B,H)·W2ᵀ -> (B,2Z);  z (R,Z)·W3ᵀ -> (R,H);  h3 (R,H)·W4ᵀ -> (R,PD)
+    backward, per layer a grad-input g·W and a grad-weight gᵀ·input; the data needs no gradient:
+      layer 4: (R,PD)·(PD,H), (PD,R)·(R,H);  layer 3: (R,H)·(H,Z), (H,R)·(R,Z)
+      layer 2: (B,2Z)·(2Z,H), (2Z,B)·(B,H);  layer 1: (H,B)·(B,D) only
+    """
+    B, D, H, Z, R, PD = BATCH, DATA_DIM, HIDDEN, LATENT, n_samples * BATCH, n_params * DATA_DIM
+
+    def r(*shape):  # random values, not zeros: zeros can run faster than real data
+        return torch.randn(*shape, device=device)
+
+    x, h1, z, h3 = r(B, D), r(B, H), r(R, Z), r(R, H)
+    w1, w2, w3, w4 = r(H, D), r(2 * Z, H), r(H, Z), r(PD, H)
+    g4, g3, g2, g1 = r(R, PD), r(R, H), r(B, 2 * Z), r(B, H)
+    products = [(x, w1.t()), (h1, w2.t()), (z, w3.t()), (h3, w4.t()),
+                (g4, w4), (g4.t(), h3), (g3, w3), (g3.t(), z), (g2, w2), (g2.t(), h1), (g1.t(), x)]
+    outs = [torch.empty(a.shape[0], b.shape[1], device=device) for a, b in products]
+
+    def step() -> None:
+        for (a, b), out in zip(products, outs):
+            torch.mm(a, b, out=out)
+
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_samples", [1, 5])
+@pytest.mark.parametrize("n_params", [1, 2])
+def test_gemm_floor(benchmark, n_params, n_samples, device):
+    step = gemm_floor(n_params, n_samples, device)
+
+    def steps() -> None:
+        for _ in range(STEPS):
+            step()
+        _sync(device)
+
+    _info(benchmark, kind="floor", device=device, n_samples=n_samples, n_params=n_params)
+    benchmark.pedantic(steps, rounds=ROUNDS, warmup_rounds=WARMUP)
+
+
+# --- stacked: N variants at once --------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_variants", [1, 4, 16])
+def test_stacked_step(benchmark, mnist, n_variants, device):
+    base = _config("bernoulli", 1, device)
+    cfgs = [config.apply(base, {"train.seed": i, "train.lr": 1e-3 * (1 + i % 3), "train.beta": 1 + i % 2})
+            for i in range(n_variants)]  # variants that differ in seed, lr and β
+    data = mnist(base, device)
+    model = build_stacked(cfgs, data).to(device)
+    opt = stacked_optimizer(model, cfgs)
+    betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
+    transform = data.transform(model.likelihood.family, train=True)
+    x = data.train[: STEPS * BATCH]
+    _info(benchmark, kind="stacked", device=device, family="bernoulli", n_samples=1, n_params=1,
+          variants=n_variants)
+    rounds = max(3, ROUNDS * 4 // n_variants) if device == "cpu" else ROUNDS  # bound the CPU time
+    benchmark.pedantic(train_epoch_stacked, args=(model, opt, x, transform, betas, base), rounds=rounds,
+                       warmup_rounds=1)

@@ -1,0 +1,136 @@
+"""Bad input: each bad config or command line gives one error naming the problem and the valid choices,
+exits with code 2, and writes nothing (no MLflow store, no Optuna study, no report)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import run
+from tests.conftest import shrink_args
+from tests.servers import free_port
+
+# Study files the cases below point at, written into <tmp>/in/.
+FILES = {
+    "plain.yaml": "data:\n  binarize: static\n",  # one variant; likelihood and data keys left free
+    "malformed.yaml": "study: [\n  grids: {\n",
+    "list.yaml": "- likelihood.name: [bernoulli]\n",
+    "grid_key.yaml": "study:\n  grids:\n    - train.epochz: [1, 2]\n",
+    "grid_value.yaml": "study:\n  grids:\n    - train.beta: 1.0\n",
+    "yaml_type.yaml": "train:\n  epochs: many\n",
+    "search.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.1, high: 0.001}\n",
+    "afile": "a file where a folder is needed\n",
+}
+PLAIN = "study={tmp}/in/plain.yaml"
+
+# (id, arguments after the shrunk defaults, what the error must say: the problem and the valid choices)
+CASES = [
+    ("no study", [], ["study=NAME is required", "valid choices: aevb, beta"]),
+    ("unknown study", ["study=nope"], ["unknown study 'nope'", "valid choices: aevb, beta"]),
+    ("missing study file", ["study={tmp}/in/nope.yaml"], ["nope.yaml' does not exist"]),
+    ("not key=value", ["study=smoke", "epochs"], ["'epochs' is not of the form key=value"]),
+    ("unknown section", ["study=smoke", "trainn.epochs=1"], ["Key 'trainn'", "valid keys: data, model"]),
+    ("unknown key", ["study=smoke", "train.epochz=1"], ["train.epochz", "valid keys in train: epochs"]),
+    ("wrong type", ["study=smoke", "train.epochs=abc"], ["'abc'", "train.epochs expects a int"]),
+    ("wrong type in YAML", ["study={tmp}/in/yaml_type.yaml"], ["'many'", "train.epochs expects a int"]),
+    ("malformed YAML", ["study={tmp}/in/malformed.yaml"], ["malformed.yaml is not valid YAML"]),
+    ("YAML not a mapping", ["study={tmp}/in/list.yaml"], ["must hold a mapping of sections, not list"]),
+    ("unknown likelihood", [PLAIN, "likelihood.name=gausian"],
+     ["likelihood.name='gausian' is invalid", "one of bernoulli, continuous_bernoulli"]),
+    ("unknown dataset", ["study=smoke", "data.name=cifar"], ["data.name='cifar'", "one of mnist, fashion_mnist"]),
+    ("latent dim 0", ["study=smoke", "model.latent_dim=0"], ["model.latent_dim=0 is invalid", "integer ≥ 1"]),
+    ("no hidden layer", ["study=smoke", "model.hidden=[]"], ["model.hidden=[] is invalid", "non-empty list"]),
+    ("negative beta", ["study=smoke", "train.beta=-1"], ["train.beta=-1.0 is invalid", "number ≥ 0"]),
+    ("L = 0", ["study=smoke", "train.n_samples=0"], ["train.n_samples=0 is invalid", "integer ≥ 1 (L)"]),
+    ("batch size 0", ["study=smoke", "train.batch_size=0"], ["train.batch_size=0 is invalid", "integer ≥ 1"]),
+    ("negative epochs", ["study=smoke", "train.epochs=-3"], ["train.epochs=-3 is invalid", "integer ≥ 1"]),
+    ("zero learning rate", ["study=smoke", "train.lr=0"], ["train.lr=0.0 is invalid", "number > 0"]),
+    ("zero scale", ["study=smoke", "likelihood.scale=0"], ["likelihood.scale=0.0 is invalid", "number > 0"]),
+    ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
+    ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
+    ("unknown pruner", ["study=smoke", "study.pruner=hyperband"], ["'hyperband' is invalid", "one of none, median"]),
+    ("bad grid key", ["study={tmp}/in/grid_key.yaml"],
+     ["key='train.epochz' is invalid", "dotted config key such as likelihood.name"]),
+    ("non-list grid value", ["study={tmp}/in/grid_value.yaml"],
+     ["study.grids[0].train.beta=1.0 is invalid", "non-empty list of values"]),
+    ("search range reversed", ["study={tmp}/in/search.yaml"], ["low=0.1, high=0.001", "low < high"]),
+    ("binary pmf on 8-bit data", [PLAIN, "likelihood.name=bernoulli", "data.binarize=none"],
+     ["data.binarize='none' is invalid", "threshold, static or dynamic", "continuous_bernoulli"]),
+    ("8-bit pmf on binary data", [PLAIN, "likelihood.name=discretized_logistic", "data.binarize=static"],
+     ["data.binarize='static' is invalid", "expected none"]),
+    ("data missing offline", ["study=smoke", "data.name=mnist", "data.download=false", "data.root={tmp}/in"],
+     ["files missing and data.download=false", "train-images-idx3-ubyte.gz", "offline alternatives"]),
+    ("bad storage URL", ["study=smoke", "study.storage=redis://127.0.0.1/0"],
+     ["study.storage='redis://127.0.0.1/0' is invalid", "sqlite:///FILE or postgresql://"]),
+    ("unreachable PostgreSQL storage", ["study=smoke", "study.storage=postgresql://postgres@127.0.0.1:{port}/vb"],
+     ["study.storage='postgresql://", "cannot connect", "expected sqlite:///FILE or a reachable postgresql://"]),
+    ("unreachable tracking server", ["study=smoke", "tracking.uri=http://127.0.0.1:{port}"],
+     ["tracking server unreachable", "mlflow server --host 127.0.0.1", "sqlite:///mlflow.db"]),
+    ("unreachable PostgreSQL tracking", ["study=smoke", "tracking.uri=postgresql://postgres@127.0.0.1:{port}/vb",
+                                         "tracking.artifact_location={tmp}/artifacts"],
+     ["tracking.uri='postgresql://", "cannot connect"]),
+    ("database tracking without artifacts", ["study=smoke", "tracking.uri=postgresql://postgres@127.0.0.1:{port}/vb"],
+     ["is a database: set tracking.artifact_location", "tracking.uri=http://127.0.0.1:5000"]),
+    ("bad tracking URI", ["study=smoke", "tracking.uri=ftp://127.0.0.1/x"],
+     ["tracking.uri='ftp://127.0.0.1/x'", "expected sqlite:///FILE, http://HOST:PORT or postgresql://"]),
+    ("unwritable report_dir", ["study=smoke", "report_dir={tmp}/in/afile/reports"],
+     ["report_dir=", "in/afile is not a writable folder"]),
+    ("unwritable MLflow SQLite folder", ["study=smoke", "tracking.uri=sqlite:///{tmp}/in/afile/mlflow.db"],
+     ["tracking.uri=", "in/afile is not a writable folder"]),
+    ("unwritable Optuna SQLite folder", ["study=smoke", "study.storage=sqlite:///{tmp}/in/afile/optuna.db"],
+     ["study.storage=", "in/afile is not a writable folder"]),
+    ("worker without a study", ["study=smoke", "study.worker=true"],
+     ["study.worker=true: no study 'smoke-", "start it first without study.worker"]),
+    ("cuda without a GPU", ["study=smoke", "train.device=cuda"], ["train.device=cuda", "use auto or cpu"]),
+]
+
+
+def _inputs(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for name, text in FILES.items():
+        (tmp_path / "in" / name).write_text(text)
+
+
+def _args(args: list[str], tmp_path: Path) -> list[str]:
+    port = free_port()  # nothing listens there
+    return [*shrink_args(tmp_path), *(a.format(tmp=tmp_path, port=port) for a in args)]
+
+
+def _tree(tmp_path: Path) -> set[Path]:
+    return set(tmp_path.rglob("*"))
+
+
+def test_at_least_20_distinct_bad_inputs():
+    assert len({tuple(args) for _, args, _ in CASES}) == len(CASES) >= 20
+
+
+@pytest.mark.parametrize("args, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(args, needles, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no GPU", also on a machine with one
+    _inputs(tmp_path)
+    before = _tree(tmp_path)
+    assert run.main(_args(args, tmp_path)) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and out == "", err
+    for needle in needles:
+        assert needle in errors[0]
+    assert _tree(tmp_path) == before  # no mlflow.db, optuna.db, mlartifacts or reports
+
+
+@pytest.mark.parametrize("case", ["unknown study", "malformed YAML", "unreachable tracking server"])
+def test_bad_input_through_the_command_line(case, tmp_path):
+    _, args, needles = next(c for c in CASES if c[0] == case)
+    _inputs(tmp_path)
+    before = _tree(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", *_args(args, tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert all(needle in proc.stderr for needle in needles), proc.stderr
+    assert _tree(tmp_path) == before

@@ -1,0 +1,147 @@
+"""Faults lose no finished work: a study killed (SIGKILL) or interrupted (Ctrl-C) in the middle of a
+trial resumes with the same command, and a trial whose metrics turn NaN or ∞ is recorded as diverged
+while the study goes on."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from bench import config, run, study
+from tests.conftest import shrink_args
+
+# Three variants (seeds) on all of digits, trials of a few seconds: long enough to be caught running.
+SEEDS = [0, 1, 2]
+SEED_STUDY = """study:
+  grids:
+    - likelihood.name: [bernoulli]
+data: {binarize: static}
+model: {hidden: [64], latent_dim: 8}
+train: {batch_size: 64}
+"""
+
+
+def _args(tmp_path: Path) -> list[str]:
+    (tmp_path / "seeds.yaml").write_text(SEED_STUDY)
+    return [f"study={tmp_path / 'seeds.yaml'}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=30",
+            "eval.figures=false", f"study.seeds={SEEDS}"]
+
+
+def _trials_now(tmp_path: Path) -> list[tuple[int, str, bool]]:
+    """(number, state, has an MLflow run) per trial, read from the Optuna SQLite file of the running
+    study without the Optuna API (which would create the file or its tables)."""
+    db = tmp_path / "optuna.db"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        try:
+            return conn.execute(
+                "SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id"
+                " AND a.key = 'mlflow_run_id') FROM trials t ORDER BY number").fetchall()
+        except sqlite3.OperationalError:  # tables not made yet
+            return []
+
+
+def _start_and_catch_second_trial(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    """Starts `python -m bench.run` and returns once trial 0 is complete and trial 1 is running with
+    its MLflow run."""
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    while True:
+        trials = _trials_now(tmp_path)
+        if len(trials) == 3 and trials[0][1] == "COMPLETE" and trials[1][1:] == ("RUNNING", 1):
+            return proc
+        assert proc.poll() is None and time.monotonic() < deadline, (trials, (tmp_path / "run.log").read_text())
+        time.sleep(0.1)
+
+
+def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTrial], pd.DataFrame]:
+    cfg = config.load(args)
+    trials = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg)).get_trials()
+    mlflow.set_tracking_uri(config.tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.study.name])
+    return trials, runs[runs["tags.mlflow.parentRunId"].notna()].set_index("run_id")
+
+
+def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.FrozenTrial], gone: str) -> None:
+    """Every variant COMPLETE exactly once, with one FINISHED run; trial 0 kept as it was (not retrained);
+    trial 1, cut short, FAIL with its run ended `gone` (never left RUNNING) and run again."""
+    trials, runs = _state(tmp_path, args)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["train.seed"] for t in complete) == SEEDS
+    assert sorted(runs.loc[t.user_attrs["mlflow_run_id"], "status"] for t in complete) == ["FINISHED"] * 3
+    assert (complete[0].number, complete[0].user_attrs["mlflow_run_id"]) == \
+        (before[0].number, before[0].user_attrs["mlflow_run_id"])
+    cut = trials[1]
+    assert cut.state == TrialState.FAIL and cut.user_attrs["status"] in ("killed", "interrupted")
+    assert runs.loc[cut.user_attrs["mlflow_run_id"], "status"] == gone
+    assert len(runs) == 4 and not (runs["status"] == "RUNNING").any()  # 3 variants + the cut one
+
+
+def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _args(tmp_path)
+    proc = _start_and_catch_second_trial(args, tmp_path)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    before, runs = _state(tmp_path, args)
+    assert before[1].state == TrialState.RUNNING  # as the dead process left it
+    assert runs.loc[before[1].user_attrs["mlflow_run_id"], "status"] == "RUNNING"
+
+    assert run.main(args) == 0
+    _assert_resumed(tmp_path, args, before, gone="KILLED")
+    trials, runs = _state(tmp_path, args)
+    assert "died while the trial was running" in trials[1].user_attrs["reason"]
+    assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"
+
+
+def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _args(tmp_path)
+    proc = _start_and_catch_second_trial(args, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    log = (tmp_path / "run.log").read_text()
+    assert "re-run the same command to resume" in log and "Traceback" not in log
+    before, runs = _state(tmp_path, args)
+    assert before[1].state == TrialState.FAIL and before[1].user_attrs["status"] == "interrupted"
+    child = runs.loc[before[1].user_attrs["mlflow_run_id"]]
+    assert child["status"] == "KILLED" and child["tags.state"] == "interrupted"
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+
+    assert run.main(args) == 0
+    _assert_resumed(tmp_path, args, before, gone="KILLED")
+
+
+def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
+    # A learning rate of 1e10 really does it: the first Adam steps push the weights to ∞, the ELBO to NaN.
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "nan.yaml"
+    path.write_text("study:\n  grids:\n    - train.lr: [1.0e+10, 1.0e-3]\n"
+                    "data:\n  binarize: static\nlikelihood:\n  name: bernoulli\n")
+    args = [f"study={path}", *shrink_args(tmp_path), "train.epochs=3"]
+    assert run.main(args) == 0  # a diverged trial has ended for good: not a failure of the study
+    trials, runs = _state(tmp_path, args)
+    by_lr = {t.params["train.lr"]: t for t in trials}
+    diverged, fine = by_lr[1e10], by_lr[1e-3]
+    assert diverged.state == TrialState.FAIL and diverged.user_attrs["status"] == "diverged"
+    assert "non-finite" in diverged.user_attrs["reason"] and "val_elbo" in diverged.user_attrs["reason"]
+    tags = runs.loc[diverged.user_attrs["mlflow_run_id"]]
+    assert tags["tags.state"] == "diverged" and "non-finite" in tags["tags.reason"]
+    assert tags["status"] == "FAILED"
+    assert fine.state == TrialState.COMPLETE and runs.loc[fine.user_attrs["mlflow_run_id"], "status"] == "FINISHED"
+    # diverged is final: the same command does not train it again
+    assert run.main(args) == 0
+    assert len(_state(tmp_path, args)[0]) == 2
