@@ -106,7 +106,8 @@ class StudyConfig:
 class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     # Where a new experiment keeps its artifacts when `uri` is a database (postgresql://): a folder or an
-    # s3:// URL every worker can write. SQLite keeps them beside its file; a server where it was told to.
+    # s3:// URL every worker can write. Unused otherwise: SQLite keeps them beside its file, a tracking
+    # server where its --artifacts-destination says.
     artifact_location: str = ""
     system_metrics: bool = True  # CPU/GPU usage through psutil (and pynvml on GPUs)
 

@@ -3,8 +3,9 @@
 Reads top to bottom: load and validate the config; check every input (data, stores) before writing
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
 variants that are missing; train them with one or more workers; print the summary.
-Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason;
-2 bad input (nothing written); 130 interrupted (re-run the same command to resume).
+Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, or
+the tracking store was lost; 2 bad input (nothing written); 130 interrupted. After 1 or 130, or a
+killed process, re-running the same command resumes: finished trials are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 
 from bench import config, study, tracking
 from bench import data as data_mod
@@ -44,6 +46,11 @@ def preflight(cfg: Config) -> None:
             data_mod.load(data_cfg)
 
 
+# A tracking store lost mid-study ends the run; the trial in progress is left RUNNING, and the next run
+# marks it failed (its owner is gone) and trains that variant again.
+LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
+
+
 def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> None:
     # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
     # once (a second SIGINT would interrupt a worker while it records the first).
@@ -53,6 +60,9 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> N
         outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt:  # its trial is recorded as interrupted; no traceback
         sys.exit(130)
+    except MlflowException as e:
+        print(f"error: worker {position}: MLflow tracking failed ({e}); {LOST_TRACKING}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(1 if any(o.state == study.CRASHED for o in outcomes) else 0)
 
 
@@ -118,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; re-run the same command to resume", file=sys.stderr)
         return 130
+    except MlflowException as e:
+        print(f"error: MLflow tracking failed ({e}); {LOST_TRACKING}", file=sys.stderr)
+        return 1
     table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(table) else "no trials")
     print(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: {study.storage_url(cfg)}")

@@ -5,6 +5,12 @@ params; workers claim queued trials atomically, so every variant runs exactly on
 workers and after a restart (only what is missing is enqueued again). A search space adds `n_trials`
 TPE trials on top. A diverged trial is recorded as FAIL with its reason and not retried; a crashed
 or killed one is retried on the next run.
+
+Faults lose no finished work: a trial is COMPLETE in Optuna only once its MLflow run has FINISHED.
+Ctrl-C ends the trial in progress as FAIL (status interrupted, run KILLED). A SIGKILL, a lost machine
+or a lost tracking store leaves it RUNNING; the next run marks it FAIL (status killed, run KILLED) once
+its worker is gone — a local process that no longer exists, or no epoch for REMOTE_STALE_S from
+another machine — and trains that variant again.
 """
 
 from __future__ import annotations

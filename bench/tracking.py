@@ -31,6 +31,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 CONNECT_TIMEOUT_S = 5  # a wrong host or a dead server fails the preflight in seconds, not minutes
+DATABASES = ("postgresql", "mysql")  # URL schemes of database servers (with an optional +driver)
 
 
 def check_sql_store(key: str, url: str) -> None:
@@ -47,9 +48,10 @@ def check_sql_store(key: str, url: str) -> None:
             pass
         engine.dispose()
     except Exception as e:  # no driver, bad URL, refused, timed out, no such database or user
-        raise ConfigError(f"{key}={url!r}: cannot connect ({str(e).strip().splitlines()[0][:200]}); expected "
-                          "sqlite:///FILE or a reachable postgresql://USER@HOST:PORT/DB (an existing database; "
-                          "driver: pip install 'psycopg[binary]')") from None
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(f"{key}={url!r}: cannot connect ({reason}); expected sqlite:///FILE or a reachable "
+                          "postgresql://USER@HOST:PORT/DB (an existing database; driver: pip install "
+                          "'psycopg[binary]')") from None
 
 
 def check_reachable(uri: str) -> None:
@@ -60,7 +62,7 @@ def check_reachable(uri: str) -> None:
         except Exception as e:
             raise ConfigError(f"tracking.uri={uri!r}: tracking server unreachable ({e}); start one with "
                               "`mlflow server --host 127.0.0.1`, or use sqlite:///mlflow.db") from None
-    elif uri.startswith(("sqlite:///", "postgresql", "mysql")):
+    elif uri.startswith(("sqlite:///", *DATABASES)):
         check_sql_store("tracking.uri", uri)
     elif not uri.startswith("file:"):
         raise ConfigError(f"tracking.uri={uri!r}: expected sqlite:///FILE, http://HOST:PORT or "
@@ -70,11 +72,13 @@ def check_reachable(uri: str) -> None:
 def check_artifact_location(cfg: Config) -> None:
     """A database tracking store keeps no artifacts: they need a location every worker can write."""
     uri, location = config.tracking_uri(cfg), cfg.tracking.artifact_location
-    if uri.startswith(("postgresql", "mysql")) and not location:
-        raise ConfigError(f"tracking.uri={uri!r} is a database: set tracking.artifact_location to a folder or "
-                          "an s3:// URL every worker can write, or use a tracking server "
+    if not uri.startswith(DATABASES):
+        return
+    if not location:
+        raise ConfigError(f"tracking.uri={uri!r} is a database: set tracking.artifact_location to a folder "
+                          "or an s3:// URL every worker can write, or use a tracking server "
                           "(tracking.uri=http://127.0.0.1:5000) that serves artifacts")
-    if location and "://" not in location:
+    if "://" not in location:
         config.check_writable("tracking.artifact_location", location, Path(location), create=True)
 
 
@@ -86,12 +90,13 @@ def setup(cfg: Config) -> str:
     experiment = client.get_experiment_by_name(cfg.study.name)
     if experiment is not None:
         return experiment.experiment_id
-    path, location = sqlite_path(uri), cfg.tracking.artifact_location or None
+    path, location = sqlite_path(uri), cfg.tracking.artifact_location
     if path is not None:  # beside the SQLite file, not in whatever folder the command happens to run from
         location = (path.resolve().parent / "mlartifacts").as_uri()
-    elif location and "://" not in location:
-        location = Path(location).resolve().as_uri()
-    # None with a tracking server: it keeps artifacts where its --artifacts-destination says
+    elif uri.startswith(DATABASES):  # checked by the preflight
+        location = location if "://" in location else Path(location).resolve().as_uri()
+    else:  # a tracking server keeps them where its --artifacts-destination says
+        location = None
     return client.create_experiment(cfg.study.name, artifact_location=location)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from bench import run
 from tests.conftest import shrink_args
-from tests.servers import free_port
+from tests.helpers import free_port
 
 # Study files the cases below point at, written into <tmp>/in/.
 FILES = {
@@ -41,7 +41,8 @@ CASES = [
     ("YAML not a mapping", ["study={tmp}/in/list.yaml"], ["must hold a mapping of sections, not list"]),
     ("unknown likelihood", [PLAIN, "likelihood.name=gausian"],
      ["likelihood.name='gausian' is invalid", "one of bernoulli, continuous_bernoulli"]),
-    ("unknown dataset", ["study=smoke", "data.name=cifar"], ["data.name='cifar'", "one of mnist, fashion_mnist"]),
+    ("unknown dataset", ["study=smoke", "data.name=cifar"],
+     ["data.name='cifar'", "one of mnist, fashion_mnist"]),
     ("latent dim 0", ["study=smoke", "model.latent_dim=0"], ["model.latent_dim=0 is invalid", "integer ≥ 1"]),
     ("no hidden layer", ["study=smoke", "model.hidden=[]"], ["model.hidden=[] is invalid", "non-empty list"]),
     ("negative beta", ["study=smoke", "train.beta=-1"], ["train.beta=-1.0 is invalid", "number ≥ 0"]),
@@ -52,7 +53,8 @@ CASES = [
     ("zero scale", ["study=smoke", "likelihood.scale=0"], ["likelihood.scale=0.0 is invalid", "number > 0"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
-    ("unknown pruner", ["study=smoke", "study.pruner=hyperband"], ["'hyperband' is invalid", "one of none, median"]),
+    ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
+     ["'hyperband' is invalid", "one of none, median"]),
     ("bad grid key", ["study={tmp}/in/grid_key.yaml"],
      ["key='train.epochz' is invalid", "dotted config key such as likelihood.name"]),
     ("non-list grid value", ["study={tmp}/in/grid_value.yaml"],
@@ -109,7 +111,8 @@ def test_at_least_20_distinct_bad_inputs():
 
 
 @pytest.mark.parametrize("args, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(args, needles, tmp_path, monkeypatch, capsys):
+def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(args, needles, tmp_path, monkeypatch,
+                                                                   capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no GPU", also on a machine with one
     _inputs(tmp_path)

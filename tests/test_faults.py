@@ -4,68 +4,25 @@ while the study goes on."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pandas as pd
+import pytest
 from optuna.trial import TrialState
 
 from bench import config, run, study
 from tests.conftest import shrink_args
+from tests.helpers import (
+    SEEDS,
+    one_thread,  # noqa: F401  (a fixture)
+    seed_study_args,
+    start_and_catch_second_trial,
+)
 
-# Three variants (seeds) on all of digits, trials of a few seconds: long enough to be caught running.
-SEEDS = [0, 1, 2]
-SEED_STUDY = """study:
-  grids:
-    - likelihood.name: [bernoulli]
-data: {binarize: static}
-model: {hidden: [64], latent_dim: 8}
-train: {batch_size: 64}
-"""
-
-
-def _args(tmp_path: Path) -> list[str]:
-    (tmp_path / "seeds.yaml").write_text(SEED_STUDY)
-    return [f"study={tmp_path / 'seeds.yaml'}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=30",
-            "eval.figures=false", f"study.seeds={SEEDS}"]
-
-
-def _trials_now(tmp_path: Path) -> list[tuple[int, str, bool]]:
-    """(number, state, has an MLflow run) per trial, read from the Optuna SQLite file of the running
-    study without the Optuna API (which would create the file or its tables)."""
-    db = tmp_path / "optuna.db"
-    if not db.exists():
-        return []
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
-        try:
-            return conn.execute(
-                "SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id"
-                " AND a.key = 'mlflow_run_id') FROM trials t ORDER BY number").fetchall()
-        except sqlite3.OperationalError:  # tables not made yet
-            return []
-
-
-def _start_and_catch_second_trial(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    """Starts `python -m bench.run` and returns once trial 0 is complete and trial 1 is running with
-    its MLflow run."""
-    log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 400
-    while True:
-        trials = _trials_now(tmp_path)
-        if len(trials) == 3 and trials[0][1] == "COMPLETE" and trials[1][1:] == ("RUNNING", 1):
-            return proc
-        assert proc.poll() is None and time.monotonic() < deadline, (trials, (tmp_path / "run.log").read_text())
-        time.sleep(0.1)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTrial], pd.DataFrame]:
     cfg = config.load(args)
@@ -75,7 +32,8 @@ def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTri
     return trials, runs[runs["tags.mlflow.parentRunId"].notna()].set_index("run_id")
 
 
-def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.FrozenTrial], gone: str) -> None:
+def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.FrozenTrial],
+                    gone: str) -> None:
     """Every variant COMPLETE exactly once, with one FINISHED run; trial 0 kept as it was (not retrained);
     trial 1, cut short, FAIL with its run ended `gone` (never left RUNNING) and run again."""
     trials, runs = _state(tmp_path, args)
@@ -92,8 +50,8 @@ def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.F
 
 def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = _args(tmp_path)
-    proc = _start_and_catch_second_trial(args, tmp_path)
+    args = seed_study_args(tmp_path)
+    proc = start_and_catch_second_trial(args, tmp_path)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     before, runs = _state(tmp_path, args)
@@ -109,8 +67,8 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
 
 def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = _args(tmp_path)
-    proc = _start_and_catch_second_trial(args, tmp_path)
+    args = seed_study_args(tmp_path)
+    proc = start_and_catch_second_trial(args, tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     log = (tmp_path / "run.log").read_text()
@@ -141,7 +99,8 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     tags = runs.loc[diverged.user_attrs["mlflow_run_id"]]
     assert tags["tags.state"] == "diverged" and "non-finite" in tags["tags.reason"]
     assert tags["status"] == "FAILED"
-    assert fine.state == TrialState.COMPLETE and runs.loc[fine.user_attrs["mlflow_run_id"], "status"] == "FINISHED"
+    assert fine.state == TrialState.COMPLETE
+    assert runs.loc[fine.user_attrs["mlflow_run_id"], "status"] == "FINISHED"
     # diverged is final: the same command does not train it again
     assert run.main(args) == 0
     assert len(_state(tmp_path, args)[0]) == 2

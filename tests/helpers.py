@@ -1,6 +1,6 @@
-"""Servers for the scale-out tests, on 127.0.0.1 only: a throwaway PostgreSQL cluster and an MLflow
-tracking server. PostgreSQL comes from Debian's `postgresql` package (tests/setup.sh installs it); a
-missing one fails the test with that hint rather than skipping it."""
+"""Helpers of the fault and scale-out tests: one torch thread; servers on 127.0.0.1 only, a throwaway
+PostgreSQL cluster and an MLflow tracking server. PostgreSQL comes from Debian's `postgresql` package
+(tests/setup.sh installs it); a missing one fails the test with that hint rather than skipping it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,72 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.conftest import shrink_args
+
+# The models of these tests are tiny: on a loaded 2-core machine a second intra-op thread made a trial
+# 30 times slower (0.9 s vs 29 s for 30 epochs of digits), so they train on one, in-process and in the
+# processes they start.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# Three variants (seeds) on all of digits, trials of a few seconds: long enough to be caught running.
+SEEDS = [0, 1, 2]
+SEED_STUDY = """study:
+  grids:
+    - likelihood.name: [bernoulli]
+data: {binarize: static}
+model: {hidden: [64], latent_dim: 8}
+train: {batch_size: 64}
+"""
+
+
+def seed_study_args(tmp_path: Path) -> list[str]:
+    (tmp_path / "seeds.yaml").write_text(SEED_STUDY)
+    return [f"study={tmp_path / 'seeds.yaml'}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=30",
+            "eval.figures=false", f"study.seeds={SEEDS}"]
+
+
+def _trials_now(tmp_path: Path) -> list[tuple[int, str, bool]]:
+    """(number, state, has an MLflow run) per trial, read from the Optuna SQLite file of the running
+    study without the Optuna API (which would create the file or its tables)."""
+    db = tmp_path / "optuna.db"
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        try:
+            return conn.execute("SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE"
+                                " a.trial_id = t.trial_id AND a.key = 'mlflow_run_id') FROM trials t"
+                                " ORDER BY number").fetchall()
+        except sqlite3.OperationalError:  # tables not made yet
+            return []
+
+
+def start_and_catch_second_trial(args: list[str], tmp_path: Path,
+                                 env: dict[str, str] = ONE_THREAD_ENV) -> subprocess.Popen:
+    """Starts `python -m bench.run` (output in <tmp>/run.log) and returns once trial 0 is complete and
+    trial 1 is running with its MLflow run."""
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 400
+    while True:
+        trials = _trials_now(tmp_path)
+        if len(trials) == 3 and trials[0][1] == "COMPLETE" and trials[1][1:] == ("RUNNING", 1):
+            return proc
+        log = (tmp_path / "run.log").read_text
+        assert proc.poll() is None and time.monotonic() < deadline, (trials, log())
+        time.sleep(0.1)
+
 
 SETUP_HINT = "run `bash tests/setup.sh`, which installs PostgreSQL and the project's dev extra"
 
@@ -52,8 +119,8 @@ class Postgres:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
 
     def _run(self, *args: str) -> None:
-        out = subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
-                             **self.user)
+        out = subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True,
+                             timeout=120, **self.user)
         if out.returncode != 0:
             pytest.fail(f"{' '.join(args[:2])} failed: {out.stdout}{out.stderr}; {SETUP_HINT}")
 
@@ -79,15 +146,16 @@ class Postgres:
 
 @contextlib.contextmanager
 def mlflow_server(backend: str, artifacts: Path, log: Path, port: int = 0) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 (a free port), serving artifacts from `artifacts`; yields its URL
+    """`mlflow server --host 127.0.0.1` on a free port, serving artifacts from `artifacts`; yields its URL
     once /health answers, and stops it (with its workers) at the end."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                                 str(port), "--workers", "1", "--backend-store-uri", backend, "--serve-artifacts",
-                                 "--artifacts-destination", str(artifacts)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1", "--backend-store-uri", backend,
+                                 "--serve-artifacts", "--artifacts-destination", str(artifacts)],
+                                stdout=out, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 300  # a fresh database first gets MLflow's migrations
         while True:

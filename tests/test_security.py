@@ -1,0 +1,75 @@
+"""Security: servers are documented and started on 127.0.0.1 only, and checkpoints are loaded with
+`weights_only=True`, so a tampered checkpoint on a shared tracking server cannot run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from bench import config, tracking
+from bench.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_servers_are_documented_and_started_on_127_0_0_1_only():
+    docs = [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.py"))]
+    texts = {p: p.read_text() for p in docs if p.exists()}
+    helpers = (ROOT / "tests" / "helpers.py").read_text()
+    for path, text in {**texts, "tests/helpers.py": helpers}.items():
+        assert "0.0.0.0" not in text, path
+        for command in re.findall(r"mlflow server +--[^`\n]*", text):  # every server command with options
+            assert "--host 127.0.0.1" in command, (path, command)
+    assert '"--host", "127.0.0.1"' in helpers and "listen_addresses=127.0.0.1" in helpers
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch, shrink):
+    """An experiment and parent run in an SQLite store in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    cfg = shrink(config.load(["likelihood.name=bernoulli", "data.binarize=static", "eval.figures=false"]))
+    cfg = config.apply(cfg, {"study.name": "roundtrip"})
+    experiment = tracking.setup(cfg)
+    return cfg, experiment, tracking.parent_run(experiment, "roundtrip-0", cfg)
+
+
+def test_load_model_round_trips_a_child_run(tracked):
+    cfg, experiment, parent = tracked
+    result = train(cfg)
+    run_id = tracking.start_child(cfg, parent, experiment, "0: bernoulli", {})
+    tracking.finish_child(result, cfg, {}, "complete")
+    model = tracking.load_model(run_id)
+    assert type(model) is type(result.model) and model.likelihood.name == "bernoulli"
+    trained = result.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
+    assert model.state_dict().keys() == trained.keys()
+
+
+class _RunsCode:
+    """A pickle that runs a command when unpickled: what a tampered checkpoint would hold."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.folder),)
+
+
+def test_load_model_refuses_a_checkpoint_that_would_run_code(tracked, tmp_path):
+    cfg, experiment, parent = tracked
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(config.to_yaml(cfg))
+    torch.save({"encoder.0.weight": _RunsCode(tmp_path / "pwned")}, tmp_path / "run" / "model_state_dict.pt")
+    with mlflow.start_run(experiment_id=experiment, tags={"mlflow.parentRunId": parent}) as run:
+        mlflow.log_artifacts(str(tmp_path / "run"))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        tracking.load_model(run.info.run_id)
+    assert not (tmp_path / "pwned").exists()
+    torch.load(tmp_path / "run" / "model_state_dict.pt", weights_only=False)  # what a full unpickle does
+    assert (tmp_path / "pwned").is_dir()
