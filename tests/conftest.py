@@ -5,11 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import config
 from bench.config import Config
 
 SHARED_MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """The test models are tiny: on a loaded 2-core machine a second intra-op thread made a trial 30 times
+    slower (0.9 s vs 29 s for 30 epochs of digits). Benchmarks keep torch's own setting."""
+    if "benchmarks" in request.node.path.parts:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def shrink_overrides(tmp_path: Path) -> dict[str, object]:

@@ -21,22 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import shrink_args
 
-# The models of these tests are tiny: on a loaded 2-core machine a second intra-op thread made a trial
-# 30 times slower (0.9 s vs 29 s for 30 epochs of digits), so they train on one, in-process and in the
-# processes they start.
+# The processes these tests start train on one thread too (see tests/conftest.py).
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Three variants (seeds) on all of digits, trials of a few seconds: long enough to be caught running.

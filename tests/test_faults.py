@@ -10,19 +10,16 @@ from pathlib import Path
 import mlflow
 import optuna
 import pandas as pd
-import pytest
 from optuna.trial import TrialState
 
 from bench import config, run, study
 from tests.conftest import shrink_args
 from tests.helpers import (
     SEEDS,
-    one_thread,  # noqa: F401  (a fixture)
     seed_study_args,
     start_and_catch_second_trial,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTrial], pd.DataFrame]:
     cfg = config.load(args)

@@ -14,17 +14,14 @@ from optuna.trial import TrialState
 
 from bench import config, run, study, tracking
 from tests.conftest import shrink_args
-from tests.helpers import (  # noqa: F401  (one_thread: a fixture)
+from tests.helpers import (
     ONE_THREAD_ENV,
     SEEDS,
     Postgres,
     mlflow_server,
-    one_thread,
     seed_study_args,
     start_and_catch_second_trial,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The smoke study's 4 families × 2 seeds: 8 variants of a second or two each.
 SMOKE = ["study=smoke", "study.seeds=[0, 1]", "eval.figures=false"]
