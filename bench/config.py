@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    hidden: List[int] = field(default_factory=lambda: [400])  # encoder sizes; the decoder mirrors them
+    hidden: list[int] = field(default_factory=lambda: [400])  # encoder sizes; the decoder mirrors them
     latent_dim: int = 20
 
 
@@ -82,19 +82,19 @@ class EvalConfig:
 @dataclass
 class SearchDim:
     kind: str = "float"  # float | int | categorical
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
-    choices: Optional[List[Any]] = None
+    choices: list[Any] | None = None
 
 
 @dataclass
 class StudyConfig:
     name: str = ""  # set from the study file
     description: str = ""
-    grids: List[Dict[str, Any]] = field(default_factory=list)  # each: dotted key -> list of values
-    seeds: List[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
-    search_space: Dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
+    grids: list[dict[str, Any]] = field(default_factory=list)  # each: dotted key -> list of values
+    seeds: list[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
+    search_space: dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
     n_trials: int = 0  # TPE trials (with a search space)
     pruner: str = "none"  # none | median: prune on the validation ELBO reported each epoch
     n_workers: int = 1  # local worker processes

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor

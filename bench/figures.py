@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import save_image
 
-from bench.train import TrainResult  # noqa: E402
+from bench.train import TrainResult
 
 
 def _images(flat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Train N variants that differ only in train.seed, train.beta and train.lr at once (models/stacked.py).
 
 Each variant starts from the initialisation `train(cfg)` would draw (its seed), sees its own shuffle
-of the training set, its own β in the objective and its own lr (an Adam parameter group per variant).
+of the training set, its own β in the objective and its own lr (`StackedAdam`).
 One random stream serves all variants, so results agree with N separate `train` runs in
 distribution, not bit for bit. Validation, divergence checks and everything after training use the
 single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`.
@@ -10,7 +10,7 @@ single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,9 +18,17 @@ from torch import Tensor
 from bench import data as data_mod
 from bench.config import Config, ConfigError, flatten, to_dict
 from bench.data import Data
-from bench.train import (DIVERGED, TrainResult, _StepTimer, build, divergence, evaluate, make_optimizer,
-                         peak_memory_mb, resolve_device)
-from models.stacked import StackedVAE, stacked_elbo_terms
+from bench.train import (
+    DIVERGED,
+    TrainResult,
+    _StepTimer,
+    build,
+    divergence,
+    evaluate,
+    peak_memory_mb,
+    resolve_device,
+)
+from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
 
 VARYING = ("train.seed", "train.beta", "train.lr")  # what may differ between stacked variants
 _IGNORED = ("study.", "tracking.", "report_dir", "train.device")  # where results go, not what they are
@@ -45,9 +53,9 @@ def build_stacked(cfgs: list[Config], data: Data) -> StackedVAE:
     return StackedVAE(variants)
 
 
-def stacked_optimizer(model: StackedVAE, cfgs: list[Config]) -> torch.optim.Adam:
-    groups = [{"params": list(v.parameters()), "lr": c.train.lr} for v, c in zip(model.variants, cfgs)]
-    return make_optimizer(groups, cfgs[0].train.lr)
+def stacked_optimizer(model: StackedVAE, cfgs: list[Config]) -> StackedAdam:
+    device = next(model.parameters()).device
+    return StackedAdam(model.parameters(), lr=torch.tensor([c.train.lr for c in cfgs], device=device))
 
 
 def train_epoch_stacked(model: StackedVAE, opt: torch.optim.Optimizer, x_train: Tensor,
@@ -89,8 +97,8 @@ def train_epoch_stacked(model: StackedVAE, opt: torch.optim.Optimizer, x_train: 
 
 def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainResult]:
     """Trains the N variants `cfgs` together; one TrainResult each, as `train` returns. A variant that
-    diverges keeps its history up to that epoch; its lr is set to 0 and the others train on (its
-    slice of every batched matmul is its own, so its NaNs reach no other variant)."""
+    diverges keeps its history up to that epoch and the others train on: its slice of every batched
+    matmul and of every Adam update is its own, so its NaNs reach no other variant."""
     check_stackable(cfgs)
     cfg = cfgs[0]
     device = resolve_device(cfg.train.device)
@@ -105,7 +113,7 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     results = [TrainResult(v, data, measure) for v in model.variants]
     for epoch in range(1, cfg.train.epochs + 1):
         epoch_metrics = train_epoch_stacked(model, opt, data.train, train_tf, betas, cfg)
-        for i, (result, c, metrics) in enumerate(zip(results, cfgs, epoch_metrics)):
+        for result, c, metrics in zip(results, cfgs, epoch_metrics):
             if result.status == DIVERGED:
                 continue
             val = evaluate(result.model, data.val, eval_tf, seed=c.data.seed)
@@ -118,7 +126,6 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
             result.reason = divergence(metrics, lik, c, data.quantum)
             if result.reason:
                 result.status = DIVERGED
-                opt.param_groups[i]["lr"] = 0.0
         if all(r.status == DIVERGED for r in results):
             break
     return results

@@ -1,25 +1,23 @@
-"""N variants of one VAE in one training step: each layer of the N models runs as one batched matmul,
-so that N small MLPs keep a GPU as busy as one large one.
+"""N variants of one VAE in one training step, so that N small MLPs keep a GPU as busy as one large one.
 
-Every variant keeps its own parameters: `StackedVAE.variants[i]` is an ordinary `VAE`. The forward
-pass stacks each layer's N weight matrices (`torch.stack`, a copy whose backward hands each variant
-its own slice of the gradient) and runs the layer as one `torch.baddbmm` over the variant dimension.
-That copy is the price of separate leaves; what it buys is exact per-variant optimiser semantics (one
-Adam with a parameter group per variant: each its own lr and moments) and every function written for
-a `VAE` (evaluation, IWAE, figures) working on a variant unchanged.
+Each parameter of the N models is stacked into one leaf of shape (N, ...): a layer of all N variants
+is one batched matmul (`torch.baddbmm`), and the optimiser sees the 8 tensors of one model whatever N
+is, so the host-side cost of a step (autograd nodes, optimiser bookkeeping) does not grow with N.
+`StackedAdam` gives each variant its own learning rate.
+
+`StackedVAE.variants[i]` stays an ordinary `VAE` whose parameters are views of slice i of the stacked
+leaves: evaluation, IWAE and figures run on a variant unchanged and see the trained values, with no copy.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 from models.estimators import ElboTerms, gaussian_kl
 from models.vae import VAE
-
-
-def _linears(mlp: nn.Sequential) -> list[nn.Linear]:
-    return [layer for layer in mlp if isinstance(layer, nn.Linear)]
 
 
 class StackedVAE(nn.Module):
@@ -29,20 +27,42 @@ class StackedVAE(nn.Module):
         shapes = [[p.shape for p in v.parameters()] for v in variants]
         if any(s != shapes[0] for s in shapes) or any(v.likelihood != first.likelihood for v in variants):
             raise ValueError("stacked variants must share the architecture and the likelihood")
-        self.variants = nn.ModuleList(variants)
         self.likelihood, self.n_params, self.data_dim = first.likelihood, first.n_params, first.data_dim
+        self.names = [name for name, _ in first.named_parameters()]  # e.g. encoder.0.weight
+        # (N, ...) leaves, in the variants' parameter order. The variants are kept in a plain list, not
+        # as submodules: the stacked leaves are the only parameters, and .to() moves only them.
+        self.stacked = nn.ParameterList(
+            nn.Parameter(torch.stack([p.detach() for p in ps])) for ps in zip(*(v.parameters() for v in variants))
+        )
+        self.variants = list(variants)
+        self._alias()
+
+    def _alias(self) -> None:
+        """Points every variant's parameters at its slice of the stacked leaves."""
+        for i, variant in enumerate(self.variants):
+            for p, stacked in zip(variant.parameters(), self.stacked):
+                p.data = stacked.data[i]
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(): move the leaves, then re-point the variants
+        super()._apply(fn, recurse)
+        self._alias()
+        return self
 
     def __len__(self) -> int:
         return len(self.variants)
 
+    def _param(self, name: str) -> Tensor:
+        return self.stacked[self.names.index(name)]
+
     def _mlp(self, name: str, h: Tensor) -> Tensor:
-        """h (N, R, n_in) through each variant's `encoder` or `decoder` -> (N, R, n_out)."""
-        layers = list(zip(*(_linears(getattr(v, name)) for v in self.variants)))  # per layer: N Linears
-        for i, linears in enumerate(layers):
-            weight = torch.stack([lin.weight for lin in linears])  # (N, out, in)
-            bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # (N, 1, out)
+        """h (N, R, n_in) through every variant's `encoder` or `decoder` -> (N, R, n_out)."""
+        linears = [m for m, layer in getattr(self.variants[0], name).named_children()
+                   if isinstance(layer, nn.Linear)]  # indices of the Linear layers, e.g. "0", "2"
+        for j, index in enumerate(linears):
+            weight = self._param(f"{name}.{index}.weight")  # (N, out, in)
+            bias = self._param(f"{name}.{index}.bias").unsqueeze(1)  # (N, 1, out)
             h = torch.baddbmm(bias, h, weight.transpose(1, 2))  # (N, R, out)
-            if i < len(layers) - 1:
+            if j < len(linears) - 1:
                 h = torch.relu(h)
         return h
 
@@ -60,9 +80,7 @@ class StackedVAE(nn.Module):
     @property
     def log_scale(self) -> Tensor | None:
         """The variants' shared learned log-scales (`gaussian_shared`) as (N, 1, 1, 1), else None."""
-        if self.variants[0].log_scale is None:
-            return None
-        return torch.stack([v.log_scale for v in self.variants]).view(-1, 1, 1, 1)
+        return self._param("log_scale").view(-1, 1, 1, 1) if "log_scale" in self.names else None
 
 
 def stacked_elbo_terms(model: StackedVAE, x: Tensor, n_samples: int = 1, eps: Tensor | None = None) -> ElboTerms:
@@ -82,3 +100,39 @@ def stacked_elbo_terms(model: StackedVAE, x: Tensor, n_samples: int = 1, eps: Te
         scale = p.base_dist.scale  # (N, L, B, D), possibly a broadcast view
         smallest = scale.amin(dim=tuple(range(1, scale.dim())))  # (N,)
     return ElboTerms(recon, gaussian_kl(mu, logvar), smallest)
+
+
+class StackedAdam(torch.optim.Optimizer):
+    """Adam (Kingma & Ba 2015) with one learning rate per variant: `lr` (N,) scales the update of slice
+    i of every stacked parameter. Each element's update is torch.optim.Adam's (no weight decay, no
+    amsgrad), in the same order of operations; a handful of multi-tensor (foreach) calls per step."""
+
+    def __init__(self, params, lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"betas": betas, "eps": eps})
+        self.lr = lr  # (N,)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                self.state[p]["step"] += 1
+            beta1, beta2 = group["betas"]
+            steps = self.state[params[0]]["step"]  # all stacked parameters step together
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)  # (√v / √(1 − β2^t)) + ε
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**steps))
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(m, denom)
+            step_size = self.lr / (1 - beta1**steps)  # (N,)
+            torch._foreach_mul_(update, [step_size.view(-1, *[1] * (p.dim() - 1)) for p in params])
+            torch._foreach_sub_(params, update)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,12 +10,12 @@ import torch
 
 from bench import config
 from bench.config import ConfigError
+from bench.data import load
 from bench.stacked import build_stacked, check_stackable, train_stacked
 from bench.train import TrainResult, build
-from bench.data import load
 from models import likelihoods
 from models.estimators import gaussian_kl
-from models.stacked import StackedVAE, stacked_elbo_terms
+from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
 from models.vae import VAE
 
 N, B, D, L, Z = 3, 5, 12, 2, 3
@@ -44,7 +45,8 @@ def test_stacked_step_matches_separate_models(family):
     variants = [VAE(D, [7, 6], Z, lik) for _ in range(N)]  # two hidden layers: every layer kind stacked
     for v in variants:
         if v.log_scale is not None:
-            v.log_scale.data.normal_()  # different shared scales per variant
+            v.log_scale.data.normal_()  # a different shared scale per variant
+    separate = copy.deepcopy(variants)  # stacking makes the variants views of the stacked leaves
     stacked = StackedVAE(variants)
     x, eps, betas = _inputs(family), torch.randn(N, L, B, Z), torch.tensor([[1.0], [0.5], [2.0]])
 
@@ -52,15 +54,47 @@ def test_stacked_step_matches_separate_models(family):
     stacked_losses = -terms.objective(betas).mean(1)  # (N,)
     stacked_losses.sum().backward()
 
-    for i, v in enumerate(variants):
+    for i, v in enumerate(separate):
         params = list(v.parameters())
         loss = _separate_loss(v, x[i], eps[i], betas[i].item())
         grads = torch.autograd.grad(loss, params)
         torch.testing.assert_close(stacked_losses[i], loss, rtol=1e-5, atol=1e-4)
-        for p, g in zip(params, grads):
-            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+        for leaf, g in zip(stacked.parameters(), grads):
+            torch.testing.assert_close(leaf.grad[i], g, rtol=1e-4, atol=1e-5)
     if lik.family.learned_scale:
         assert terms.smallest_scale.shape == (N,)
+
+
+def test_stacked_adam_is_adam_with_a_learning_rate_per_variant():
+    torch.manual_seed(0)
+    lrs = [1e-3, 3e-2, 1e-4]
+    variants = [VAE(D, [7], Z, likelihoods.get("gaussian_shared")) for _ in lrs]
+    separate = copy.deepcopy(variants)
+    stacked = StackedVAE(variants)
+    opt = StackedAdam(stacked.parameters(), lr=torch.tensor(lrs))
+    references = [torch.optim.Adam(v.parameters(), lr=lr) for v, lr in zip(separate, lrs)]
+    for _ in range(5):
+        for leaf in stacked.parameters():
+            leaf.grad = torch.randn_like(leaf)
+        for i, v in enumerate(separate):
+            for p, leaf in zip(v.parameters(), stacked.parameters()):
+                p.grad = leaf.grad[i].clone()
+        opt.step()
+        for ref in references:
+            ref.step()
+    for v, s in zip(separate, stacked.variants):  # the variants see the stacked leaves' values
+        for p, q in zip(v.parameters(), s.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+def test_variants_stay_views_of_the_stacked_leaves_after_a_move():
+    stacked = StackedVAE([VAE(D, [7], Z, likelihoods.get("bernoulli")) for _ in range(2)]).double()
+    with torch.no_grad():
+        for leaf in stacked.parameters():
+            leaf.add_(1.0)
+    for i, v in enumerate(stacked.variants):
+        for p, leaf in zip(v.parameters(), stacked.parameters()):
+            assert p.dtype == torch.float64 and torch.equal(p, leaf[i])
 
 
 def test_stacked_rejects_mixed_architectures():
