@@ -2,19 +2,25 @@
 
     .venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-json=reports/benchmarks/cpu.json
 
-- ours: `bench.train.train_epoch` itself, over 20 batches a round, for every likelihood family and
-  L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
-  metric sums and the one read-back per epoch;
+- floor: the step's matrix products alone at the same shapes: what an ideal step must do;
 - classic: the loop of the VAE tutorials (pytorch/examples vae/main.py): a DataLoader over torchvision's
   MNIST with a per-item ToTensor (and rounding, for binary pixels), BCE with sum reduction, Adam;
   data loading included, since that is what it costs;
-- floor: the step's matrix products alone at the same shapes: what an ideal step must do;
+- ours: `bench.train.train_epoch` itself, over 20 batches a round, for every likelihood family and
+  L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
+  metric sums and the one read-back per epoch;
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16.
 
-Each runs on the CPU, and on CUDA when there is a GPU. Every timing is the median over rounds of 20
-steps. tests/benchmarks/conftest.py prints the summary (samples/s, ms/step, both ratios, targets),
-adds it to the JSON under "vaebench" and renders README_SECTION.md beside the JSON. The normal test
-run skips all of this (pyproject's addopts has --benchmark-skip).
+Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
+taken from paired rounds: between two rounds of ours, a test also times a round of the floor at its
+shapes (and of the classic loop, for bernoulli with L = 1; of one ordinary variant, for the stacked
+step), so that both sides of a ratio see the same machine. A virtual or shared machine's speed
+drifts by tens of percent over seconds; rounds minutes apart would compare two machines.
+
+tests/benchmarks/conftest.py prints the summary (samples/s and ms/step from the median and the
+fastest round, both ratios, the targets), adds it to the JSON under "vaebench" and renders
+README_SECTION.md beside the JSON. The normal test run skips all of this (--benchmark-skip in
+pyproject's addopts).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import gzip
 import math
 import shutil
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,6 +52,7 @@ RAW = SHARED_DATA / "MNIST" / "raw"
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device"))]
+Round = Callable[[], object]  # runs STEPS steps and returns once the device is done
 
 
 def _sync(device: str) -> None:
@@ -50,55 +60,67 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _config(family: str, n_samples: int, device: str) -> config.Config:
-    # Binary families see thresholded pixels, as the classic loop's rounding gives; the others see
-    # 8-bit pixels (dequantized for densities, k/255 for the 8-bit pmf).
-    binary = likelihoods.FAMILIES[family].support == likelihoods.BINARY
-    return config.load([
-        "data.name=mnist_t10k", f"data.root={SHARED_DATA}", f"data.binarize={'threshold' if binary else 'none'}",
-        f"likelihood.name={family}", f"model.hidden=[{HIDDEN}]", f"model.latent_dim={LATENT}",
-        f"train.batch_size={BATCH}", f"train.n_samples={n_samples}", f"train.device={device}",
-    ])
+class Paired:
+    """Rounds of reference loops, run and timed between the benchmark's own rounds (as pytest-benchmark's
+    `setup`, which is called before every round, the warm-up rounds included)."""
 
+    def __init__(self, warmup: int, **rounds: Round):
+        self.warmup, self.rounds, self.ms = warmup, rounds, {name: [] for name in rounds}
 
-@pytest.fixture(scope="session")
-def mnist():
-    """(cfg, device) -> Data, each protocol read once (MNIST's 10k official test images)."""
-    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test files not found in {RAW}")
-    cache: dict[tuple[str, str], data_mod.Data] = {}
+    def __call__(self) -> None:
+        for name, run in self.rounds.items():
+            start = time.perf_counter()
+            run()
+            self.ms[name].append(1e3 * (time.perf_counter() - start) / STEPS)
 
-    def get(cfg: config.Config, device: str) -> data_mod.Data:
-        key = (cfg.data.binarize, device)
-        if key not in cache:
-            cache[key] = data_mod.load(cfg.data, device)
-        return cache[key]
-
-    return get
+    def info(self) -> dict[str, dict[str, float]]:
+        """ms/step of each reference over the timed rounds: median and best (the fastest round)."""
+        timed = {name: ms[self.warmup:] for name, ms in self.ms.items()}
+        return {name: {"median": statistics.median(ms), "best": min(ms)} for name, ms in timed.items()}
 
 
 def _info(benchmark, **info) -> None:
     benchmark.extra_info.update({"batch": BATCH, "steps": STEPS, "variants": 1, **info})
 
 
-# --- ours -----------------------------------------------------------------------------------------
+# --- floor: the step's matrix products alone --------------------------------------------------------
+
+def floor_round(n_params: int, n_samples: int, device: str) -> Round:
+    """STEPS times the 11 matrix products of one step, at its shapes and layouts (weights (out, in) used
+    through .t() as nn.Linear does), into preallocated outputs. R = L·B rows pass the decoder.
+
+    forward:  x (B,D)·W1ᵀ -> (B,H);  h1 (B,H)·W2ᵀ -> (B,2Z);  z (R,Z)·W3ᵀ -> (R,H);  h3 (R,H)·W4ᵀ -> (R,PD)
+    backward, per layer a grad-input g·W and a grad-weight gᵀ·input; the data needs no gradient:
+      layer 4: (R,PD)·(PD,H), (PD,R)·(R,H);  layer 3: (R,H)·(H,Z), (H,R)·(R,Z)
+      layer 2: (B,2Z)·(2Z,H), (2Z,B)·(B,H);  layer 1: (H,B)·(B,D) only
+    """
+    B, D, H, Z, R, PD = BATCH, DATA_DIM, HIDDEN, LATENT, n_samples * BATCH, n_params * DATA_DIM
+
+    def r(*shape):  # random values, not zeros: zeros can run faster than real data
+        return torch.randn(*shape, device=device)
+
+    x, h1, z, h3 = r(B, D), r(B, H), r(R, Z), r(R, H)
+    w1, w2, w3, w4 = r(H, D), r(2 * Z, H), r(H, Z), r(PD, H)
+    g4, g3, g2, g1 = r(R, PD), r(R, H), r(B, 2 * Z), r(B, H)
+    products = [(x, w1.t()), (h1, w2.t()), (z, w3.t()), (h3, w4.t()),
+                (g4, w4), (g4.t(), h3), (g3, w3), (g3.t(), z), (g2, w2), (g2.t(), h1), (g1.t(), x)]
+    outs = [torch.empty(a.shape[0], b.shape[1], device=device) for a, b in products]
+
+    def steps() -> None:
+        for _ in range(STEPS):
+            for (a, b), out in zip(products, outs):
+                torch.mm(a, b, out=out)
+        _sync(device)
+
+    return steps
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_samples", [1, 5])
-@pytest.mark.parametrize("family", likelihoods.NAMES)
-def test_step(benchmark, mnist, family, n_samples, device):
-    cfg = _config(family, n_samples, device)
-    data = mnist(cfg, device)
-    torch.manual_seed(0)
-    model = build(cfg, data).to(device)
-    opt = make_optimizer(model.parameters(), cfg.train.lr)
-    transform = data.transform(model.likelihood.family, train=True)
-    x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8: one "epoch" of STEPS steps per round
-    _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples,
-          n_params=model.n_params)
-    metrics = benchmark.pedantic(train_epoch, args=(model, opt, x, transform, cfg), rounds=ROUNDS,
-                                 warmup_rounds=WARMUP)
-    assert not math.isnan(metrics["train_elbo"])
+@pytest.mark.parametrize("n_params", [1, 2])
+def test_gemm_floor(benchmark, n_params, n_samples, device):
+    _info(benchmark, kind="floor", device=device, n_samples=n_samples, n_params=n_params)
+    benchmark.pedantic(floor_round(n_params, n_samples, device), rounds=ROUNDS, warmup_rounds=WARMUP)
 
 
 # --- classic: the tutorial loop ---------------------------------------------------------------------
@@ -167,13 +189,13 @@ def _forever(loader):
         yield from loader
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_classic_loop(benchmark, torchvision_root, device):
+def classic_round(root: Path, device: str) -> Round:
+    """STEPS steps of the tutorial's train() loop, data loading included."""
     from torchvision import datasets, transforms
 
     torch.manual_seed(0)
     kwargs = {"num_workers": 1, "pin_memory": True} if device == "cuda" else {}  # as the tutorial
-    dataset = datasets.MNIST(torchvision_root, train=True, download=False,
+    dataset = datasets.MNIST(root, train=True, download=False,
                              transform=transforms.Compose([transforms.ToTensor(), round_pixels]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, **kwargs)
     model = TutorialVAE().to(device)
@@ -194,53 +216,69 @@ def test_classic_loop(benchmark, torchvision_root, device):
             optimizer.step()
         return train_loss
 
+    return steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_classic_loop(benchmark, torchvision_root, device):
     _info(benchmark, kind="classic", device=device, family="bernoulli", n_samples=1, n_params=1)
-    benchmark.pedantic(steps, rounds=ROUNDS, warmup_rounds=WARMUP)
+    benchmark.pedantic(classic_round(torchvision_root, device), rounds=ROUNDS, warmup_rounds=WARMUP)
 
 
-# --- floor: the step's matrix products alone --------------------------------------------------------
+# --- ours -----------------------------------------------------------------------------------------
 
-def gemm_floor(n_params: int, n_samples: int, device: str):
-    """The 11 matrix products of one step, at its shapes and layouts (weights (out, in) used through
-    .t() as nn.Linear does), writing into preallocated outputs. R = L·B rows pass the decoder.
+def _config(family: str, n_samples: int, device: str) -> config.Config:
+    # Binary families see thresholded pixels, as the classic loop's rounding gives; the others see
+    # 8-bit pixels (dequantized for densities, k/255 for the 8-bit pmf).
+    binary = likelihoods.FAMILIES[family].support == likelihoods.BINARY
+    return config.load([
+        "data.name=mnist_t10k", f"data.root={SHARED_DATA}", f"data.binarize={'threshold' if binary else 'none'}",
+        f"likelihood.name={family}", f"model.hidden=[{HIDDEN}]", f"model.latent_dim={LATENT}",
+        f"train.batch_size={BATCH}", f"train.n_samples={n_samples}", f"train.device={device}",
+    ])
 
-    forward:  x (B,D)·W1ᵀ -> (B,H);  h1 (B,H)·W2ᵀ -> (B,2Z);  z (R,Z)·W3ᵀ -> (R,H);  h3 (R,H)·W4ᵀ -> (R,PD)
-    backward, per layer a grad-input g·W and a grad-weight gᵀ·input; the data needs no gradient:
-      layer 4: (R,PD)·(PD,H), (PD,R)·(R,H);  layer 3: (R,H)·(H,Z), (H,R)·(R,Z)
-      layer 2: (B,2Z)·(2Z,H), (2Z,B)·(B,H);  layer 1: (H,B)·(B,D) only
-    """
-    B, D, H, Z, R, PD = BATCH, DATA_DIM, HIDDEN, LATENT, n_samples * BATCH, n_params * DATA_DIM
 
-    def r(*shape):  # random values, not zeros: zeros can run faster than real data
-        return torch.randn(*shape, device=device)
+@pytest.fixture(scope="session")
+def mnist():
+    """(cfg, device) -> Data, each protocol read once (MNIST's 10k official test images)."""
+    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST test files not found in {RAW}")
+    cache: dict[tuple[str, str], data_mod.Data] = {}
 
-    x, h1, z, h3 = r(B, D), r(B, H), r(R, Z), r(R, H)
-    w1, w2, w3, w4 = r(H, D), r(2 * Z, H), r(H, Z), r(PD, H)
-    g4, g3, g2, g1 = r(R, PD), r(R, H), r(B, 2 * Z), r(B, H)
-    products = [(x, w1.t()), (h1, w2.t()), (z, w3.t()), (h3, w4.t()),
-                (g4, w4), (g4.t(), h3), (g3, w3), (g3.t(), z), (g2, w2), (g2.t(), h1), (g1.t(), x)]
-    outs = [torch.empty(a.shape[0], b.shape[1], device=device) for a, b in products]
+    def get(cfg: config.Config, device: str) -> data_mod.Data:
+        key = (cfg.data.binarize, device)
+        if key not in cache:
+            cache[key] = data_mod.load(cfg.data, device)
+        return cache[key]
 
-    def step() -> None:
-        for (a, b), out in zip(products, outs):
-            torch.mm(a, b, out=out)
+    return get
 
-    return step
+
+def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
+    """One `train_epoch` over STEPS batches: what a round of our loop costs."""
+    torch.manual_seed(0)
+    model = build(cfg, data).to(cfg.train.device)
+    opt = make_optimizer(model.parameters(), cfg.train.lr)
+    transform = data.transform(model.likelihood.family, train=True)
+    x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8
+    return lambda: train_epoch(model, opt, x, transform, cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_samples", [1, 5])
-@pytest.mark.parametrize("n_params", [1, 2])
-def test_gemm_floor(benchmark, n_params, n_samples, device):
-    step = gemm_floor(n_params, n_samples, device)
-
-    def steps() -> None:
-        for _ in range(STEPS):
-            step()
-        _sync(device)
-
-    _info(benchmark, kind="floor", device=device, n_samples=n_samples, n_params=n_params)
-    benchmark.pedantic(steps, rounds=ROUNDS, warmup_rounds=WARMUP)
+@pytest.mark.parametrize("family", likelihoods.NAMES)
+def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
+    cfg = _config(family, n_samples, device)
+    n_params = likelihoods.FAMILIES[family].n_params
+    references = {"floor": floor_round(n_params, n_samples, device)}
+    if family == "bernoulli" and n_samples == 1:  # the headline comparison
+        references["classic"] = classic_round(torchvision_root, device)
+    paired = Paired(WARMUP, **references)
+    _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples, n_params=n_params)
+    metrics = benchmark.pedantic(ours_round(cfg, mnist(cfg, device)), setup=paired, rounds=ROUNDS,
+                                 warmup_rounds=WARMUP)
+    benchmark.extra_info["paired"] = paired.info()
+    assert not math.isnan(metrics["train_elbo"])
 
 
 # --- stacked: N variants at once --------------------------------------------------------------------
@@ -257,8 +295,10 @@ def test_stacked_step(benchmark, mnist, n_variants, device):
     betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
     transform = data.transform(model.likelihood.family, train=True)
     x = data.train[: STEPS * BATCH]
+    paired = Paired(1, single=ours_round(base, data))  # one ordinary variant's step, between the rounds
     _info(benchmark, kind="stacked", device=device, family="bernoulli", n_samples=1, n_params=1,
           variants=n_variants)
-    rounds = max(3, ROUNDS * 4 // n_variants) if device == "cpu" else ROUNDS  # bound the CPU time
-    benchmark.pedantic(train_epoch_stacked, args=(model, opt, x, transform, betas, base), rounds=rounds,
-                       warmup_rounds=1)
+    rounds = max(4, ROUNDS * 4 // n_variants) if device == "cpu" else ROUNDS  # bound the CPU time
+    benchmark.pedantic(train_epoch_stacked, args=(model, opt, x, transform, betas, base), setup=paired,
+                       rounds=rounds, warmup_rounds=1)
+    benchmark.extra_info["paired"] = paired.info()
