@@ -10,6 +10,7 @@ killed process, re-running the same command resumes: finished trials are kept.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -103,7 +104,7 @@ def run(cfg: Config) -> bool:
 
 def summary(cfg: Config) -> pd.DataFrame:
     """One row per trial of the study: variant, state, validation ELBO, samples/s."""
-    rows = [{"trial": t.number, "variant": study.variant_label(study.json.loads(t.user_attrs[study.VARIANT])),
+    rows = [{"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
              "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
              "val ELBO": t.user_attrs.get("val_elbo"), "samples/s": t.user_attrs.get("samples_per_s"),
              "reason": t.user_attrs.get(study.REASON, "")[:60]}
