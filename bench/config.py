@@ -24,7 +24,7 @@ STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
 BINARIZE = ("none", "threshold", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
-PRUNERS = ("none", "median")
+PRUNERS = ("auto", "median", "none")
 SEARCH_KINDS = ("float", "int", "categorical")
 
 
@@ -96,7 +96,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
     search_space: dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
     n_trials: int = 0  # TPE trials (with a search space)
-    pruner: str = "none"  # none | median: prune on the validation ELBO reported each epoch
+    # Prunes on the validation ELBO reported each epoch: auto = median for a search space, none for grid
+    # variants (every one of them must finish) | median | none
+    pruner: str = "auto"
     n_workers: int = 1  # local worker processes
     storage: str = ""  # Optuna storage URL; "" = sqlite file beside the MLflow store
     worker: bool = False  # join the existing study (from another machine) instead of creating it

@@ -87,12 +87,14 @@ def _sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=cfg.study.seeds[0])
 
 
-def _pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    return optuna.pruners.MedianPruner(n_warmup_steps=1) if cfg.study.pruner == "median" else optuna.pruners.NopPruner()
+def pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    """Grid variants are never pruned under `auto`: a grid study must finish every one of them."""
+    median = cfg.study.pruner == "median" or (cfg.study.pruner == "auto" and bool(cfg.study.search_space))
+    return optuna.pruners.MedianPruner(n_warmup_steps=1) if median else optuna.pruners.NopPruner()
 
 
 def open_study(cfg: Config, create: bool) -> optuna.Study:
-    kwargs = dict(study_name=study_name(cfg), storage=storage_url(cfg), sampler=_sampler(cfg), pruner=_pruner(cfg))
+    kwargs = dict(study_name=study_name(cfg), storage=storage_url(cfg), sampler=_sampler(cfg), pruner=pruner(cfg))
     if create:
         return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
     path = tracking.sqlite_path(storage_url(cfg))

@@ -123,6 +123,15 @@ def test_diverging_variant_is_recorded_and_the_study_goes_on(tmp_path, monkeypat
     assert trials["bernoulli"].state == TrialState.COMPLETE
 
 
+def test_pruning_is_median_for_a_search_space_and_off_for_grid_variants(tmp_path):
+    grid = config.load(["study=smoke"])
+    assert isinstance(study.pruner(grid), optuna.pruners.NopPruner)
+    assert isinstance(study.pruner(config.load(["study=smoke", "study.pruner=median"])), optuna.pruners.MedianPruner)
+    path = tmp_path / "search.yaml"
+    path.write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    assert isinstance(study.pruner(config.load([f"study={path}"])), optuna.pruners.MedianPruner)
+
+
 def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "search.yaml"
