@@ -54,7 +54,7 @@ CASES = [
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
-     ["'hyperband' is invalid", "one of none, median"]),
+     ["'hyperband' is invalid", "one of auto, median, none"]),
     ("bad grid key", ["study={tmp}/in/grid_key.yaml"],
      ["key='train.epochz' is invalid", "dotted config key such as likelihood.name"]),
     ("non-list grid value", ["study={tmp}/in/grid_value.yaml"],
