@@ -6,6 +6,9 @@ Every figure is a benchmark's round time in that JSON divided by its steps per r
 (the headline) and the fastest round ("best"; other processes on a shared machine can only slow a round
 down). Each ratio divides two timings taken in the same test, round by round ("paired" in the JSON's
 extra_info; see test_speed.py), never two benchmarks that ran minutes apart.
+
+test_tracking_overhead.py adds its own block, "tracking_overhead": an epoch's time with MLflow logging on
+and off (paired rounds; target < 3 %), and the samples/s the runner logs against the benchmark's own.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 COMMAND = ".venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-json=reports/benchmarks/cpu.json"
 TARGET_SPEEDUP, TARGET_FLOOR, TARGET_STACKED = 3.0, 1.3, 0.5  # ours ≥ 3× classic; ≤ 1.3× floor; 16 at ≥ 50 %
 STATS = {"median": "ms_per_step", "best": "ms_per_step_best"}  # statistic -> the row's key
+TARGET_TRACKING = 0.03  # MLflow logging on costs < 3 % of an epoch (test_tracking_overhead.py)
 
 
 def machine() -> dict:
@@ -50,6 +54,16 @@ def summarize(benchmarks: list[dict]) -> dict:
         return next((r for r in rows if r["kind"] == kind and r["device"] == device
                      and all(r.get(k) == v for k, v in match.items())), None)
 
+    tracking = next(((b.get("extra_info") or {})["tracking_overhead"] for b in benchmarks
+                     if "tracking_overhead" in (b.get("extra_info") or {})), None)
+    if tracking is not None:  # the benchmark's samples/s from test_speed's row of the same run, if it ran
+        ours = next((r for r in rows if r["kind"] == "ours" and r["device"] == "cpu"
+                     and r["family"] == "bernoulli" and r["n_samples"] == 1), None)
+        if ours:
+            s = tracking["samples_per_s"]
+            s["speed_row_median"], s["speed_row_best"] = ours["samples_per_s"], ours["samples_per_s_best"]
+            s["logged_over_speed_row_median"] = s["logged_median"] / ours["samples_per_s"]
+            s["logged_over_speed_row_best"] = s["logged_best"] / ours["samples_per_s_best"]
     ratios = {}
     for r in rows:
         paired = r.get("paired", {})
@@ -75,9 +89,10 @@ def summarize(benchmarks: list[dict]) -> dict:
             d["target_stacked_met"] = big["step_rate_vs_single"] >= TARGET_STACKED
     return {"command": COMMAND, "statistics": {"median": "median round / steps per round",
                                                "best": "fastest round / steps per round"},
-            "machine": machine(), "rows": rows, "ratios": ratios,
+            "machine": machine(), "rows": rows, "ratios": ratios, "tracking_overhead": tracking,
             "targets": {"speedup_vs_classic": f">= {TARGET_SPEEDUP}", "ours_over_floor": f"<= {TARGET_FLOOR}",
-                        "stacked_16_step_rate_vs_single (GPU)": f">= {TARGET_STACKED}"}}
+                        "stacked_16_step_rate_vs_single (GPU)": f">= {TARGET_STACKED}",
+                        "tracking_overhead": f"< {TARGET_TRACKING}"}}
 
 
 def markdown(summary: dict) -> str:
@@ -89,7 +104,7 @@ def markdown(summary: dict) -> str:
              f"of z per image. Each figure is the median of the timed rounds of {steps} steps (in brackets: the "
              "fastest round), from `reports/benchmarks/*.json`, key `vaebench`. Every ratio divides two timings "
              "taken in the same test, a reference round between two of ours, so that both see the same machine.")
-    lines = ["### Training-step speed", "", intro, ""]
+    lines = ["### Training-step speed", "", intro, ""] if rows else []  # none when only the tracking test ran
     for device in sorted({r["device"] for r in rows}):
         dev = [r for r in rows if r["device"] == device]
         ours = {(r["family"], r["n_samples"]): r for r in dev if r["kind"] == "ours"}
@@ -134,7 +149,46 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {r['variants']} | {_ms(r)} | {_samples(r)} | {_ms(r['paired']['single'])} | "
                              f"{r['step_rate_vs_single']:.2f} | {r['throughput_vs_single']:.2f}× |")
         lines.append("")
+    if summary.get("tracking_overhead"):
+        lines += tracking_markdown(summary["tracking_overhead"], m, summary["command"])
     return "\n".join(lines)
+
+
+def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
+    """The MLflow logging overhead and the samples/s agreement (test_tracking_overhead.py)."""
+    s, on, off = t["samples_per_s"], t["epoch_ms_on"], t["epoch_ms_off"]
+    median_met, best_met = t["overhead_median"] < TARGET_TRACKING, t["overhead_best"] < TARGET_TRACKING
+    met = "met" if median_met and best_met else "met on the median only" if median_met else (
+        "met on the best rounds only" if best_met else "not met")
+    lines = ["### MLflow logging overhead", "",
+             (f"From `{command}` (`tests/benchmarks/test_tracking_overhead.py`), on {m['cpu']}. `bench.train.train`, "
+             f"bernoulli, batch {t['batch']}, 784-400-20, {t['train_images']} training images ({t['steps_per_epoch']} "
+             f"steps) and {t['val_images']} validation images an epoch; {t['epochs_per_run']} epochs a run, the "
+             f"last {t['timed_epochs_per_run']} timed (wall time between successive epoch ends, median per run). "
+             "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` (asynchronous "
+             f"logging, system metrics {'on' if t['system_metrics'] else 'off'}), `on_epoch=bench.tracking.log_epoch`; "
+             f"off: no tracking. {t['rounds']} timed rounds of on, each between two of off; the overhead is the "
+             "median of the per-round (on − off) / off (in brackets: fastest round against fastest round)."), "",
+             "| epoch ms, off | epoch ms, on | overhead | per epoch | target |", "|---|---|---|---|---|",
+             (f"| {off['median']:.1f} ({off['best']:.1f}) | {on['median']:.1f} ({on['best']:.1f}) | "
+             f"**{100 * t['overhead_median']:+.2f} %** ({100 * t['overhead_best']:+.2f} %) | "
+             f"{t['overhead_ms_per_epoch']:+.2f} ms | < {100 * TARGET_TRACKING:g} %: {met} |"), "",
+             f"Per-round overheads: {', '.join(f'{100 * r:+.1f} %' for r in t['overhead_per_round'])}.", "",
+             ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, the "
+             "step alone, read back from the MLflow store) and the benchmark's own (test_speed.py's round of "
+             "ours, 20 steps of `train_epoch`, wall clock with the batch gather and transform, timed in the same "
+             "rounds):"), "",
+             "| logged to MLflow | benchmark, same rounds | logged / benchmark |", "|---|---|---|",
+             (f"| {s['logged_median']:,.0f} ({s['logged_best']:,.0f}) | {s['benchmark_wall_median']:,.0f} "
+             f"({s['benchmark_wall_best']:,.0f}) | {s['logged_over_benchmark_median']:.3f} "
+             f"({s['logged_over_benchmark_best']:.3f}) |")]
+    if "speed_row_median" in s:
+        lines.append(f"| (test_speed.py's row, same run) | {s['speed_row_median']:,.0f} ({s['speed_row_best']:,.0f}) | "
+                     f"{s['logged_over_speed_row_median']:.3f} ({s['logged_over_speed_row_best']:.3f}) |")
+    lines += ["", (f"In the same rounds, `train_epoch`'s own samples_per_s over its wall-clock samples/s: "
+              f"{s['reported_over_wall_same_rounds']:.3f} (the step timer leaves out the batch gather and "
+              "transform)."), ""]
+    return lines
 
 
 def _ms(r: dict) -> str:
@@ -178,6 +232,6 @@ def pytest_terminal_summary(terminalreporter, config):
         if not benchmarks:
             return
         summary = summarize(benchmarks)
-    if summary["rows"]:
+    if summary["rows"] or summary.get("tracking_overhead"):
         terminalreporter.write_sep("=", "vaebench speed summary")
         terminalreporter.write_line(markdown(summary))

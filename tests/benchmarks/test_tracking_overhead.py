@@ -42,8 +42,8 @@ from bench import config, tracking
 from bench.train import train
 from tests.benchmarks.test_speed import BATCH, HIDDEN, LATENT, RAW, SHARED_DATA, STEPS, ours_round
 
-EPOCHS = 6  # per run; epochs 2..EPOCHS are timed
-ROUNDS, WARMUP = 8, 1
+EPOCHS = 4  # per run; epochs 2..EPOCHS are timed
+ROUNDS, WARMUP = 12, 1
 TARGET_OVERHEAD = 0.03  # issue 5 item 5: logging on costs < 3 % of an epoch
 
 
