@@ -22,6 +22,7 @@ from bench.train import (
     DIVERGED,
     TrainResult,
     _StepTimer,
+    optimizer_step,
     build,
     divergence,
     evaluate,
@@ -68,19 +69,16 @@ def train_epoch_stacked(model: StackedVAE, opt: torch.optim.Optimizer, x_train: 
     top_log_p = torch.full((n_var,), -math.inf, device=device)
     low_scale = torch.full((n_var,), math.inf, device=device)
     order = torch.rand(n_var, len(x_train), device=device).argsort(dim=1)  # (N, n): a shuffle per variant
-    timer, steps = _StepTimer(device), 0
+    timer = _StepTimer(device)
     model.train()
     for idx in order.split(t.batch_size, dim=1):  # (N, B)
         x = transform(x_train[idx])  # (N, B, D)
         timer.start()
         terms = stacked_elbo_terms(model, x, t.n_samples)
         objective = terms.objective(betas)  # (N, B)
-        loss = -objective.mean(1).sum()  # the sum keeps each variant's gradient that of its own mean loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # the sum keeps each variant's gradient that of its own mean loss
+        optimizer_step(opt, -objective.mean(1).sum())
         timer.stop()
-        steps += 1
         with torch.no_grad():
             sums += torch.stack([terms.recon.sum(1), terms.kl.sum(1)], dim=1)
             torch.maximum(top_log_p, terms.recon.amax(1), out=top_log_p)
@@ -91,7 +89,8 @@ def train_epoch_stacked(model: StackedVAE, opt: torch.optim.Optimizer, x_train: 
     return [{
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
         "train_objective": (recon - beta * kl) / n, "samples_per_s": n / seconds,
-        "ms_per_step": 1000 * seconds / steps, "max_log_p_per_pixel": top / model.data_dim, "min_scale": low,
+        "ms_per_step": 1000 * seconds / timer.steps, "max_log_p_per_pixel": top / model.data_dim,
+        "min_scale": low,
     } for recon, kl, top, low, beta in rows]
 
 

@@ -66,6 +66,7 @@ class _StepTimer:
         self.cuda = device.type == "cuda"
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.seconds = 0.0
+        self.steps = 0  # timed regions so far
 
     def start(self) -> None:
         if self.cuda:
@@ -75,6 +76,7 @@ class _StepTimer:
             self._t0 = time.perf_counter()
 
     def stop(self) -> None:
+        self.steps += 1
         if self.cuda:
             self.events[-1][1].record()
         else:
@@ -93,6 +95,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: kB
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: Tensor, transform: Callable[[Tensor], Tensor],
                 cfg: Config) -> dict[str, float]:
     t = cfg.train
@@ -102,18 +110,14 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: Tensor, transfo
     sums = torch.zeros(2, device=device)  # Σ recon, Σ kl
     top_log_p = torch.tensor(-math.inf, device=device)  # largest per-image log p(x|z) in the epoch
     low_scale = torch.tensor(math.inf, device=device)  # smallest learned scale in the epoch
-    timer, steps = _StepTimer(device), 0
+    timer = _StepTimer(device)
     model.train()
     for batch in data_mod.batches(x_train, t.batch_size):
         x = transform(batch)  # (B, D)
         timer.start()
         terms = elbo_terms(model, x, t.n_samples)
-        loss = -terms.objective(t.beta).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, -terms.objective(t.beta).mean())
         timer.stop()
-        steps += 1
         with torch.no_grad():
             sums += torch.stack([terms.recon, terms.kl]).sum(1)  # (2,)
             torch.maximum(top_log_p, terms.recon.max(), out=top_log_p)
@@ -124,7 +128,7 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: Tensor, transfo
     return {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
         "train_objective": (recon - t.beta * kl) / n, "samples_per_s": n / seconds,
-        "ms_per_step": 1000 * seconds / steps,
+        "ms_per_step": 1000 * seconds / timer.steps,
         "max_log_p_per_pixel": top_log_p.item() / model.data_dim, "min_scale": low_scale.item(),
     }
 
