@@ -24,6 +24,7 @@ STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
 BINARIZE = ("none", "threshold", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
+BACKWARDS = ("manual", "autograd")
 PRUNERS = ("auto", "median", "none")
 SEARCH_KINDS = ("float", "int", "categorical")
 
@@ -66,6 +67,9 @@ class TrainConfig:
     n_samples: int = 1  # L reparameterised samples per datapoint
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # manual: the MLPs' backward written out (models/manual_grad.py), a faster step with the same gradient
+    # | autograd: torch.autograd through the whole loss, the reference it is tested against
+    backward: str = "manual"
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
     # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
     scale_collapse: float = 0.01
@@ -256,6 +260,7 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     _check(t.beta >= 0, "train.beta", t.beta, "a number ≥ 0")
     _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "an integer ≥ 1 (L)")
     _check(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
+    _check(t.backward in BACKWARDS, "train.backward", t.backward, f"one of {', '.join(BACKWARDS)}")
     _check(t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse, "a number ≥ 0")
     _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")
     _check(e.iwae_examples >= 0, "eval.iwae_examples", e.iwae_examples, "an integer ≥ 0 (0: all)")

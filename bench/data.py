@@ -166,5 +166,6 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
 
 def batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
     """A fresh random permutation of x (N, D), cut into batches (B, D) on x's device."""
-    for idx in torch.randperm(len(x), device=x.device).split(batch_size):
-        yield x.index_select(0, idx)  # 5x faster than x[idx] for a (B, D) gather
+    # One gather for the epoch, then views: a gather per batch cost 50 µs of a 4 ms CPU step.
+    # index_select: 5x faster than x[idx].
+    yield from x.index_select(0, torch.randperm(len(x), device=x.device)).split(batch_size)

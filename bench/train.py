@@ -1,8 +1,9 @@
 """Training loop and evaluation for one variant: `train(cfg)` returns the model, per-epoch metrics
 and how the run ended.
 
-Inside an epoch nothing is read back to the host: sums, the largest log p per pixel and the smallest
-learned scale are accumulated on the device and read once per epoch, so a GPU is never stalled. The
+Inside an epoch nothing is read back to the host: each step's terms stay on the device and are reduced
+(sums, the largest log p per pixel, the smallest learned scale) and read once per epoch, so a GPU is
+never stalled. The
 step time is measured around the step alone (CUDA events on a GPU, a wall clock on the CPU).
 """
 
@@ -21,8 +22,9 @@ from bench import data as data_mod
 from bench.config import Config
 from bench.data import Data
 from models import likelihoods
-from models.estimators import active_units, bits_per_dim, elbo_terms, gaussian_kl, iwae
+from models.estimators import ElboTerms, active_units, bits_per_dim, elbo_terms, gaussian_kl, iwae
 from models.likelihoods import Likelihood, Measure
+from models.manual_grad import ManualGradient
 from models.vae import VAE
 
 COMPLETED, DIVERGED = "completed", "diverged"
@@ -101,35 +103,74 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
     opt.step()
 
 
-def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: Tensor, transform: Callable[[Tensor], Tensor],
-                cfg: Config) -> dict[str, float]:
+MIN_SHARD_ROWS = 32  # fewer rows per CPU shard would leave its matrix products inefficient
+
+
+def cpu_shards(device: torch.device, batch_size: int) -> int:
+    """How many ways a CPU step splits its batch (models/manual_grad.py): one shard per intra-op thread
+    (the cores, or cores / study.n_workers), each of at least MIN_SHARD_ROWS rows. 1 on a GPU."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), batch_size // MIN_SHARD_ROWS))
+
+
+def make_step(model: VAE, opt: torch.optim.Optimizer, cfg: Config) -> Callable[[Tensor], ElboTerms]:
+    """A step function x (B, D) -> the batch's ELBO terms, after one Adam step on its β-objective
+    (train.backward)."""
     t = cfg.train
-    device, n = x_train.device, len(x_train)  # every example is seen once per epoch
-    # Accumulators updated in place: no host-to-device copy and no new tensor per step. The objective's
-    # sum is Σ recon − β Σ kl, formed on the host.
-    sums = torch.zeros(2, device=device)  # Σ recon, Σ kl
-    top_log_p = torch.tensor(-math.inf, device=device)  # largest per-image log p(x|z) in the epoch
-    low_scale = torch.tensor(math.inf, device=device)  # smallest learned scale in the epoch
-    timer = _StepTimer(device)
-    model.train()
-    for batch in data_mod.batches(x_train, t.batch_size):
-        x = transform(batch)  # (B, D)
-        timer.start()
-        terms = elbo_terms(model, x, t.n_samples)
-        optimizer_step(opt, -terms.objective(t.beta).mean())
-        timer.stop()
-        with torch.no_grad():
-            sums += torch.stack([terms.recon, terms.kl]).sum(1)  # (2,)
-            torch.maximum(top_log_p, terms.recon.max(), out=top_log_p)
+    if t.backward == "autograd":
+        def step(x: Tensor) -> ElboTerms:
+            terms = elbo_terms(model, x, t.n_samples)
+            optimizer_step(opt, -terms.objective(t.beta).mean())
+            return terms
+    else:
+        manual = ManualGradient(model, cpu_shards(next(model.parameters()).device, t.batch_size))
+
+        def step(x: Tensor) -> ElboTerms:
+            terms = manual.grad(x, t.n_samples, t.beta)
+            opt.step()
+            return terms
+    return step
+
+
+def train_epoch(model: VAE, step: Callable[[Tensor], ElboTerms], x_train: Tensor,
+                transform: Callable[[Tensor], Tensor], cfg: Config) -> dict[str, float]:
+    """One pass over x_train (n, D) uint8 in shuffled batches, each a `make_step` step."""
+    t = cfg.train
+    n = len(x_train)  # every example is seen once per epoch
+    # Each step's (B,) terms are kept (detached) and reduced once after the epoch: no host sync inside
+    # it and no per-step accumulation ops.
+    recons: list[Tensor] = []
+    kls: list[Tensor] = []
+    scales: list[Tensor] = []  # smallest learned scale of each step, for families with one
+    timer = _StepTimer(x_train.device)
+    shards = cpu_shards(x_train.device, t.batch_size) if t.backward == "manual" else 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // shards))  # for the whole epoch: switching per step costs more
+    try:
+        model.train()
+        for batch in data_mod.batches(x_train, t.batch_size):
+            x = transform(batch)  # (B, D)
+            timer.start()
+            terms = step(x)
+            timer.stop()
+            recons.append(terms.recon.detach())
+            kls.append(terms.kl.detach())
             if terms.smallest_scale is not None:
-                torch.minimum(low_scale, terms.smallest_scale, out=low_scale)
+                scales.append(terms.smallest_scale.detach())
+    finally:
+        torch.set_num_threads(threads)
     seconds = timer.total()
-    recon, kl = sums.tolist()  # the epoch's one read-back (with the two .item() below)
+    recon_all, kl_all = torch.cat(recons), torch.cat(kls)  # (n,)
+    low_scale = torch.stack(scales).min() if scales else recon_all.new_tensor(math.inf)
+    # the epoch's one read-back
+    recon, kl, top_log_p, min_scale = torch.stack(
+        [recon_all.sum(), kl_all.sum(), recon_all.max(), low_scale]).tolist()
     return {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
         "train_objective": (recon - t.beta * kl) / n, "samples_per_s": n / seconds,
         "ms_per_step": 1000 * seconds / timer.steps,
-        "max_log_p_per_pixel": top_log_p.item() / model.data_dim, "min_scale": low_scale.item(),
+        "max_log_p_per_pixel": top_log_p / model.data_dim, "min_scale": min_scale,
     }
 
 
@@ -178,13 +219,13 @@ def train(cfg: Config, data: Data | None = None,
     lik = model.likelihood
     measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
     offset = measure.nats_offset_per_pixel * data.dim
-    opt = make_optimizer(model.parameters(), cfg.train.lr)
+    step = make_step(model, make_optimizer(model.parameters(), cfg.train.lr), cfg)
     train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
     result = TrainResult(model, data, measure)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(1, cfg.train.epochs + 1):
-        metrics = train_epoch(model, opt, data.train, train_tf, cfg)
+        metrics = train_epoch(model, step, data.train, train_tf, cfg)
         metrics.update({f"val_{k}": v for k, v in evaluate(model, data.val, eval_tf, seed=cfg.data.seed).items()})
         for key in ("train_elbo", "train_recon", "val_elbo", "val_recon"):
             metrics[key] += offset  # on the run's measure, like every ELBO reported

@@ -88,6 +88,8 @@ CASES = [
     ("worker without a study", ["study=smoke", "study.worker=true"],
      ["study.worker=true: no study 'smoke-", "start it first without study.worker"]),
     ("cuda without a GPU", ["study=smoke", "train.device=cuda"], ["train.device=cuda", "use auto or cpu"]),
+    ("unknown backward", ["study=smoke", "train.backward=jax"],
+     ["train.backward='jax' is invalid", "one of manual, autograd"]),
 ]
 
 

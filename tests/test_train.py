@@ -115,16 +115,19 @@ def test_learned_gaussian_on_binary_data_diverges_without_raising():
     assert not result.measure.comparable
 
 
-def test_nan_loss_ends_the_run_as_diverged(monkeypatch):
-    real = train.elbo_terms
+@pytest.mark.parametrize("backward", config.BACKWARDS)
+def test_nan_loss_ends_the_run_as_diverged(monkeypatch, backward):
+    owner, name = {"manual": (train.ManualGradient, "grad"), "autograd": (train, "elbo_terms")}[backward]
+    real = getattr(owner, name)
 
-    def nan_terms(model, x, n_samples=1):
-        terms = real(model, x, n_samples)
+    def nan_terms(*args):
+        terms = real(*args)
         terms.recon = terms.recon * float("nan")
         return terms
 
-    monkeypatch.setattr(train, "elbo_terms", nan_terms)
-    result = train.train(make_cfg(*PROTOCOLS["gaussian"], "train.epochs=3", "data.limit=200"))
+    monkeypatch.setattr(owner, name, nan_terms)
+    result = train.train(make_cfg(*PROTOCOLS["gaussian"], "train.epochs=3", "data.limit=200",
+                                  f"train.backward={backward}"))
     assert result.status == DIVERGED and "non-finite" in result.reason
     assert "train_elbo" in result.reason
     assert len(result.history) == 1

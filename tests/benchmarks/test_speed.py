@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from bench import config
 from bench import data as data_mod
 from bench.stacked import build_stacked, stacked_optimizer, train_epoch_stacked
-from bench.train import build, make_optimizer, train_epoch
+from bench.train import build, make_optimizer, make_step, train_epoch
 from models import likelihoods
 
 BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
@@ -258,10 +258,10 @@ def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
     """One `train_epoch` over STEPS batches: what a round of our loop costs."""
     torch.manual_seed(0)
     model = build(cfg, data).to(cfg.train.device)
-    opt = make_optimizer(model.parameters(), cfg.train.lr)
+    step = make_step(model, make_optimizer(model.parameters(), cfg.train.lr), cfg)
     transform = data.transform(model.likelihood.family, train=True)
     x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8
-    return lambda: train_epoch(model, opt, x, transform, cfg)
+    return lambda: train_epoch(model, step, x, transform, cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
