@@ -219,6 +219,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     config._vaebench_summary = summary
     path = config.getoption("benchmark_json")
     if path is not None:
+        path = getattr(path, "name", path)  # pytest-benchmark < 5.3 gives the open file, later ones its path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         (Path(path).parent / "README_SECTION.md").write_text(markdown(summary))
 
