@@ -70,6 +70,7 @@ class TrainConfig:
     # manual: the MLPs' backward written out (models/manual_grad.py), a faster step with the same gradient
     # | autograd: torch.autograd through the whole loss, the reference it is tested against
     backward: str = "manual"
+    cuda_graph: bool = True  # on a GPU, capture the step once as a CUDA graph and replay it per batch
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
     # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
     scale_collapse: float = 0.01

@@ -9,7 +9,6 @@ single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -20,15 +19,18 @@ from bench.config import Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
     DIVERGED,
+    CudaGraphStep,
     TrainResult,
-    _StepTimer,
-    optimizer_step,
     build,
     divergence,
+    epoch_metrics,
     evaluate,
+    optimizer_step,
     peak_memory_mb,
     resolve_device,
+    run_steps,
 )
+from models.estimators import ElboTerms
 from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
 
 VARYING = ("train.seed", "train.beta", "train.lr")  # what may differ between stacked variants
@@ -59,39 +61,33 @@ def stacked_optimizer(model: StackedVAE, cfgs: list[Config]) -> StackedAdam:
     return StackedAdam(model.parameters(), lr=torch.tensor([c.train.lr for c in cfgs], device=device))
 
 
-def train_epoch_stacked(model: StackedVAE, opt: torch.optim.Optimizer, x_train: Tensor,
-                        transform: Callable[[Tensor], Tensor], betas: Tensor, cfg: Config) -> list[dict[str, float]]:
-    """One epoch of every variant; `train_epoch`'s metrics for each. x_train (n, D) uint8, betas (N, 1).
+def make_stacked_step(model: StackedVAE, cfgs: list[Config]) -> Callable[[Tensor], ElboTerms]:
+    """A step function x (N, B, D) -> every variant's ELBO terms (N, B), after one Adam step of each on
+    its own β-objective with its own lr; replayed as a CUDA graph on a GPU (train.cuda_graph)."""
+    t = cfgs[0].train
+    device = next(model.parameters()).device
+    opt = stacked_optimizer(model, cfgs)
+    betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
 
-    samples_per_s is each variant's own rate (all N advance together); ms_per_step is the stacked step."""
-    t, device, n_var = cfg.train, x_train.device, len(model)
-    sums = torch.zeros(n_var, 2, device=device)  # Σ recon, Σ kl per variant
-    top_log_p = torch.full((n_var,), -math.inf, device=device)
-    low_scale = torch.full((n_var,), math.inf, device=device)
-    order = torch.rand(n_var, len(x_train), device=device).argsort(dim=1)  # (N, n): a shuffle per variant
-    timer = _StepTimer(device)
-    model.train()
-    for idx in order.split(t.batch_size, dim=1):  # (N, B)
-        x = transform(x_train[idx])  # (N, B, D)
-        timer.start()
+    def step(x: Tensor) -> ElboTerms:
         terms = stacked_elbo_terms(model, x, t.n_samples)
-        objective = terms.objective(betas)  # (N, B)
         # the sum keeps each variant's gradient that of its own mean loss
-        optimizer_step(opt, -objective.mean(1).sum())
-        timer.stop()
-        with torch.no_grad():
-            sums += torch.stack([terms.recon.sum(1), terms.kl.sum(1)], dim=1)
-            torch.maximum(top_log_p, terms.recon.amax(1), out=top_log_p)
-            if terms.smallest_scale is not None:
-                torch.minimum(low_scale, terms.smallest_scale, out=low_scale)
-    seconds, n = timer.total(), len(x_train)
-    rows = torch.cat([sums, top_log_p[:, None], low_scale[:, None], betas.reshape(-1, 1)], 1).tolist()
-    return [{
-        "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
-        "train_objective": (recon - beta * kl) / n, "samples_per_s": n / seconds,
-        "ms_per_step": 1000 * seconds / timer.steps, "max_log_p_per_pixel": top / model.data_dim,
-        "min_scale": low,
-    } for recon, kl, top, low, beta in rows]
+        optimizer_step(opt, -terms.objective(betas).mean(1).sum())
+        return terms
+    return CudaGraphStep(step) if device.type == "cuda" and t.cuda_graph else step
+
+
+def train_epoch_stacked(model: StackedVAE, step: Callable[[Tensor], ElboTerms], x_train: Tensor,
+                        transform: Callable[[Tensor], Tensor], cfgs: list[Config]) -> list[dict[str, float]]:
+    """One epoch of every variant, each in its own shuffle of x_train (n, D) uint8; `train_epoch`'s
+    metrics for each. samples_per_s is each variant's own rate (all N advance together); ms_per_step is
+    the stacked step."""
+    n = len(x_train)
+    order = torch.rand(len(model), n, device=x_train.device).argsort(dim=1)  # (N, n): a shuffle per variant
+    batches = (x_train[idx] for idx in order.split(cfgs[0].train.batch_size, dim=1))  # (N, B, D) each
+    model.train()
+    rows, seconds, steps = run_steps(step, batches, transform)
+    return [epoch_metrics(sums, c.train.beta, n, seconds, steps, model.data_dim) for sums, c in zip(rows, cfgs)]
 
 
 def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainResult]:
@@ -106,13 +102,12 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     lik = model.likelihood
     measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
     offset = measure.nats_offset_per_pixel * data.dim
-    opt = stacked_optimizer(model, cfgs)
-    betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
+    step = make_stacked_step(model, cfgs)
     train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
     results = [TrainResult(v, data, measure) for v in model.variants]
     for epoch in range(1, cfg.train.epochs + 1):
-        epoch_metrics = train_epoch_stacked(model, opt, data.train, train_tf, betas, cfg)
-        for result, c, metrics in zip(results, cfgs, epoch_metrics):
+        per_variant = train_epoch_stacked(model, step, data.train, train_tf, cfgs)
+        for result, c, metrics in zip(results, cfgs, per_variant):
             if result.status == DIVERGED:
                 continue
             val = evaluate(result.model, data.val, eval_tf, seed=c.data.seed)

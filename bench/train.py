@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,11 +54,12 @@ def build(cfg: Config, data: Data) -> VAE:
     return VAE(data.dim, list(cfg.model.hidden), cfg.model.latent_dim, lik)
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Adam:
+def make_optimizer(params, lr: float, capturable: bool = False) -> torch.optim.Adam:
     """Adam with its fused kernel: one pass over all parameters instead of ~10 elementwise ops per
     tensor (0.7 → 0.23 ms per step of the 784-400-20 model on 2 CPU cores). Same update rule; float
-    rounding differs from the per-tensor loop by ~1 ulp. `params`: tensors, or parameter groups."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+    rounding differs from the per-tensor loop by ~1 ulp. `params`: tensors, or parameter groups.
+    `capturable`: its step count lives on the GPU, so that the update can be captured in a CUDA graph."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 class _StepTimer:
@@ -114,63 +115,127 @@ def cpu_shards(device: torch.device, batch_size: int) -> int:
     return max(1, min(torch.get_num_threads(), batch_size // MIN_SHARD_ROWS))
 
 
-def make_step(model: VAE, opt: torch.optim.Optimizer, cfg: Config) -> Callable[[Tensor], ElboTerms]:
-    """A step function x (B, D) -> the batch's ELBO terms, after one Adam step on its β-objective
-    (train.backward)."""
+class CudaGraphStep:
+    """A training step replayed as one CUDA graph. A step of these small MLPs is some 100 kernels of a
+    few microseconds each on a GPU, while launching each one from Python costs more: eagerly the GPU
+    mostly waits for the host. One replay launches them all.
+
+    The first WARMUP calls run eagerly on a side stream (cuBLAS and autograd set up there, as
+    torch.cuda.graphs asks), the next one is captured and every later batch of that shape replays it; a
+    batch of another shape (an epoch's smaller last batch) runs eagerly. Eager and replayed steps write
+    the same parameters and optimizer state, so they mix freely. Random draws inside the step (ε) use the
+    CUDA generator's graph-safe Philox offsets: each replay draws fresh numbers."""
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable[[Tensor], ElboTerms]):
+        self.step, self.calls = step, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: Tensor | None = None  # the captured step's input, (B, D) or (N, B, D)
+        self.static_terms: ElboTerms | None = None  # and its outputs, overwritten by every replay
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, x: Tensor) -> ElboTerms:
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.graph.replay()
+            return _copy(self.static_terms)
+        self.calls += 1
+        if self.graph is not None:
+            return self.step(x)
+        if self.calls <= self.WARMUP:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                terms = self.step(x)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return terms
+        self.static_x = x.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_terms = self.step(self.static_x)
+        self.graph.replay()  # capturing records the step without running it: run it on this batch
+        return _copy(self.static_terms)
+
+
+def _copy(terms: ElboTerms) -> ElboTerms:
+    scale = terms.smallest_scale
+    return ElboTerms(terms.recon.clone(), terms.kl.clone(), None if scale is None else scale.clone())
+
+
+def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:
+    """A step function x (B, D) -> the batch's ELBO terms, after one Adam step (lr train.lr) on its
+    β-objective, with train.backward's gradient; replayed as a CUDA graph on a GPU (train.cuda_graph)."""
     t = cfg.train
+    device = next(model.parameters()).device
+    graphed = device.type == "cuda" and t.cuda_graph
     if t.backward == "autograd":
+        opt = make_optimizer(model.parameters(), t.lr, capturable=graphed)
+
         def step(x: Tensor) -> ElboTerms:
             terms = elbo_terms(model, x, t.n_samples)
             optimizer_step(opt, -terms.objective(t.beta).mean())
             return terms
     else:
-        manual = ManualGradient(model, cpu_shards(next(model.parameters()).device, t.batch_size))
+        manual = ManualGradient(model, cpu_shards(device, t.batch_size),
+                                lambda params: make_optimizer(params, t.lr, capturable=graphed))
 
         def step(x: Tensor) -> ElboTerms:
-            terms = manual.grad(x, t.n_samples, t.beta)
-            opt.step()
-            return terms
-    return step
+            return manual.step(x, t.n_samples, t.beta)
+    return CudaGraphStep(step) if graphed else step
 
 
 def train_epoch(model: VAE, step: Callable[[Tensor], ElboTerms], x_train: Tensor,
                 transform: Callable[[Tensor], Tensor], cfg: Config) -> dict[str, float]:
     """One pass over x_train (n, D) uint8 in shuffled batches, each a `make_step` step."""
     t = cfg.train
-    n = len(x_train)  # every example is seen once per epoch
-    # Each step's (B,) terms are kept (detached) and reduced once after the epoch: no host sync inside
-    # it and no per-step accumulation ops.
-    recons: list[Tensor] = []
-    kls: list[Tensor] = []
-    scales: list[Tensor] = []  # smallest learned scale of each step, for families with one
-    timer = _StepTimer(x_train.device)
     shards = cpu_shards(x_train.device, t.batch_size) if t.backward == "manual" else 1
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // shards))  # for the whole epoch: switching per step costs more
     try:
         model.train()
-        for batch in data_mod.batches(x_train, t.batch_size):
-            x = transform(batch)  # (B, D)
-            timer.start()
-            terms = step(x)
-            timer.stop()
-            recons.append(terms.recon.detach())
-            kls.append(terms.kl.detach())
-            if terms.smallest_scale is not None:
-                scales.append(terms.smallest_scale.detach())
+        (sums,), seconds, steps = run_steps(step, data_mod.batches(x_train, t.batch_size), transform)
     finally:
         torch.set_num_threads(threads)
+    return epoch_metrics(sums, t.beta, len(x_train), seconds, steps, model.data_dim)
+
+
+def run_steps(step: Callable[[Tensor], ElboTerms], batches: Iterable[Tensor],
+              transform: Callable[[Tensor], Tensor]) -> tuple[list[list[float]], float, int]:
+    """Runs `step(transform(batch))` on every batch, timing the steps alone. Each step's terms, (B,) or
+    (N, B) for N stacked variants, stay on the device until one read-back after the last step: no host
+    sync inside the epoch and no per-step accumulation ops. Returns, per variant (one row for an
+    ordinary model), [Σ recon, Σ kl, largest recon, smallest learned scale], and the steps' seconds
+    and count."""
+    recons: list[Tensor] = []
+    kls: list[Tensor] = []
+    scales: list[Tensor] = []  # smallest learned scale of each step, for families with one
+    timer: _StepTimer | None = None
+    for batch in batches:
+        x = transform(batch)  # (B, D) or (N, B, D)
+        timer = timer or _StepTimer(x.device)
+        timer.start()
+        terms = step(x)
+        timer.stop()
+        recons.append(terms.recon.detach())
+        kls.append(terms.kl.detach())
+        if terms.smallest_scale is not None:
+            scales.append(terms.smallest_scale.detach())
+    recon, kl = torch.cat(recons, -1), torch.cat(kls, -1)  # (n,) or (N, n)
+    low_scale = torch.stack(scales).amin(0) if scales else torch.full_like(recon[..., 0], math.inf)
+    sums = torch.stack([recon.sum(-1), kl.sum(-1), recon.amax(-1), low_scale], -1).view(-1, 4)
     seconds = timer.total()
-    recon_all, kl_all = torch.cat(recons), torch.cat(kls)  # (n,)
-    low_scale = torch.stack(scales).min() if scales else recon_all.new_tensor(math.inf)
-    # the epoch's one read-back
-    recon, kl, top_log_p, min_scale = torch.stack(
-        [recon_all.sum(), kl_all.sum(), recon_all.max(), low_scale]).tolist()
+    return sums.tolist(), seconds, timer.steps  # the epoch's one read-back
+
+
+def epoch_metrics(sums: list[float], beta: float, n: int, seconds: float, steps: int,
+                  data_dim: int) -> dict[str, float]:
+    """One variant's per-epoch training metrics from its `run_steps` row, over n examples."""
+    recon, kl, top_log_p, min_scale = sums
     return {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
-        "train_objective": (recon - t.beta * kl) / n, "samples_per_s": n / seconds,
-        "ms_per_step": 1000 * seconds / timer.steps,
-        "max_log_p_per_pixel": top_log_p / model.data_dim, "min_scale": min_scale,
+        "train_objective": (recon - beta * kl) / n, "samples_per_s": n / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "max_log_p_per_pixel": top_log_p / data_dim, "min_scale": min_scale,
     }
 
 
@@ -219,7 +284,7 @@ def train(cfg: Config, data: Data | None = None,
     lik = model.likelihood
     measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
     offset = measure.nats_offset_per_pixel * data.dim
-    step = make_step(model, make_optimizer(model.parameters(), cfg.train.lr), cfg)
+    step = make_step(model, cfg)
     train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
     result = TrainResult(model, data, measure)
     if device.type == "cuda":

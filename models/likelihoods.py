@@ -103,6 +103,12 @@ def _loc_scale(raw: Tensor, min_scale: float) -> tuple[Tensor, Tensor]:
     return loc, _learned(raw_scale, min_scale)
 
 
+def _fixed(scale: float, like: Tensor) -> Tensor:
+    """A fixed scale as a 0-d tensor made on `like`'s device: a Python number would be copied there from
+    the host at every step, which a CUDA graph cannot capture."""
+    return torch.full((), scale, dtype=like.dtype, device=like.device)
+
+
 def _gaussian_sup(scale: float) -> float:
     return -0.5 * math.log(2 * math.pi * scale**2)
 
@@ -135,7 +141,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "gaussian", 1, UNIT_INTERVAL, False, None, _gaussian_sup, None,
-            lambda raw, scale, ms, shared, x: Normal(_only(raw), scale, **_V),
+            lambda raw, scale, ms, shared, x: Normal(_only(raw), _fixed(scale, raw), **_V),
             "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)",
         ),
         Family(
@@ -157,7 +163,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "laplace", 1, UNIT_INTERVAL, False, None, _laplace_sup, None,
-            lambda raw, scale, ms, shared, x: Laplace(_only(raw), scale, **_V),
+            lambda raw, scale, ms, shared, x: Laplace(_only(raw), _fixed(scale, raw), **_V),
             "Laplace with fixed scale b",
         ),
         Family(

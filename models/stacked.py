@@ -11,8 +11,6 @@ leaves: evaluation, IWAE and figures run on a variant unchanged and see the trai
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -105,7 +103,9 @@ def stacked_elbo_terms(model: StackedVAE, x: Tensor, n_samples: int = 1, eps: Te
 class StackedAdam(torch.optim.Optimizer):
     """Adam (Kingma & Ba 2015) with one learning rate per variant: `lr` (N,) scales the update of slice
     i of every stacked parameter. Each element's update is torch.optim.Adam's (no weight decay, no
-    amsgrad), in the same order of operations; a handful of multi-tensor (foreach) calls per step."""
+    amsgrad), in the same order of operations; a handful of multi-tensor (foreach) calls per step. The
+    step count and the bias corrections stay on the parameters' device, so that a step can be captured
+    in a CUDA graph (as torch.optim.Adam's capturable=True)."""
 
     def __init__(self, params, lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, {"betas": betas, "eps": eps})
@@ -118,21 +118,23 @@ class StackedAdam(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                self.state[p]["step"] += 1
+            if not self.state[params[0]]:
+                # one step count, as they all step together; float64: 1 − β2^t in float32 loses digits
+                count = torch.zeros((), device=params[0].device, dtype=torch.float64)
+                for p in params:
+                    self.state[p].update(step=count, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            count = self.state[params[0]]["step"]
+            count += 1
             beta1, beta2 = group["betas"]
-            steps = self.state[params[0]]["step"]  # all stacked parameters step together
             m = [self.state[p]["exp_avg"] for p in params]
             v = [self.state[p]["exp_avg_sq"] for p in params]
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
             denom = torch._foreach_sqrt(v)  # (√v / √(1 − β2^t)) + ε
-            torch._foreach_div_(denom, math.sqrt(1 - beta2**steps))
+            torch._foreach_div_(denom, (1 - beta2**count).sqrt())
             torch._foreach_add_(denom, group["eps"])
             update = torch._foreach_div(m, denom)
-            step_size = self.lr / (1 - beta1**steps)  # (N,)
+            step_size = self.lr / (1 - beta1**count)  # (N,)
             torch._foreach_mul_(update, [step_size.view(-1, *[1] * (p.dim() - 1)) for p in params])
             torch._foreach_sub_(params, update)

@@ -12,7 +12,7 @@ from bench.data import load
 from bench.train import build, make_optimizer, make_step
 from models import likelihoods
 from models.estimators import elbo_terms
-from models.manual_grad import ManualGradient
+from models.manual_grad import ManualGradient, _balanced_groups
 from models.vae import VAE
 
 B, D, Z = 6, 12, 3
@@ -57,7 +57,7 @@ def test_manual_gradient_equals_autograd(family, n_samples, hidden, shards):
     assert len(names) == 2 * 2 * (len(hidden) + 1) + (model.log_scale is not None)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_manual_gradient_overwrites_the_last_step():
@@ -82,15 +82,72 @@ def test_both_backwards_train_the_same_model():
     models = {}
     for backward in config.BACKWARDS:
         cfg = config.load(["data.name=digits", "train.device=cpu", "train.batch_size=32", "model.hidden=[16]",
-                           "model.latent_dim=2", "train.n_samples=2", "train.beta=0.5", f"train.backward={backward}"])
+                           "model.latent_dim=2", "train.n_samples=2", "train.beta=0.5", "train.lr=1e-2",
+                           f"train.backward={backward}"])
         data = load(cfg.data, torch.device("cpu"))
         torch.manual_seed(0)
         model = build(cfg, data)
         transform = data.transform(model.likelihood.family, train=True)
-        step = make_step(model, make_optimizer(model.parameters(), 1e-2), cfg)
+        step = make_step(model, cfg)
         torch.manual_seed(1)
         for i in range(10):
             step(transform(data.train[32 * i: 32 * (i + 1)]))
         models[backward] = model
     for (name, p), q in zip(models["manual"].named_parameters(), models["autograd"].parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_sharded_step_is_one_adam_step_over_all_parameters(shards):
+    """With shards, each thread sums and updates its own group of parameters with its own Adam: five
+    steps end where autograd and one Adam over every parameter end."""
+    torch.manual_seed(0)
+    model = VAE(D, [7, 5], Z, likelihoods.get("gaussian_shared")).double()
+    reference = copy.deepcopy(model)
+    manual = ManualGradient(model, shards, lambda params: make_optimizer(params, 1e-2))
+    opt = make_optimizer(reference.parameters(), 1e-2)
+    for i in range(5):
+        x = _inputs("gaussian_shared")
+        torch.manual_seed(i)
+        terms = elbo_terms(reference, x, 2)
+        opt.zero_grad()
+        (-terms.objective(0.5).mean()).backward()
+        opt.step()
+        torch.manual_seed(i)
+        manual.step(x, 2, 0.5)
+    manual.close()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_parameter_groups_are_balanced_and_cover_every_parameter():
+    model = VAE(784, [400], 20, likelihoods.get("bernoulli"))
+    params = list(model.parameters())
+    groups = _balanced_groups(params, 2)
+    assert sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in params)
+    sizes = [sum(p.numel() for p in g) for g in groups]
+    assert max(sizes) < 1.05 * min(sizes), sizes  # encoder's 784x400 on one side, decoder's on the other
+    assert len(_balanced_groups(params, 20)) == len(params)  # never an empty group
+
+
+def test_a_failing_shard_raises_its_own_error(monkeypatch):
+    """An error in a shard thread reaches the caller as that error, and no thread is left waiting."""
+    from models import manual_grad
+
+    real = manual_grad._shard
+
+    def fail_second(model, x, *args):
+        if x.shape[0] < B and x[0, 0] == -1:
+            raise RuntimeError("shard failed")
+        return real(model, x, *args)
+
+    monkeypatch.setattr(manual_grad, "_shard", fail_second)
+    model = VAE(D, [7], Z, likelihoods.get("gaussian")).double()
+    manual = ManualGradient(model, 2, lambda params: make_optimizer(params, 1e-2))
+    x = _inputs("gaussian")
+    x[B // 2, 0] = -1  # the first row of the second shard
+    with pytest.raises(RuntimeError, match="shard failed"):
+        manual.step(x, 1, 1.0)
+    x[B // 2, 0] = 0.5
+    manual.step(x, 1, 1.0)  # the pool still works
+    manual.close()

@@ -1,13 +1,13 @@
 """The benchmarks' summary: per-row samples/s and ms/step, ours vs the classic loop, ours vs the GEMM
 floor, the stacked variants' step rate. Added to the JSON under "vaebench", rendered as
-README_SECTION.md beside the JSON, and printed at the end of the run.
+a Markdown section beside the JSON (cpu.json -> cpu.md), and printed at the end of the run.
 
 Every figure is a benchmark's round time in that JSON divided by its steps per round: the median round
 (the headline) and the fastest round ("best"; other processes on a shared machine can only slow a round
 down). Each ratio divides two timings taken in the same test, round by round ("paired" in the JSON's
 extra_info; see test_speed.py), never two benchmarks that ran minutes apart.
 
-test_tracking_overhead.py adds its own block, "tracking_overhead": an epoch's time with MLflow logging on
+test_tracking_overhead.py adds a block per device to "tracking_overhead": an epoch's time with MLflow logging on
 and off (paired rounds; target < 3 %), and the samples/s the runner logs against the benchmark's own.
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-COMMAND = ".venv/bin/python -m pytest tests/benchmarks --benchmark-only --benchmark-json=reports/benchmarks/cpu.json"
 TARGET_SPEEDUP, TARGET_FLOOR, TARGET_STACKED = 3.0, 1.3, 0.5  # ours ≥ 3× classic; ≤ 1.3× floor; 16 at ≥ 50 %
 STATS = {"median": "ms_per_step", "best": "ms_per_step_best"}  # statistic -> the row's key
 TARGET_TRACKING = 0.03  # MLflow logging on costs < 3 % of an epoch (test_tracking_overhead.py)
@@ -38,8 +38,9 @@ def machine() -> dict:
             "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}  # at the end of the run
 
 
-def summarize(benchmarks: list[dict]) -> dict:
-    """benchmarks: pytest-benchmark's dicts (name, stats, extra_info) -> rows, ratios and targets."""
+def summarize(benchmarks: list[dict], command: str) -> dict:
+    """benchmarks: pytest-benchmark's dicts (name, stats, extra_info) -> rows, ratios and targets;
+    `command`: the pytest command line that measured them."""
     rows = []
     for b in benchmarks:
         info = b.get("extra_info") or {}
@@ -54,13 +55,13 @@ def summarize(benchmarks: list[dict]) -> dict:
         return next((r for r in rows if r["kind"] == kind and r["device"] == device
                      and all(r.get(k) == v for k, v in match.items())), None)
 
-    tracking = next(((b.get("extra_info") or {})["tracking_overhead"] for b in benchmarks
-                     if "tracking_overhead" in (b.get("extra_info") or {})), None)
-    if tracking is not None:  # the benchmark's samples/s from test_speed's row of the same run, if it ran
-        ours = next((r for r in rows if r["kind"] == "ours" and r["device"] == "cpu"
+    tracking = [(b.get("extra_info") or {})["tracking_overhead"] for b in benchmarks
+                if "tracking_overhead" in (b.get("extra_info") or {})]
+    for t in tracking:  # the benchmark's samples/s from test_speed's row of the same run, if it ran
+        ours = next((r for r in rows if r["kind"] == "ours" and r["device"] == t["device"]
                      and r["family"] == "bernoulli" and r["n_samples"] == 1), None)
         if ours:
-            s = tracking["samples_per_s"]
+            s = t["samples_per_s"]
             s["speed_row_median"], s["speed_row_best"] = ours["samples_per_s"], ours["samples_per_s_best"]
             s["logged_over_speed_row_median"] = s["logged_median"] / ours["samples_per_s"]
             s["logged_over_speed_row_best"] = s["logged_best"] / ours["samples_per_s_best"]
@@ -70,6 +71,9 @@ def summarize(benchmarks: list[dict]) -> dict:
         if "floor" in paired:  # ours over the floor at its shapes (P outputs per pixel, L samples)
             r["x_floor"] = r["ms_per_step"] / paired["floor"]["median"]
             r["x_floor_best"] = r["ms_per_step_best"] / paired["floor"]["best"]
+        if "graphed" in paired:  # the same step launched op by op vs replayed as a CUDA graph
+            r["graph_speedup"] = r["ms_per_step"] / paired["graphed"]["median"]
+            r["graph_speedup_best"] = r["ms_per_step_best"] / paired["graphed"]["best"]
         if "single" in paired:  # a stacked step advances N variants: its step rate vs one ordinary variant's
             r["step_rate_vs_single"] = paired["single"]["median"] / r["ms_per_step"]
             r["throughput_vs_single"] = r["variants"] * r["step_rate_vs_single"]
@@ -86,8 +90,9 @@ def summarize(benchmarks: list[dict]) -> dict:
             d[f"target_floor_met_{stat}"] = x <= TARGET_FLOOR
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
+            d["stacked_16_step_rate_vs_single"] = big["step_rate_vs_single"]
             d["target_stacked_met"] = big["step_rate_vs_single"] >= TARGET_STACKED
-    return {"command": COMMAND, "statistics": {"median": "median round / steps per round",
+    return {"command": command, "statistics": {"median": "median round / steps per round",
                                                "best": "fastest round / steps per round"},
             "machine": machine(), "rows": rows, "ratios": ratios, "tracking_overhead": tracking,
             "targets": {"speedup_vs_classic": f">= {TARGET_SPEEDUP}", "ours_over_floor": f"<= {TARGET_FLOOR}",
@@ -125,8 +130,13 @@ def markdown(summary: dict) -> str:
                              f"{_samples(r)} | {_ms(r)} |")
         for r in dev:
             if r["kind"] == "floor":
-                lines.append(f"| GEMM floor, {r['n_params']} decoder output(s) per pixel | {r['n_samples']} | "
+                how = " (one CUDA graph)" if device == "cuda" else ""
+                lines.append(f"| GEMM floor{how}, {r['n_params']} decoder output(s) per pixel | {r['n_samples']} | "
                              f"{_samples(r)} | {_ms(r)} |")
+        for r in dev:
+            if r["kind"] == "ours_eager":
+                lines.append(f"| our step launched op by op (train.cuda_graph=false), {r['family']} | "
+                             f"{r['n_samples']} | {_samples(r)} | {_ms(r)} |")
         d = summary["ratios"].get(device, {})
         lines.append("")
         head = next((r for r in dev if r["kind"] == "ours" and r["family"] == "bernoulli" and r["n_samples"] == 1),
@@ -140,6 +150,12 @@ def markdown(summary: dict) -> str:
             lines.append(f"- ours vs the GEMM floor (bernoulli, L = 1): **{_pair(d, 'ours_over_floor')}×** the "
                          f"floor's time (target ≤ {TARGET_FLOOR:g}×: {_met(d, 'target_floor_met')}); paired "
                          f"rounds: floor {_ms(paired['floor'])} ms/step")
+        for r in dev:
+            if r["kind"] == "ours_eager":
+                graphed = r["paired"]["graphed"]
+                lines.append(f"- the CUDA graph ({r['family']}, L = {r['n_samples']}): **{r['graph_speedup']:.2f} "
+                             f"({r['graph_speedup_best']:.2f})× faster** than the same step launched op by op; "
+                             f"paired rounds: graphed {_ms(graphed)} ms/step")
         stacked = [r for r in dev if r["kind"] == "stacked"]
         if stacked:
             header = ("| stacked variants N (bernoulli, L = 1) | ms/step | variant-samples/s | one variant's "
@@ -148,9 +164,13 @@ def markdown(summary: dict) -> str:
             for r in stacked:
                 lines.append(f"| {r['variants']} | {_ms(r)} | {_samples(r)} | {_ms(r['paired']['single'])} | "
                              f"{r['step_rate_vs_single']:.2f} | {r['throughput_vs_single']:.2f}× |")
+            if "target_stacked_met" in d:
+                lines += ["", f"- 16 stacked variants step at {d['stacked_16_step_rate_vs_single']:.2f} "
+                          f"of one variant's rate (target ≥ {TARGET_STACKED:g}: "
+                          f"{'met' if d['target_stacked_met'] else 'not met'})"]
         lines.append("")
-    if summary.get("tracking_overhead"):
-        lines += tracking_markdown(summary["tracking_overhead"], m, summary["command"])
+    for t in summary.get("tracking_overhead", []):
+        lines += tracking_markdown(t, m, summary["command"])
     return "\n".join(lines)
 
 
@@ -160,8 +180,10 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
     median_met, best_met = t["overhead_median"] < TARGET_TRACKING, t["overhead_best"] < TARGET_TRACKING
     met = "met" if median_met and best_met else "met on the median only" if median_met else (
         "met on the best rounds only" if best_met else "not met")
-    lines = ["### MLflow logging overhead", "",
-             (f"From `{command}` (`tests/benchmarks/test_tracking_overhead.py`), on {m['cpu']}. `bench.train.train`, "
+    device = t.get("device", "cpu")
+    where = m["gpu"] if device == "cuda" else m["cpu"]
+    lines = [f"### MLflow logging overhead ({device})", "",
+             (f"From `{command}` (`tests/benchmarks/test_tracking_overhead.py`), on {where}. `bench.train.train`, "
              f"bernoulli, batch {t['batch']}, 784-400-20, {t['train_images']} training images ({t['steps_per_epoch']} "
              f"steps) and {t['val_images']} validation images an epoch; {t['epochs_per_run']} epochs a run, the "
              f"last {t['timed_epochs_per_run']} timed (wall time between successive epoch ends, median per run). "
@@ -214,14 +236,22 @@ def _met(d: dict, key: str) -> str:
     return "met" if median and best else "met on the best rounds only" if best else "not met"
 
 
+def _command(config) -> str:
+    """The command line of this run, as a reader would type it again."""
+    venv = Path(__file__).resolve().parents[2] / ".venv"
+    python = ".venv/bin/python" if Path(sys.executable).is_relative_to(venv) else "python"
+    return " ".join([python, "-m pytest", *config.invocation_params.args])
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    summary = output_json["vaebench"] = summarize(output_json["benchmarks"])
+    summary = output_json["vaebench"] = summarize(output_json["benchmarks"], _command(config))
     config._vaebench_summary = summary
     path = config.getoption("benchmark_json")
     if path is not None:
-        path = getattr(path, "name", path)  # pytest-benchmark < 5.3 gives the open file, later ones its path
+        if hasattr(path, "write"):  # pytest-benchmark < 5.3 gives the open file, later ones its path
+            path = path.name
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        (Path(path).parent / "README_SECTION.md").write_text(markdown(summary))
+        Path(path).with_suffix(".md").write_text(markdown(summary))
 
 
 @pytest.hookimpl(trylast=True)
@@ -232,7 +262,7 @@ def pytest_terminal_summary(terminalreporter, config):
         benchmarks = [b.as_dict(include_data=False) for b in (session.benchmarks if session else []) if b]
         if not benchmarks:
             return
-        summary = summarize(benchmarks)
+        summary = summarize(benchmarks, _command(config))
     if summary["rows"] or summary.get("tracking_overhead"):
         terminalreporter.write_sep("=", "vaebench speed summary")
         terminalreporter.write_line(markdown(summary))

@@ -9,7 +9,8 @@
 - ours: `bench.train.train_epoch` itself, over 20 batches a round, for every likelihood family and
   L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
   metric sums and the one read-back per epoch;
-- stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16.
+- ours_eager (GPU only): our step with train.cuda_graph=false, every op launched from Python;
+- stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
 taken from paired rounds: between two rounds of ours, a test also times a round of the floor at its
@@ -19,7 +20,7 @@ drifts by tens of percent over seconds; rounds minutes apart would compare two m
 
 tests/benchmarks/conftest.py prints the summary (samples/s and ms/step from the median and the
 fastest round, both ratios, the targets), adds it to the JSON under "vaebench" and renders
-README_SECTION.md beside the JSON. The normal test run skips all of this (--benchmark-skip in
+a Markdown section beside the JSON (cpu.json -> cpu.md). The normal test run skips all of this (--benchmark-skip in
 pyproject's addopts).
 """
 
@@ -40,8 +41,8 @@ from torch import Tensor, nn
 
 from bench import config
 from bench import data as data_mod
-from bench.stacked import build_stacked, stacked_optimizer, train_epoch_stacked
-from bench.train import build, make_optimizer, make_step, train_epoch
+from bench.stacked import build_stacked, make_stacked_step, train_epoch_stacked
+from bench.train import build, make_step, train_epoch
 from models import likelihoods
 
 BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
@@ -53,11 +54,6 @@ RAW = SHARED_DATA / "MNIST" / "raw"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device"))]
 Round = Callable[[], object]  # runs STEPS steps and returns once the device is done
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class Paired:
@@ -87,7 +83,8 @@ def _info(benchmark, **info) -> None:
 
 def floor_round(n_params: int, n_samples: int, device: str) -> Round:
     """STEPS times the 11 matrix products of one step, at its shapes and layouts (weights (out, in) used
-    through .t() as nn.Linear does), into preallocated outputs. R = L·B rows pass the decoder.
+    through .t() as nn.Linear does), into preallocated outputs; on a GPU as one CUDA graph. R = L·B rows
+    pass the decoder.
 
     forward:  x (B,D)·W1ᵀ -> (B,H);  h1 (B,H)·W2ᵀ -> (B,2Z);  z (R,Z)·W3ᵀ -> (R,H);  h3 (R,H)·W4ᵀ -> (R,PD)
     backward, per layer a grad-input g·W and a grad-weight gᵀ·input; the data needs no gradient:
@@ -110,9 +107,22 @@ def floor_round(n_params: int, n_samples: int, device: str) -> Round:
         for _ in range(STEPS):
             for (a, b), out in zip(products, outs):
                 torch.mm(a, b, out=out)
-        _sync(device)
 
-    return steps
+    if device == "cpu":
+        return steps
+    # On a GPU, one replay of all the products, as our step is one replay: the floor is then what the
+    # products take the GPU, not what launching them one by one from Python takes the host.
+    steps()  # cuBLAS sets up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steps()
+
+    def replay() -> None:
+        graph.replay()
+        torch.cuda.synchronize()
+
+    replay.buffers = (products, outs)  # the graph reads and writes these: they must live as long as it
+    return replay
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -258,7 +268,7 @@ def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
     """One `train_epoch` over STEPS batches: what a round of our loop costs."""
     torch.manual_seed(0)
     model = build(cfg, data).to(cfg.train.device)
-    step = make_step(model, make_optimizer(model.parameters(), cfg.train.lr), cfg)
+    step = make_step(model, cfg)
     transform = data.transform(model.likelihood.family, train=True)
     x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8
     return lambda: train_epoch(model, step, x, transform, cfg)
@@ -281,24 +291,40 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     assert not math.isnan(metrics["train_elbo"])
 
 
+# --- what the CUDA graph buys on a GPU -------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("n_samples", [1, 5])
+def test_step_eager_gpu(benchmark, mnist, n_samples):
+    """Our step on the GPU launched op by op (train.cuda_graph=false), paired with the graphed one."""
+    cfg = _config("bernoulli", n_samples, "cuda")
+    data = mnist(cfg, "cuda")
+    paired = Paired(WARMUP, graphed=ours_round(cfg, data))
+    _info(benchmark, kind="ours_eager", device="cuda", family="bernoulli", n_samples=n_samples, n_params=1)
+    benchmark.pedantic(ours_round(config.apply(cfg, {"train.cuda_graph": False}), data), setup=paired,
+                       rounds=ROUNDS, warmup_rounds=WARMUP)
+    benchmark.extra_info["paired"] = paired.info()
+
+
 # --- stacked: N variants at once --------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_variants", [1, 4, 16])
+@pytest.mark.parametrize("n_variants", [1, 4, 16, 64])
 def test_stacked_step(benchmark, mnist, n_variants, device):
+    if device == "cpu" and n_variants > 16:
+        pytest.skip("64 variants on a CPU: minutes a round, and a CPU has no idle units for them to fill")
     base = _config("bernoulli", 1, device)
     cfgs = [config.apply(base, {"train.seed": i, "train.lr": 1e-3 * (1 + i % 3), "train.beta": 1 + i % 2})
             for i in range(n_variants)]  # variants that differ in seed, lr and β
     data = mnist(base, device)
     model = build_stacked(cfgs, data).to(device)
-    opt = stacked_optimizer(model, cfgs)
-    betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
+    step = make_stacked_step(model, cfgs)
     transform = data.transform(model.likelihood.family, train=True)
     x = data.train[: STEPS * BATCH]
-    paired = Paired(1, single=ours_round(base, data))  # one ordinary variant's step, between the rounds
+    paired = Paired(WARMUP, single=ours_round(base, data))  # one ordinary variant's step, between the rounds
     _info(benchmark, kind="stacked", device=device, family="bernoulli", n_samples=1, n_params=1,
           variants=n_variants)
     rounds = max(4, ROUNDS * 4 // n_variants) if device == "cpu" else ROUNDS  # bound the CPU time
-    benchmark.pedantic(train_epoch_stacked, args=(model, opt, x, transform, betas, base), setup=paired,
-                       rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(train_epoch_stacked, args=(model, step, x, transform, cfgs), setup=paired,
+                       rounds=rounds, warmup_rounds=WARMUP)
     benchmark.extra_info["paired"] = paired.info()

@@ -25,7 +25,7 @@ samples/s: `train` reports `samples_per_s` per epoch (6400 images over the summe
 alone, forward, backward and Adam); that is what the runner logs, and it is read back here from the
 MLflow store. Alongside, each round also times test_speed.py's round of ours (bernoulli, L = 1: one
 `train_epoch` over 20 batches, wall clock, the batch gather and transform included): the benchmark's
-own samples/s. Both, and their ratio, go into the JSON and README_SECTION.md (conftest.py).
+own samples/s. Both, and their ratio, go into the JSON and its Markdown section (conftest.py).
 """
 
 from __future__ import annotations
@@ -40,18 +40,18 @@ from mlflow.tracking import MlflowClient
 
 from bench import config, tracking
 from bench.train import train
-from tests.benchmarks.test_speed import BATCH, HIDDEN, LATENT, RAW, SHARED_DATA, STEPS, ours_round
+from tests.benchmarks.test_speed import BATCH, DEVICES, HIDDEN, LATENT, RAW, SHARED_DATA, STEPS, ours_round
 
 EPOCHS = 4  # per run; epochs 2..EPOCHS are timed
 ROUNDS, WARMUP = 12, 1
 TARGET_OVERHEAD = 0.03  # issue 5 item 5: logging on costs < 3 % of an epoch
 
 
-def _cfg(tmp_path) -> config.Config:
+def _cfg(tmp_path, device: str) -> config.Config:
     return config.load([
         "data.name=mnist_t10k", f"data.root={SHARED_DATA}", "data.binarize=threshold", "likelihood.name=bernoulli",
         f"model.hidden=[{HIDDEN}]", f"model.latent_dim={LATENT}", f"train.batch_size={BATCH}", "train.n_samples=1",
-        f"train.epochs={EPOCHS}", "train.device=cpu", "study.name=tracking_overhead",
+        f"train.epochs={EPOCHS}", f"train.device={device}", "study.name=tracking_overhead",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=true",
     ])
 
@@ -72,14 +72,15 @@ class _Clock:
         return 1e3 * statistics.median(b - a for a, b in zip(self.ends, self.ends[1:]))
 
 
-def test_tracking_overhead(benchmark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
     if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST test files not found in {RAW}")
     monkeypatch.chdir(tmp_path)
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, device)
     from bench import data as data_mod
 
-    data = data_mod.load(cfg.data, "cpu")
+    data = data_mod.load(cfg.data, device)
     experiment = tracking.setup(cfg)
     parent = tracking.parent_run(experiment, "tracking_overhead", cfg)
     client = MlflowClient()
@@ -126,7 +127,7 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch):
     on_t, off_t = on_ms[WARMUP:], off_ms[WARMUP:]
     wall, reported = along["wall"][WARMUP:], along["reported"][WARMUP:]
     info = {
-        "epochs_per_run": EPOCHS, "timed_epochs_per_run": EPOCHS - 1, "rounds": len(pairs),
+        "device": device, "epochs_per_run": EPOCHS, "timed_epochs_per_run": EPOCHS - 1, "rounds": len(pairs),
         "train_images": len(data.train), "val_images": len(data.val),
         "steps_per_epoch": math.ceil(len(data.train) / BATCH), "batch": BATCH,
         "system_metrics": cfg.tracking.system_metrics,
