@@ -11,6 +11,8 @@ leaves: evaluation, IWAE and figures run on a variant unchanged and see the trai
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -27,19 +29,27 @@ class StackedVAE(nn.Module):
             raise ValueError("stacked variants must share the architecture and the likelihood")
         self.likelihood, self.n_params, self.data_dim = first.likelihood, first.n_params, first.data_dim
         self.names = [name for name, _ in first.named_parameters()]  # e.g. encoder.0.weight
+        # Linear weights are stacked transposed, (N, in, out): a layer is then baddbmm(bias, h, W), and
+        # autograd's weight gradient hᵀ·g comes out in the leaf's own layout, with no copy per step.
+        self.transposed = [p.dim() == 2 for p in first.parameters()]
         # (N, ...) leaves, in the variants' parameter order. The variants are kept in a plain list, not
         # as submodules: the stacked leaves are the only parameters, and .to() moves only them.
         self.stacked = nn.ParameterList(
-            nn.Parameter(torch.stack([p.detach() for p in ps])) for ps in zip(*(v.parameters() for v in variants))
+            nn.Parameter(torch.stack([p.detach().t() if t else p.detach() for p in ps]))
+            for t, ps in zip(self.transposed, zip(*(v.parameters() for v in variants)))
         )
         self.variants = list(variants)
         self._alias()
 
+    def variant_slice(self, k: int, stacked: Tensor, i: int) -> Tensor:
+        """Variant i's view of a tensor laid out as stacked parameter k: its value, gradient or state."""
+        return stacked[i].t() if self.transposed[k] else stacked[i]
+
     def _alias(self) -> None:
         """Points every variant's parameters at its slice of the stacked leaves."""
         for i, variant in enumerate(self.variants):
-            for p, stacked in zip(variant.parameters(), self.stacked):
-                p.data = stacked.data[i]
+            for k, (p, stacked) in enumerate(zip(variant.parameters(), self.stacked)):
+                p.data = self.variant_slice(k, stacked.data, i)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(): move the leaves, then re-point the variants
         super()._apply(fn, recurse)
@@ -57,9 +67,9 @@ class StackedVAE(nn.Module):
         linears = [m for m, layer in getattr(self.variants[0], name).named_children()
                    if isinstance(layer, nn.Linear)]  # indices of the Linear layers, e.g. "0", "2"
         for j, index in enumerate(linears):
-            weight = self._param(f"{name}.{index}.weight")  # (N, out, in)
+            weight = self._param(f"{name}.{index}.weight")  # (N, in, out)
             bias = self._param(f"{name}.{index}.bias").unsqueeze(1)  # (N, 1, out)
-            h = torch.baddbmm(bias, h, weight.transpose(1, 2))  # (N, R, out)
+            h = torch.baddbmm(bias, h, weight)  # (N, R, out)
             if j < len(linears) - 1:
                 h = torch.relu(h)
         return h
@@ -103,9 +113,10 @@ def stacked_elbo_terms(model: StackedVAE, x: Tensor, n_samples: int = 1, eps: Te
 class StackedAdam(torch.optim.Optimizer):
     """Adam (Kingma & Ba 2015) with one learning rate per variant: `lr` (N,) scales the update of slice
     i of every stacked parameter. Each element's update is torch.optim.Adam's (no weight decay, no
-    amsgrad), in the same order of operations; a handful of multi-tensor (foreach) calls per step. The
-    step count and the bias corrections stay on the parameters' device, so that a step can be captured
-    in a CUDA graph (as torch.optim.Adam's capturable=True)."""
+    amsgrad). The step count and the bias corrections stay on the parameters' device, so that a step
+    can be captured in a CUDA graph (as torch.optim.Adam's capturable=True). On a GPU the update is one
+    Triton kernel per parameter, one pass over it; elsewhere a handful of multi-tensor (foreach) calls,
+    some nine passes, which made the update a third of a 16-variant step on an H100."""
 
     def __init__(self, params, lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, {"betas": betas, "eps": eps})
@@ -128,13 +139,52 @@ class StackedAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             m = [self.state[p]["exp_avg"] for p in params]
             v = [self.state[p]["exp_avg_sq"] for p in params]
+            step_size = self.lr / (1 - beta1**count)  # (N,)
+            bias2_sqrt = (1 - beta2**count).sqrt()
+            if params[0].is_cuda:
+                update = _triton_adam()
+                for p, g, m_p, v_p in zip(params, grads, m, v):
+                    update(p, g.contiguous(), m_p, v_p, step_size, bias2_sqrt.float(), beta1, beta2, group["eps"])
+                continue
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
             denom = torch._foreach_sqrt(v)  # (√v / √(1 − β2^t)) + ε
-            torch._foreach_div_(denom, (1 - beta2**count).sqrt())
+            torch._foreach_div_(denom, bias2_sqrt)
             torch._foreach_add_(denom, group["eps"])
             update = torch._foreach_div(m, denom)
-            step_size = self.lr / (1 - beta1**count)  # (N,)
             torch._foreach_mul_(update, [step_size.view(-1, *[1] * (p.dim() - 1)) for p in params])
             torch._foreach_sub_(params, update)
+
+
+@functools.cache
+def _triton_adam():
+    """StackedAdam's update of one stacked parameter as one Triton kernel (Triton ships with PyTorch's
+    CUDA builds): reads p, g, m, v once and writes p, m, v once, with torch.optim.Adam's arithmetic."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_size_ptr, bias2_sqrt_ptr, n, per_variant,
+               one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask)
+        m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for a weight below ½
+        v = tl.load(v_ptr + offs, mask=mask) * beta2 + one_minus_beta2 * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bias2_sqrt_ptr)) + eps
+        step_size = tl.load(step_size_ptr + offs // per_variant, mask=mask)  # the element's variant's
+        p = tl.load(p_ptr + offs, mask=mask) - tl.div_rn(m, denom) * step_size
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(p_ptr + offs, p, mask=mask)
+
+    def update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: Tensor, bias2_sqrt: Tensor,
+               beta1: float, beta2: float, eps: float) -> None:
+        """p, g, m, v (N, ...) contiguous float32; step_size (N,); bias2_sqrt 0-d."""
+        n = p.numel()
+        kernel[(triton.cdiv(n, 1024),)](p, g, m, v, step_size, bias2_sqrt, n, n // p.shape[0],
+                                        1 - beta1, beta2, 1 - beta2, eps, BLOCK=1024)
+
+    return update

@@ -59,32 +59,34 @@ def test_stacked_step_matches_separate_models(family):
         loss = _separate_loss(v, x[i], eps[i], betas[i].item())
         grads = torch.autograd.grad(loss, params)
         torch.testing.assert_close(stacked_losses[i], loss, rtol=1e-5, atol=1e-4)
-        for leaf, g in zip(stacked.parameters(), grads):
-            torch.testing.assert_close(leaf.grad[i], g, rtol=1e-4, atol=1e-5)
+        for k, (leaf, g) in enumerate(zip(stacked.parameters(), grads)):
+            torch.testing.assert_close(stacked.variant_slice(k, leaf.grad, i), g, rtol=1e-4, atol=1e-5)
     if lik.family.learned_scale:
         assert terms.smallest_scale.shape == (N,)
 
 
-def test_stacked_adam_is_adam_with_a_learning_rate_per_variant():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the Triton update)"))])
+def test_stacked_adam_is_adam_with_a_learning_rate_per_variant(device):
     torch.manual_seed(0)
     lrs = [1e-3, 3e-2, 1e-4]
     variants = [VAE(D, [7], Z, likelihoods.get("gaussian_shared")) for _ in lrs]
     separate = copy.deepcopy(variants)
-    stacked = StackedVAE(variants)
-    opt = StackedAdam(stacked.parameters(), lr=torch.tensor(lrs))
+    stacked = StackedVAE(variants).to(device)
+    opt = StackedAdam(stacked.parameters(), lr=torch.tensor(lrs, device=device))
     references = [torch.optim.Adam(v.parameters(), lr=lr) for v, lr in zip(separate, lrs)]
     for _ in range(5):
         for leaf in stacked.parameters():
             leaf.grad = torch.randn_like(leaf)
         for i, v in enumerate(separate):
-            for p, leaf in zip(v.parameters(), stacked.parameters()):
-                p.grad = leaf.grad[i].clone()
+            for k, (p, leaf) in enumerate(zip(v.parameters(), stacked.parameters())):
+                p.grad = stacked.variant_slice(k, leaf.grad, i).cpu().clone()
         opt.step()
         for ref in references:
             ref.step()
     for v, s in zip(separate, stacked.variants):  # the variants see the stacked leaves' values
         for p, q in zip(v.parameters(), s.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(q.cpu(), p, rtol=1e-5, atol=1e-7)
 
 
 def test_variants_stay_views_of_the_stacked_leaves_after_a_move():
@@ -93,8 +95,9 @@ def test_variants_stay_views_of_the_stacked_leaves_after_a_move():
         for leaf in stacked.parameters():
             leaf.add_(1.0)
     for i, v in enumerate(stacked.variants):
-        for p, leaf in zip(v.parameters(), stacked.parameters()):
-            assert p.dtype == torch.float64 and torch.equal(p, leaf[i])
+        for k, (p, leaf) in enumerate(zip(v.parameters(), stacked.parameters())):
+            assert p.dtype == torch.float64 and torch.equal(p, stacked.variant_slice(k, leaf, i))
+            assert p.data_ptr() == stacked.variant_slice(k, leaf, i).data_ptr()  # a view, not a copy
 
 
 def test_stacked_rejects_mixed_architectures():
