@@ -42,8 +42,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
-HEARTBEAT = "heartbeat"  # time of the trial's last finished epoch
-REMOTE_STALE_S = 1800  # a trial of another machine with no epoch for this long is taken as dead
+HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
+HEARTBEAT_S = 60  # written at most this often
+REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
 DIVERGED_STATUS, CRASHED, KILLED, INTERRUPTED = "diverged", "failed", "killed", "interrupted"
 
 
@@ -268,10 +269,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
     run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
     trial.set_user_attr(RUN_ID, run_id)
+    epoch_log = tracking.EpochLog(run_id)
+    last_beat = -math.inf
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_epoch(epoch, metrics)
-        trial.set_user_attr(HEARTBEAT, time.time())
+        nonlocal last_beat
+        epoch_log(epoch, metrics)
+        if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
+            last_beat = time.time()
+            trial.set_user_attr(HEARTBEAT, last_beat)
         if math.isfinite(metrics["val_elbo"]):
             trial.report(metrics["val_elbo"], epoch)
             if trial.should_prune():
@@ -297,7 +303,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = "pruned", str(e), {}
     except KeyboardInterrupt:  # FAIL, not diverged: the next run trains the variant again
         reason = "interrupted by the user (SIGINT)"
-        tracking.finish_child(None, cfg, {}, INTERRUPTED, reason)
+        tracking.finish_child(None, cfg, {}, INTERRUPTED, reason, epoch_log)
         trial.set_user_attr(STATUS, INTERRUPTED)
         trial.set_user_attr(REASON, reason)
         study.tell(trial, state=TrialState.FAIL)
@@ -306,7 +312,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
-    tracking.finish_child(result, cfg, final, state, reason)
+    tracking.finish_child(result, cfg, final, state, reason, epoch_log)
     last = history[-1] if history else {}
     val = last.get("val_elbo", float("nan"))
     for key, value in {STATUS: state, REASON: reason, "val_elbo": val,

@@ -6,15 +6,17 @@ Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
 
 from __future__ import annotations
 
+import math
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 from bench import config, figures
@@ -140,13 +142,37 @@ def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags
     return run.info.run_id
 
 
-def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, synchronous=False)
+class EpochLog:
+    """A run's per-epoch metrics (an `on_epoch` callback), sent to MLflow in batches: at the first epoch,
+    then at most every `every_s` seconds, and by `flush` (finish_child calls it). Each epoch keeps its
+    own step and time. Sending costs the training thread milliseconds of Python (MLflow and SQLAlchemy,
+    in a background thread but under the GIL) whatever the batch holds, and on a GPU an epoch of these
+    small models can take 20 ms: sent every epoch, logging added 38 % to it on an H100."""
+
+    def __init__(self, run_id: str, every_s: float = 2.0):
+        self.run_id, self.every_s = run_id, every_s
+        self.pending: list[Metric] = []
+        self.sent_at = -math.inf
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        now = time.time()
+        self.pending += [Metric(k, v, int(1000 * now), epoch) for k, v in metrics.items() if k != "epoch"]
+        if now - self.sent_at >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            MlflowClient().log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.pending = []
+        self.sent_at = time.time()
 
 
 def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float], state: str,
-                 reason: str = "") -> None:
-    """Final metrics, figures, config and state dict; the run ends FINISHED only when COMPLETE."""
+                 reason: str = "", epoch_log: EpochLog | None = None) -> None:
+    """The epochs not yet sent, final metrics, figures, config and state dict; the run ends FINISHED
+    only when COMPLETE."""
+    if epoch_log is not None:
+        epoch_log.flush()
     if final:
         mlflow.log_metrics(final, synchronous=False)
     mlflow.set_tags({"state": state, "reason": reason[:5000]})

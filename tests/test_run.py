@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bench import config, run, study
+from bench import config, run, study, tracking
 from tests.conftest import shrink_args
 
 # Every study file must be listed here, with what a shrunk run of it must show (the coverage test
@@ -161,3 +161,21 @@ def test_help_lists_studies_and_keys(capsys):
     assert run.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "likelihoods" in out and "train.n_samples" in out and "gaussian_learned" in out
+
+
+def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("epochs")).info.run_id
+    epoch_log = tracking.EpochLog(run_id, every_s=3600)
+
+    def history() -> list[tuple[int, float]]:
+        mlflow.flush_async_logging()
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, "val_elbo")]
+
+    for epoch in range(1, 6):
+        epoch_log(epoch, {"epoch": epoch, "val_elbo": -100.0 + epoch})
+    assert history() == [(1, -99.0)]  # the rest wait for the interval or the run's end
+    epoch_log.flush()
+    assert history() == [(e, -100.0 + e) for e in range(1, 6)]
+    assert "epoch" not in client.get_run(run_id).data.metrics

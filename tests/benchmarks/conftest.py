@@ -186,9 +186,10 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              (f"From `{command}` (`tests/benchmarks/test_tracking_overhead.py`), on {where}. `bench.train.train`, "
              f"bernoulli, batch {t['batch']}, 784-400-20, {t['train_images']} training images ({t['steps_per_epoch']} "
              f"steps) and {t['val_images']} validation images an epoch; {t['epochs_per_run']} epochs a run, the "
-             f"last {t['timed_epochs_per_run']} timed (wall time between successive epoch ends, median per run). "
+             f"last {t['timed_epochs_per_run']} timed: from the end of the first epoch to the end of the run's epoch "
+             "logging (on: its last batch of epochs sent and written), per epoch. "
              "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` (asynchronous "
-             f"logging, system metrics {'on' if t['system_metrics'] else 'off'}), `on_epoch=bench.tracking.log_epoch`; "
+             f"logging, system metrics {'on' if t['system_metrics'] else 'off'}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
              f"off: no tracking. {t['rounds']} timed rounds of on, each between two of off; the overhead is the "
              "median of the per-round (on − off) / off (in brackets: fastest round against fastest round)."), "",
              "| epoch ms, off | epoch ms, on | overhead | per epoch | target |", "|---|---|---|---|---|",
