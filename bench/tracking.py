@@ -1,7 +1,7 @@
 """MLflow tracking: one experiment per study, a parent run per Optuna study, a nested child run per trial.
 
-Per-epoch metrics go in one batched, asynchronous call per epoch so logging does not slow training.
-Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
+Per-epoch metrics go in batched, asynchronous calls, at most one every two seconds (`EpochLog`), so that
+logging does not slow training. Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Training loop and evaluation for one variant: `train(cfg)` returns the model, per-epoch metrics
 and how the run ended.
 
-Inside an epoch nothing is read back to the host: each step's terms stay on the device and are reduced
-(sums, the largest log p per pixel, the smallest learned scale) and read once per epoch, so a GPU is
-never stalled. The
-step time is measured around the step alone (CUDA events on a GPU, a wall clock on the CPU).
+A step (`make_step`) is forward, backward and Adam, with the MLPs' backward written out
+(models/manual_grad.py), and on a GPU replayed as one CUDA graph. Inside an
+epoch nothing is read back to the host: each step's terms stay on the device and are reduced (sums, the
+largest log p per pixel, the smallest learned scale) and read once per epoch, so a GPU is never
+stalled. The step time is measured around the step alone (CUDA events on a GPU, a wall clock on the
+CPU).
 """
 
 from __future__ import annotations
@@ -104,17 +106,6 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
     opt.step()
 
 
-MIN_SHARD_ROWS = 32  # fewer rows per CPU shard would leave its matrix products inefficient
-
-
-def cpu_shards(device: torch.device, batch_size: int) -> int:
-    """How many ways a CPU step splits its batch (models/manual_grad.py): one shard per intra-op thread
-    (the cores, or cores / study.n_workers), each of at least MIN_SHARD_ROWS rows. 1 on a GPU."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), batch_size // MIN_SHARD_ROWS))
-
-
 class CudaGraphStep:
     """A training step replayed as one CUDA graph. A step of these small MLPs is some 100 kernels of a
     few microseconds each on a GPU, while launching each one from Python costs more: eagerly the GPU
@@ -176,8 +167,7 @@ def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:
             optimizer_step(opt, -terms.objective(t.beta).mean())
             return terms
     else:
-        manual = ManualGradient(model, cpu_shards(device, t.batch_size),
-                                lambda params: make_optimizer(params, t.lr, capturable=graphed))
+        manual = ManualGradient(model, lambda params: make_optimizer(params, t.lr, capturable=graphed))
 
         def step(x: Tensor) -> ElboTerms:
             return manual.step(x, t.n_samples, t.beta)
@@ -188,14 +178,8 @@ def train_epoch(model: VAE, step: Callable[[Tensor], ElboTerms], x_train: Tensor
                 transform: Callable[[Tensor], Tensor], cfg: Config) -> dict[str, float]:
     """One pass over x_train (n, D) uint8 in shuffled batches, each a `make_step` step."""
     t = cfg.train
-    shards = cpu_shards(x_train.device, t.batch_size) if t.backward == "manual" else 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // shards))  # for the whole epoch: switching per step costs more
-    try:
-        model.train()
-        (sums,), seconds, steps = run_steps(step, data_mod.batches(x_train, t.batch_size), transform)
-    finally:
-        torch.set_num_threads(threads)
+    model.train()
+    (sums,), seconds, steps = run_steps(step, data_mod.batches(x_train, t.batch_size), transform)
     return epoch_metrics(sums, t.beta, len(x_train), seconds, steps, model.data_dim)
 
 

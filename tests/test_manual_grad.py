@@ -12,7 +12,7 @@ from bench.data import load
 from bench.train import build, make_optimizer, make_step
 from models import likelihoods
 from models.estimators import elbo_terms
-from models.manual_grad import ManualGradient, _balanced_groups
+from models.manual_grad import ManualGradient
 from models.vae import VAE
 
 B, D, Z = 6, 12, 3
@@ -27,10 +27,10 @@ def _inputs(family: str) -> torch.Tensor:
     return (x * 255).round() / 255 if support == likelihoods.EIGHT_BIT else x
 
 
-@pytest.mark.parametrize(("hidden", "shards"), [([7], 1), ([7, 5], 1), ([7, 5], 3)])
+@pytest.mark.parametrize("hidden", [[7], [7, 5]])
 @pytest.mark.parametrize("n_samples", [1, 3])
 @pytest.mark.parametrize("family", likelihoods.NAMES)
-def test_manual_gradient_equals_autograd(family, n_samples, hidden, shards):
+def test_manual_gradient_equals_autograd(family, n_samples, hidden):
     torch.manual_seed(0)
     beta = 0.7
     model = VAE(D, hidden, Z, likelihoods.get(family, scale=0.5)).double()
@@ -43,9 +43,7 @@ def test_manual_gradient_equals_autograd(family, n_samples, hidden, shards):
     terms = elbo_terms(reference, x, n_samples)
     (-terms.objective(beta).mean()).backward()
     torch.manual_seed(1)  # the same ε
-    manual_gradient = ManualGradient(model, shards)  # 3 shards: rows 0-1, 2-3, 4-5 on 3 threads
-    manual = manual_gradient.grad(x, n_samples, beta)
-    manual_gradient.close()
+    manual = ManualGradient(model).grad(x, n_samples, beta)
 
     torch.testing.assert_close(manual.recon, terms.recon.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(manual.kl, terms.kl.detach(), rtol=1e-10, atol=1e-10)
@@ -65,14 +63,13 @@ def test_manual_gradient_overwrites_the_last_step():
     torch.manual_seed(0)
     model = VAE(D, [7], Z, likelihoods.get("gaussian")).double()
     x = _inputs("gaussian")
-    manual = ManualGradient(model, shards=2)
+    manual = ManualGradient(model)
     torch.manual_seed(1)
     manual.grad(x.flip(0), 1, 1.0)
     first = {n: p.grad.clone() for n, p in model.named_parameters()}
     manual.grad(x, 1, 1.0)
     torch.manual_seed(1)
     manual.grad(x.flip(0), 1, 1.0)
-    manual.close()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, first[n], rtol=0, atol=0)
 
@@ -97,14 +94,13 @@ def test_both_backwards_train_the_same_model():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_sharded_step_is_one_adam_step_over_all_parameters(shards):
-    """With shards, each thread sums and updates its own group of parameters with its own Adam: five
-    steps end where autograd and one Adam over every parameter end."""
+def test_a_manual_step_is_autograd_and_adam():
+    """Five steps of ManualGradient.step end where autograd and Adam end, a learned shared scale
+    included."""
     torch.manual_seed(0)
     model = VAE(D, [7, 5], Z, likelihoods.get("gaussian_shared")).double()
     reference = copy.deepcopy(model)
-    manual = ManualGradient(model, shards, lambda params: make_optimizer(params, 1e-2))
+    manual = ManualGradient(model, lambda params: make_optimizer(params, 1e-2))
     opt = make_optimizer(reference.parameters(), 1e-2)
     for i in range(5):
         x = _inputs("gaussian_shared")
@@ -115,39 +111,5 @@ def test_sharded_step_is_one_adam_step_over_all_parameters(shards):
         opt.step()
         torch.manual_seed(i)
         manual.step(x, 2, 0.5)
-    manual.close()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_parameter_groups_are_balanced_and_cover_every_parameter():
-    model = VAE(784, [400], 20, likelihoods.get("bernoulli"))
-    params = list(model.parameters())
-    groups = _balanced_groups(params, 2)
-    assert sorted(id(p) for g in groups for p in g) == sorted(id(p) for p in params)
-    sizes = [sum(p.numel() for p in g) for g in groups]
-    assert max(sizes) < 1.05 * min(sizes), sizes  # encoder's 784x400 on one side, decoder's on the other
-    assert len(_balanced_groups(params, 20)) == len(params)  # never an empty group
-
-
-def test_a_failing_shard_raises_its_own_error(monkeypatch):
-    """An error in a shard thread reaches the caller as that error, and no thread is left waiting."""
-    from models import manual_grad
-
-    real = manual_grad._shard
-
-    def fail_second(model, x, *args):
-        if x.shape[0] < B and x[0, 0] == -1:
-            raise RuntimeError("shard failed")
-        return real(model, x, *args)
-
-    monkeypatch.setattr(manual_grad, "_shard", fail_second)
-    model = VAE(D, [7], Z, likelihoods.get("gaussian")).double()
-    manual = ManualGradient(model, 2, lambda params: make_optimizer(params, 1e-2))
-    x = _inputs("gaussian")
-    x[B // 2, 0] = -1  # the first row of the second shard
-    with pytest.raises(RuntimeError, match="shard failed"):
-        manual.step(x, 1, 1.0)
-    x[B // 2, 0] = 0.5
-    manual.step(x, 1, 1.0)  # the pool still works
-    manual.close()

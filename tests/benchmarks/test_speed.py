@@ -9,7 +9,8 @@
 - ours: `bench.train.train_epoch` itself, over 20 batches a round, for every likelihood family and
   L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
   metric sums and the one read-back per epoch;
-- ours_eager (GPU only): our step with train.cuda_graph=false, every op launched from Python;
+- ours_setting: our step with one setting away from its default, paired with the default step:
+  train.backward=autograd (CPU, GPU), train.cuda_graph=false (GPU);
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
@@ -291,18 +292,25 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     assert not math.isnan(metrics["train_elbo"])
 
 
-# --- what the CUDA graph buys on a GPU -------------------------------------------------------------
+# --- what each default buys ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("n_samples", [1, 5])
-def test_step_eager_gpu(benchmark, mnist, n_samples):
-    """Our step on the GPU launched op by op (train.cuda_graph=false), paired with the graphed one."""
-    cfg = _config("bernoulli", n_samples, "cuda")
-    data = mnist(cfg, "cuda")
-    paired = Paired(WARMUP, graphed=ours_round(cfg, data))
-    _info(benchmark, kind="ours_eager", device="cuda", family="bernoulli", n_samples=n_samples, n_params=1)
-    benchmark.pedantic(ours_round(config.apply(cfg, {"train.cuda_graph": False}), data), setup=paired,
-                       rounds=ROUNDS, warmup_rounds=WARMUP)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+SETTINGS = [("cpu", "train.backward", "autograd"), pytest.param("cuda", "train.backward", "autograd", marks=CUDA),
+            pytest.param("cuda", "train.cuda_graph", False, marks=CUDA)]
+
+
+@pytest.mark.parametrize(("device", "key", "value"), SETTINGS)
+def test_step_setting(benchmark, mnist, device, key, value):
+    """Our step (bernoulli, L = 1) with one setting away from its default (autograd's backward instead of
+    the written-out one; every op launched from Python instead of one CUDA graph), paired with the
+    default step."""
+    cfg = _config("bernoulli", 1, device)
+    data = mnist(cfg, device)
+    paired = Paired(WARMUP, default=ours_round(cfg, data))
+    _info(benchmark, kind="ours_setting", device=device, family="bernoulli", n_samples=1, n_params=1,
+          setting=f"{key}={str(value).lower()}")
+    benchmark.pedantic(ours_round(config.apply(cfg, {key: value}), data), setup=paired, rounds=ROUNDS,
+                       warmup_rounds=WARMUP)
     benchmark.extra_info["paired"] = paired.info()
 
 
