@@ -86,8 +86,8 @@ def train_epoch_stacked(model: StackedVAE, step: Callable[[Tensor], ElboTerms], 
     order = torch.rand(len(model), n, device=x_train.device).argsort(dim=1)  # (N, n): a shuffle per variant
     batches = (x_train[idx] for idx in order.split(cfgs[0].train.batch_size, dim=1))  # (N, B, D) each
     model.train()
-    rows, seconds, steps = run_steps(step, batches, transform)
-    return [epoch_metrics(sums, c.train.beta, n, seconds, steps, model.data_dim) for sums, c in zip(rows, cfgs)]
+    rows, times = run_steps(step, batches, transform)
+    return [epoch_metrics(sums, c.train.beta, n, times, model.data_dim) for sums, c in zip(rows, cfgs)]
 
 
 def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainResult]:

@@ -5,8 +5,8 @@ A step (`make_step`) is forward, backward and Adam, with the MLPs' backward writ
 (models/manual_grad.py), and on a GPU replayed as one CUDA graph. Inside an
 epoch nothing is read back to the host: each step's terms stay on the device and are reduced (sums, the
 largest log p per pixel, the smallest learned scale) and read once per epoch, so a GPU is never
-stalled. The step time is measured around the step alone (CUDA events on a GPU, a wall clock on the
-CPU).
+stalled. samples/s is the epoch's (wall clock, over everything it does); ms/step the step's alone (CUDA
+events on a GPU, a wall clock on the CPU).
 """
 
 from __future__ import annotations
@@ -179,21 +179,21 @@ def train_epoch(model: VAE, step: Callable[[Tensor], ElboTerms], x_train: Tensor
     """One pass over x_train (n, D) uint8 in shuffled batches, each a `make_step` step."""
     t = cfg.train
     model.train()
-    (sums,), seconds, steps = run_steps(step, data_mod.batches(x_train, t.batch_size), transform)
-    return epoch_metrics(sums, t.beta, len(x_train), seconds, steps, model.data_dim)
+    (sums,), times = run_steps(step, data_mod.batches(x_train, t.batch_size), transform)
+    return epoch_metrics(sums, t.beta, len(x_train), times, model.data_dim)
 
 
 def run_steps(step: Callable[[Tensor], ElboTerms], batches: Iterable[Tensor],
-              transform: Callable[[Tensor], Tensor]) -> tuple[list[list[float]], float, int]:
-    """Runs `step(transform(batch))` on every batch, timing the steps alone. Each step's terms, (B,) or
-    (N, B) for N stacked variants, stay on the device until one read-back after the last step: no host
-    sync inside the epoch and no per-step accumulation ops. Returns, per variant (one row for an
-    ordinary model), [Σ recon, Σ kl, largest recon, smallest learned scale], and the steps' seconds
-    and count."""
+              transform: Callable[[Tensor], Tensor]) -> tuple[list[list[float]], EpochTime]:
+    """Runs `step(transform(batch))` on every batch. Each step's terms, (B,) or (N, B) for N stacked
+    variants, stay on the device until one read-back after the last step: no host sync inside the epoch
+    and no per-step accumulation ops. Returns, per variant (one row for an ordinary model), [Σ recon,
+    Σ kl, largest recon, smallest learned scale], and the epoch's times."""
     recons: list[Tensor] = []
     kls: list[Tensor] = []
     scales: list[Tensor] = []  # smallest learned scale of each step, for families with one
     timer: _StepTimer | None = None
+    start = time.perf_counter()
     for batch in batches:
         x = transform(batch)  # (B, D) or (N, B, D)
         timer = timer or _StepTimer(x.device)
@@ -207,18 +207,26 @@ def run_steps(step: Callable[[Tensor], ElboTerms], batches: Iterable[Tensor],
     recon, kl = torch.cat(recons, -1), torch.cat(kls, -1)  # (n,) or (N, n)
     low_scale = torch.stack(scales).amin(0) if scales else torch.full_like(recon[..., 0], math.inf)
     sums = torch.stack([recon.sum(-1), kl.sum(-1), recon.amax(-1), low_scale], -1).view(-1, 4)
-    seconds = timer.total()
-    return sums.tolist(), seconds, timer.steps  # the epoch's one read-back
+    steps_s = timer.total()  # waits for the device to finish the epoch's work
+    rows = sums.tolist()  # the epoch's one read-back
+    return rows, EpochTime(time.perf_counter() - start, steps_s, timer.steps)
 
 
-def epoch_metrics(sums: list[float], beta: float, n: int, seconds: float, steps: int,
-                  data_dim: int) -> dict[str, float]:
-    """One variant's per-epoch training metrics from its `run_steps` row, over n examples."""
+@dataclass
+class EpochTime:
+    wall_s: float  # the whole epoch: batch gathers, data transforms, steps, the read-back
+    steps_s: float  # the steps alone (forward, backward, Adam), timed on the device
+    steps: int
+
+
+def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data_dim: int) -> dict[str, float]:
+    """One variant's per-epoch training metrics from its `run_steps` row, over n examples. samples_per_s
+    is the epoch's (what a run gets, and what tests/benchmarks times); ms_per_step the step's alone."""
     recon, kl, top_log_p, min_scale = sums
     return {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
-        "train_objective": (recon - beta * kl) / n, "samples_per_s": n / seconds,
-        "ms_per_step": 1000 * seconds / steps,
+        "train_objective": (recon - beta * kl) / n, "samples_per_s": n / times.wall_s,
+        "ms_per_step": 1000 * times.steps_s / times.steps,
         "max_log_p_per_pixel": top_log_p / data_dim, "min_scale": min_scale,
     }
 

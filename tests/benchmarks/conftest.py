@@ -196,20 +196,22 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"**{100 * t['overhead_median']:+.2f} %** ({100 * t['overhead_best']:+.2f} %) | "
              f"{t['overhead_ms_per_epoch']:+.2f} ms | < {100 * TARGET_TRACKING:g} %: {met} |"), "",
              f"Per-round overheads: {', '.join(f'{100 * r:+.1f} %' for r in t['overhead_per_round'])}.", "",
-             ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, the "
-             "step alone, read back from the MLflow store) and the benchmark's own (test_speed.py's round of "
-             "ours, 20 steps of `train_epoch`, wall clock with the batch gather and transform, timed in the same "
-             "rounds):"), "",
+             ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, an "
+             "epoch's images over its wall-clock time, read back from the MLflow store) and the benchmark's own "
+             "(test_speed.py's round of ours, 20 steps of `train_epoch` timed from outside, in the same rounds):"),
+             "",
              "| logged to MLflow | benchmark, same rounds | logged / benchmark |", "|---|---|---|",
              (f"| {s['logged_median']:,.0f} ({s['logged_best']:,.0f}) | {s['benchmark_wall_median']:,.0f} "
              f"({s['benchmark_wall_best']:,.0f}) | {s['logged_over_benchmark_median']:.3f} "
              f"({s['logged_over_benchmark_best']:.3f}) |")]
     if "speed_row_median" in s:
-        lines.append(f"| (test_speed.py's row, same run) | {s['speed_row_median']:,.0f} ({s['speed_row_best']:,.0f}) | "
-                     f"{s['logged_over_speed_row_median']:.3f} ({s['logged_over_speed_row_best']:.3f}) |")
-    lines += ["", (f"In the same rounds, `train_epoch`'s own samples_per_s over its wall-clock samples/s: "
-              f"{s['reported_over_wall_same_rounds']:.3f} (the step timer leaves out the batch gather and "
-              "transform)."), ""]
+        lines.append(f"| (test_speed.py's row, measured minutes apart) | {s['speed_row_median']:,.0f} "
+                     f"({s['speed_row_best']:,.0f}) | {s['logged_over_speed_row_median']:.3f} "
+                     f"({s['logged_over_speed_row_best']:.3f}) |")
+    lines += ["", ("The rows of the speed table above were measured minutes apart from these, and a shared "
+              "machine's speed drifts in between; only the same-rounds ratio compares like with like. "
+              f"In the same rounds, `train_epoch`'s own samples_per_s over the one timed from outside: "
+              f"{s['reported_over_wall_same_rounds']:.3f}."), ""]
     return lines
 
 
