@@ -14,10 +14,11 @@
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
-taken from paired rounds: between two rounds of ours, a test also times a round of the floor at its
-shapes (and of the classic loop, for bernoulli with L = 1; of one ordinary variant, for the stacked
-step), so that both sides of a ratio see the same machine. A virtual or shared machine's speed
-drifts by tens of percent over seconds; rounds minutes apart would compare two machines.
+taken from paired rounds: right before each round of ours, a test also times a round of the floor at
+its shapes (and of the classic loop, for bernoulli with L = 1; of one ordinary variant, for the
+stacked step), and a ratio is the median over rounds of the two rounds' ratio, so that both sides see
+the same machine. A virtual or shared machine's speed drifts by tens of percent over seconds; rounds
+minutes apart would compare two machines.
 
 tests/benchmarks/conftest.py prints the summary (samples/s and ms/step from the median and the
 fastest round, both ratios, the targets), adds it to the JSON under "vaebench" and renders
@@ -70,10 +71,11 @@ class Paired:
             run()
             self.ms[name].append(1e3 * (time.perf_counter() - start) / STEPS)
 
-    def info(self) -> dict[str, dict[str, float]]:
-        """ms/step of each reference over the timed rounds: median and best (the fastest round)."""
+    def info(self) -> dict[str, dict]:
+        """ms/step of each reference over the timed rounds: each round's (the one run right before the
+        benchmark's own round of the same index), the median and the best (the fastest round)."""
         timed = {name: ms[self.warmup:] for name, ms in self.ms.items()}
-        return {name: {"median": statistics.median(ms), "best": min(ms)} for name, ms in timed.items()}
+        return {name: {"rounds": ms, "median": statistics.median(ms), "best": min(ms)} for name, ms in timed.items()}
 
 
 def _info(benchmark, **info) -> None:
