@@ -2,11 +2,11 @@
 and how the run ended.
 
 A step (`make_step`) is forward, backward and Adam, with the MLPs' backward written out
-(models/manual_grad.py), and on a GPU replayed as one CUDA graph. Inside an
-epoch nothing is read back to the host: each step's terms stay on the device and are reduced (sums, the
-largest log p per pixel, the smallest learned scale) and read once per epoch, so a GPU is never
-stalled. samples/s is the epoch's (wall clock, over everything it does); ms/step the step's alone (CUDA
-events on a GPU, a wall clock on the CPU).
+(models/manual_grad.py), and on a GPU replayed as one CUDA graph. Inside an epoch nothing is read back
+to the host: each step's terms stay on the device and are reduced (sums, the largest log p per pixel,
+the smallest learned scale) and read once per epoch, so a GPU is never stalled. samples/s is the
+epoch's (wall clock, over everything it does); ms/step the step's alone (CUDA events on a GPU, a wall
+clock on the CPU).
 """
 
 from __future__ import annotations
