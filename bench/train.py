@@ -167,7 +167,7 @@ def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:
             optimizer_step(opt, -terms.objective(t.beta).mean())
             return terms
     else:
-        manual = ManualGradient(model, lambda params: make_optimizer(params, t.lr, capturable=graphed))
+        manual = ManualGradient(model, lr=t.lr)
 
         def step(x: Tensor) -> ElboTerms:
             return manual.step(x, t.n_samples, t.beta)

@@ -15,10 +15,9 @@ family; tests/benchmarks/test_speed.py times both (train.backward).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
+from torch.optim.adam import adam
 
 from models.estimators import ElboTerms, gaussian_kl
 from models.vae import VAE
@@ -91,19 +90,46 @@ def _gradient(model: VAE, x: Tensor, eps: Tensor, beta: float, out: dict[nn.Para
     return ElboTerms(log_px.detach().mean(0), kl, None if smallest is None else smallest.detach())
 
 
+class FlatAdam:
+    """torch.optim.Adam's update of one flat tensor (defaults: betas (0.9, 0.999), eps 1e-8, no weight
+    decay), through its fused kernel and functional form `torch.optim.adam.adam`: the same arithmetic,
+    without the Optimizer class's per-step bookkeeping (hooks, parameter groups, state look-ups), which
+    costs 0.1 ms of a 3 ms step on 2 CPU cores. The step count stays on the parameter's device, so that
+    the update can be captured in a CUDA graph."""
+
+    def __init__(self, param: Tensor, grad: Tensor, lr: float):
+        self.param, self.grad, self.lr = param, grad, lr
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+        self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        adam([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps], fused=True,
+             amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
 class ManualGradient:
     """`step(x, n_samples, beta)` makes one training step on x (B, D): the β-weighted loss's gradient,
-    then the optimizer's update (`optimizer(params)`). `grad(...)` stops after the gradient, left in
-    every parameter's `.grad`. Both return the ELBO terms of x, as `elbo_terms` does (detached); the L
-    samples draw the same ε as `elbo_terms` from the same random state."""
+    then Adam's update with learning rate `lr`. `grad(...)` stops after the gradient, left in every
+    parameter's `.grad`. Both return the ELBO terms of x, as `elbo_terms` does (detached); the L samples
+    draw the same ε as `elbo_terms` from the same random state.
 
-    def __init__(self, model: VAE, optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None):
+    The model's parameters, and their gradients, become views of one flat buffer each, so that Adam
+    updates one tensor in one kernel; the model, its state dict and its `.grad`s are used as before."""
+
+    def __init__(self, model: VAE, lr: float | None = None):
         self.model = model
         params = list(model.parameters())
+        self.flat = torch.cat([p.detach().flatten() for p in params])  # (n_params,)
+        self.flat_grad = torch.zeros_like(self.flat)
+        start = 0
         for p in params:
-            p.grad = torch.empty_like(p)
+            end = start + p.numel()
+            p.data = self.flat[start:end].view_as(p)
+            p.grad = self.flat_grad[start:end].view_as(p)
+            start = end
         self.grads = {p: p.grad for p in params}  # written in place by every step
-        self.optimizer = optimizer(params) if optimizer is not None else None
+        self.adam = FlatAdam(self.flat, self.flat_grad, lr) if lr is not None else None
 
     def grad(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
         B, model = x.shape[0], self.model
@@ -112,5 +138,5 @@ class ManualGradient:
 
     def step(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
         terms = self.grad(x, n_samples, beta)
-        self.optimizer.step()
+        self.adam.step()
         return terms

@@ -100,7 +100,7 @@ def test_a_manual_step_is_autograd_and_adam():
     torch.manual_seed(0)
     model = VAE(D, [7, 5], Z, likelihoods.get("gaussian_shared")).double()
     reference = copy.deepcopy(model)
-    manual = ManualGradient(model, lambda params: make_optimizer(params, 1e-2))
+    manual = ManualGradient(model, lr=1e-2)
     opt = make_optimizer(reference.parameters(), 1e-2)
     for i in range(5):
         x = _inputs("gaussian_shared")
