@@ -83,6 +83,9 @@ class Family:
     floored_supremum: Callable[[float], float] | None  # sup given a min_scale floor on a learned scale
     make: Callable[..., Distribution]  # (raw (..., P, D), scale, min_scale, shared, x) -> per-pixel dist
     summary: str
+    # (raw (..., P, D), scale, x) -> d log p(x|z) / d raw (..., P, D) in closed form, for the manual
+    # backward; None: autograd differentiates `make`'s log_prob. Tested against autograd.
+    score: Callable[[Tensor, float, Tensor], Tensor] | None = None
 
 
 def _learned(raw: Tensor, min_scale: float) -> Tensor:
@@ -117,6 +120,21 @@ def _laplace_sup(scale: float) -> float:
     return -math.log(2 * scale)
 
 
+def _bernoulli_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
+    # d/dη [x log σ(η) + (1 − x) log σ(−η)] = x − σ(η), η the logit
+    return torch.sigmoid(raw).neg_().add_(x.unsqueeze(-2))
+
+
+def _gaussian_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
+    # d/dμ [−(x − μ)²/(2σ²) − log σ − ½ log 2π] = (x − μ)/σ²
+    return (x.unsqueeze(-2) - raw).div_(scale**2)
+
+
+def _laplace_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
+    # d/dμ [−|x − μ|/b − log 2b] = sign(x − μ)/b (0 at x = μ, as autograd's |·|)
+    return (x.unsqueeze(-2) - raw).sign_().div_(scale)
+
+
 def _optimal_scale(loc: Tensor, x: Tensor, min_scale: float) -> Tensor:
     # σ*² = mean squared error over the pixels of each image: the maximiser of the Gaussian
     # log-likelihood in σ (Rybkin, Daniilidis & Levine 2021, "σ-VAE", eq. 4).
@@ -132,7 +150,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "bernoulli", 1, BINARY, True, None, lambda s: 0.0, None,
             lambda raw, scale, ms, shared, x: Bernoulli(logits=_only(raw), **_V),
-            "Bernoulli(logits): the pmf of binary pixels",
+            "Bernoulli(logits): the pmf of binary pixels", _bernoulli_score,
         ),
         Family(
             "continuous_bernoulli", 1, UNIT_INTERVAL, False, None, None, None,
@@ -142,7 +160,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "gaussian", 1, UNIT_INTERVAL, False, None, _gaussian_sup, None,
             lambda raw, scale, ms, shared, x: Normal(_only(raw), _fixed(scale, raw), **_V),
-            "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)",
+            "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)", _gaussian_score,
         ),
         Family(
             "gaussian_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _gaussian_sup,
@@ -164,7 +182,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "laplace", 1, UNIT_INTERVAL, False, None, _laplace_sup, None,
             lambda raw, scale, ms, shared, x: Laplace(_only(raw), _fixed(scale, raw), **_V),
-            "Laplace with fixed scale b",
+            "Laplace with fixed scale b", _laplace_score,
         ),
         Family(
             "laplace_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _laplace_sup,
@@ -221,6 +239,12 @@ class Likelihood:
         """raw (..., P, D) -> p(x|z) over images, batch shape (...), event shape (D,)."""
         per_pixel = self.family.make(raw, self.scale, self.min_scale, shared, x)
         return Independent(per_pixel, 1)
+
+    def score(self, raw: Tensor, x: Tensor) -> Tensor | None:
+        """d log p(x|z) / d raw (..., P, D) for raw (..., P, D), x (B, D); None when the family has no
+        closed form (autograd then differentiates `distribution`'s log_prob)."""
+        score = self.family.score
+        return None if score is None else score(raw, self.scale, x)
 
     def smallest_scale(self, dist: Independent) -> Tensor | None:
         """The smallest learned scale in `dist` (a 0-d tensor), None for families without one."""

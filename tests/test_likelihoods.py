@@ -177,6 +177,18 @@ def test_log_prob_matches_closed_form(name, scale, min_scale):
     np.testing.assert_allclose(got_image.numpy(), expected.sum(-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+@pytest.mark.parametrize("name", [n for n in likelihoods.NAMES if likelihoods.FAMILIES[n].score is not None])
+def test_closed_form_score_is_autograds_gradient_of_log_prob(name, scale):
+    """The manual backward's shortcut: d log p / d raw, (L, B, P, D) against x (B, D)."""
+    rng = np.random.default_rng(likelihoods.NAMES.index(name))
+    lik = likelihoods.get(name, scale=scale)
+    x = torch.as_tensor(random_x(lik.family.support, rng, (6, D)))
+    raw = torch.as_tensor(np.stack([random_raw(lik.family, rng, 6) for _ in range(3)])).requires_grad_()
+    (expected,) = torch.autograd.grad(lik.distribution(raw, None, x).log_prob(x).sum(), raw)
+    torch.testing.assert_close(lik.score(raw.detach(), x), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", likelihoods.NAMES)
 def test_distribution_shapes(name):
     # batch shape (...) and event shape (D,): log p is per image, summed over pixels
