@@ -25,6 +25,7 @@ from bench.train import (
     divergence,
     epoch_metrics,
     evaluate,
+    flush_subnormals,
     optimizer_step,
     peak_memory_mb,
     resolve_device,
@@ -66,6 +67,7 @@ def make_stacked_step(model: StackedVAE, cfgs: list[Config]) -> Callable[[Tensor
     its own β-objective with its own lr; replayed as a CUDA graph on a GPU (train.cuda_graph)."""
     t = cfgs[0].train
     device = next(model.parameters()).device
+    flush_subnormals(device)
     opt = stacked_optimizer(model, cfgs)
     betas = torch.tensor([[c.train.beta] for c in cfgs], device=device)  # (N, 1)
 

@@ -7,10 +7,12 @@ import itertools
 import math
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 from bench import config, figures, train
+from bench.data import load
 from bench.train import COMPLETED, DIVERGED
 
 # Small but real runs: the whole digits training split, a narrower MLP than the default [400] to keep
@@ -176,3 +178,15 @@ def test_figures_without_a_2d_latent_have_no_manifold(short_runs, tmp_path):
     assert not (tmp_path / "fig" / "manifold.png").exists()
     for p in paths:
         _assert_png_not_blank(p)
+
+
+def test_a_cpu_training_step_flushes_subnormal_floats():
+    """Training drives float32 values below 1.2e-38, where x86 arithmetic is ~100× slower; on a CPU the
+    step reads and writes them as 0 (bench.train.flush_subnormals)."""
+    torch.set_flush_denormal(False)  # as a fresh process starts
+    subnormal = torch.tensor([1e-39], dtype=torch.float32)
+    assert (subnormal * 1.0).item() > 0
+    cfg = make_cfg(*PROTOCOLS["bernoulli"])
+    data = load(cfg.data, torch.device("cpu"))
+    train.make_step(train.build(cfg, data), cfg)
+    assert (subnormal * 1.0).item() == 0.0

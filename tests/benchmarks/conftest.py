@@ -27,6 +27,14 @@ TARGET_SPEEDUP, TARGET_FLOOR, TARGET_STACKED = 3.0, 1.3, 0.5  # ours ≥ 3× cla
 TARGET_TRACKING = 0.03  # MLflow logging on costs < 3 % of an epoch (test_tracking_overhead.py)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flush_subnormals():
+    """Training reads and writes subnormal floats as 0 on a CPU (bench.train.flush_subnormals), a
+    process-wide mode: set here for the whole session, so that every loop (the classic one and the
+    floor included) runs in the same mode whatever order the tests run in."""
+    torch.set_flush_denormal(True)
+
+
 def machine() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
