@@ -95,6 +95,13 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
                 d[f"target_speedup_met_{stat}"] = x >= TARGET_SPEEDUP
             d[f"ours_over_floor_{stat}"] = x = _over(ours, "floor")[i]
             d[f"target_floor_met_{stat}"] = x <= TARGET_FLOOR
+        if "adam" in ours["paired"]:  # where the step's time goes: medians of the same rounds
+            parts = {k: ours["paired"][k]["rounds"] for k in ("floor", "adam", "likelihood")}
+            if len(ours["round_ms"]) == len(parts["floor"]):
+                d["parts_ms"] = {k: statistics.median(v) for k, v in parts.items()}
+                d["parts_ms"]["ours"] = ours["ms_per_step"]
+                d["parts_ms"]["rest"] = statistics.median(
+                    o - sum(p) for o, *p in zip(ours["round_ms"], *parts.values()))
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
             d["stacked_16_step_rate_vs_single"] = big["step_rate_vs_single"]
@@ -172,6 +179,14 @@ def markdown(summary: dict) -> str:
             lines.append(f"- ours vs the GEMM floor (bernoulli, L = 1): **{_pair(d, 'ours_over_floor')}×** the "
                          f"floor's time (target ≤ {TARGET_FLOOR:g}×: {_met(d, 'target_floor_met')}); paired "
                          f"rounds: floor {_ms(paired['floor'])} ms/step")
+        if "parts_ms" in d:
+            p = d["parts_ms"]
+            lines.append(f"- where our step's {p['ours']:.2f} ms go (bernoulli, L = 1; medians of the same rounds): "
+                         f"the 11 matrix products (the floor) {p['floor']:.2f} ms, Adam's update of all parameters "
+                         f"{p['adam']:.2f} ms, log p(x|z) and its gradient {p['likelihood']:.2f} ms, and "
+                         f"{p['rest']:.2f} ms for the rest (the reparameterisation, KL, ReLUs, bias sums, data "
+                         "transform, and the Python dispatch of each small operation); the floor target leaves "
+                         f"{(TARGET_FLOOR - 1) * p['floor']:.2f} ms for all but the products")
         for r in dev:
             if r["kind"] == "ours_setting":
                 lines.append(f"- the default instead of `{r['setting']}` ({r['family']}, L = {r['n_samples']}): "

@@ -11,7 +11,9 @@
   metric sums and the one read-back per epoch;
 - ours_setting: our step with one setting away from its default, paired with the default step:
   train.backward=autograd (CPU, GPU), train.cuda_graph=false (GPU);
-- stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU.
+- stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU;
+- parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
+  log p(x|z) with its gradient, which with the floor say where the step's time goes.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
 taken from paired rounds: right before each round of ours, a test also times a round of the floor at
@@ -46,6 +48,7 @@ from bench import data as data_mod
 from bench.stacked import build_stacked, make_stacked_step, train_epoch_stacked
 from bench.train import build, make_step, train_epoch
 from models import likelihoods
+from models.manual_grad import ManualGradient, log_px_and_grad
 
 BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
 STEPS = 20  # training steps per timed round
@@ -277,6 +280,29 @@ def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
     return lambda: train_epoch(model, step, x, transform, cfg)
 
 
+def parts_rounds(cfg: config.Config, data: data_mod.Data) -> dict[str, Round]:
+    """Two parts of our (manual) step, STEPS times each at its shapes: Adam's update of every parameter
+    (ManualGradient's FlatAdam), and log p(x|z) with the loss's gradient at the decoder output
+    (`log_px_and_grad`). On a CPU only: on a GPU our step is one graph replay and these would be timed
+    op by op."""
+    torch.manual_seed(0)
+    model = build(cfg, data).to(cfg.train.device)
+    manual = ManualGradient(model, lr=cfg.train.lr)
+    manual.flat_grad.normal_(0, 1e-3)
+    x = data.transform(model.likelihood.family, train=True)(data.train[:BATCH])  # (B, D)
+    raw = torch.randn(cfg.train.n_samples, BATCH, model.n_params, model.data_dim)  # (L, B, P, D)
+
+    def adam() -> None:
+        for _ in range(STEPS):
+            manual.adam.step()
+
+    def likelihood() -> None:
+        for _ in range(STEPS):
+            log_px_and_grad(model, raw, x, manual.grads)
+
+    return {"adam": adam, "likelihood": likelihood}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_samples", [1, 5])
 @pytest.mark.parametrize("family", likelihoods.NAMES)
@@ -286,6 +312,8 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     references = {"floor": floor_round(n_params, n_samples, device)}
     if family == "bernoulli" and n_samples == 1:  # the headline comparison
         references["classic"] = classic_round(torchvision_root, device)
+        if device == "cpu":
+            references.update(parts_rounds(cfg, mnist(cfg, device)))
     paired = Paired(WARMUP, **references)
     _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples, n_params=n_params)
     metrics = benchmark.pedantic(ours_round(cfg, mnist(cfg, device)), setup=paired, rounds=ROUNDS,
