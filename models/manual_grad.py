@@ -104,7 +104,7 @@ def _gradient(model: VAE, x: Tensor, eps: Tensor, beta: float, out: dict[nn.Para
         d_logvar = 0.5 * std * (d_z * eps).sum(0) + (beta / (2 * B)) * (std.square() - 1)
         _backward(encoder, enc_inputs, torch.cat([d_mu, d_logvar], dim=-1), out, input_grad=False)
         smallest = model.likelihood.smallest_scale(p_x)
-    return ElboTerms(log_px.detach().mean(0), kl, None if smallest is None else smallest.detach())
+    return ElboTerms(log_px.mean(0), kl, None if smallest is None else smallest.detach())
 
 
 class FlatAdam:
@@ -128,7 +128,7 @@ class FlatAdam:
 class ManualGradient:
     """`step(x, n_samples, beta)` makes one training step on x (B, D): the β-weighted loss's gradient,
     then Adam's update with learning rate `lr`. `grad(...)` stops after the gradient, left in every
-    parameter's `.grad`. Both return the ELBO terms of x, as `elbo_terms` does (detached); the L samples
+    parameter's `.grad` (with `lr=None`, only `grad` is available). Both return the ELBO terms of x, as `elbo_terms` does (detached); the L samples
     draw the same ε as `elbo_terms` from the same random state.
 
     The model's parameters, and their gradients, become views of one flat buffer each, so that Adam
