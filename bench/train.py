@@ -311,8 +311,8 @@ def train(cfg: Config, data: Data | None = None,
 
 @torch.no_grad()
 def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
-    """Test-set numbers on the run's measure: ELBO, IWAE-k NLL ± s.e., bits/dim, KL anomaly score and
-    active units. The test split is touched only here."""
+    """Test-set numbers on the run's measure: ELBO, IWAE-k NLL ± s.e., bits/dim (on a comparable measure
+    only), KL anomaly score and active units. The test split is touched only here."""
     model, data, offset = result.model, result.data, result.measure.nats_offset_per_pixel * result.data.dim
     fam = model.likelihood.family
     eval_tf = data.transform(fam, train=False)
@@ -342,5 +342,6 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         "anomaly_detection_rate": (kl_noise > kl_data.quantile(0.99)).float().mean().item(),
         "active_units": float(active_units(model.encode(eval_tf(data.test))[0])),
     })
-    out["test_bpd"] = bits_per_dim(out["test_iwae_nll"], data.dim)
+    if result.measure.comparable:  # bits/dim are a code length of the data: none for a training objective
+        out["test_bpd"] = bits_per_dim(out["test_iwae_nll"], data.dim)
     return out

@@ -257,6 +257,13 @@ class Likelihood:
             if f.support == BINARY:
                 return Measure("pmf of binarized pixels", True, 0.0)
             return Measure("density at binary values (not a likelihood of the data)", False, 0.0)
+        if f.support == BINARY:
+            return Measure("pmf of binary pixels at 8-bit values (not a likelihood of the data)", False, 0.0)
+        if f.learned_scale == "optimal":
+            # σ is fitted to the very image it scores: the maximum over σ of a density, which integrates
+            # to ∞ over images, so Jensen's dequantization bound does not apply.
+            return Measure("density with σ fitted to each image (σ-VAE objective, not a likelihood of the data)",
+                           False, 0.0)
         if f.support == EIGHT_BIT:
             return Measure("pmf of 8-bit pixels", True, 0.0)
         if dequantized:

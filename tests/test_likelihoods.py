@@ -214,6 +214,19 @@ def test_gaussian_optimal_is_the_profiled_gaussian():
         assert np.all(other < expected)
 
 
+def test_gaussian_optimal_is_not_a_density_of_the_data():
+    # One pixel, μ = ½, σ* = |x − μ|: p(x) = c/|x − μ| with c = exp(−½)/√(2π), whose integral over [0, 1]
+    # diverges. On a midpoint grid of n cells it is 2c·Σ_{k<n/2} 1/(k + ½) ≈ 2c·(ln n + ln 2 + γ): a density
+    # would give 1 at every n. Hence its measure is not comparable with any likelihood.
+    lik, c = likelihoods.get("gaussian_optimal"), math.exp(-0.5) / math.sqrt(2 * math.pi)
+    for n in (10**2, 10**4, 10**6):
+        x = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]  # (n, 1), never exactly ½
+        mean = torch.full((n, 1, 1), 0.5, dtype=torch.float64)
+        mass = lik.distribution(mean, None, x).log_prob(x).exp().mean().item()
+        assert mass == pytest.approx(2 * c * math.fsum(1 / (k + 0.5) for k in range(n // 2)), rel=1e-9)
+        assert mass > 1 + 0.4 * math.log10(n)
+
+
 def test_identity_covariance_gaussian_is_sigma_one():
     # The AEVB paper's identity-covariance Gaussian: log p = Σ −½ log(2π) − (x − μ)²/2
     rng = np.random.default_rng(2)
@@ -427,6 +440,10 @@ def test_measures_say_which_numbers_are_comparable():
 
     raw_density = gauss.measure(binarized=False, dequantized=False)
     assert not raw_density.comparable
+    # σ* = RMSE(x, μ) is fitted to the image it scores: not a density of x, dequantized or not
+    sigma_vae = likelihoods.get("gaussian_optimal").measure(binarized=False, dequantized=True)
+    assert not sigma_vae.comparable and "σ-VAE" in sigma_vae.name
+    assert not bern.measure(binarized=False, dequantized=False).comparable  # a pmf of {0,1} on 8-bit data
     assert pmf_binary.name != eight_bit.name  # different measures are never put side by side
 
 

@@ -97,6 +97,15 @@ def test_final_metrics(short_runs, name):
     assert out["iwae_k"] == cfg.eval.iwae_k
 
 
+def test_a_training_objective_has_no_bits_per_dim():
+    # A σ-VAE "density" (σ fitted to each image) on 8-bit data is not a code length of the data
+    cfg = make_cfg("likelihood.name=gaussian_optimal", "data.binarize=none", "train.epochs=1")
+    result = train.train(cfg)
+    assert not result.measure.comparable
+    out = train.final_metrics(result, cfg)
+    assert "test_bpd" not in out and math.isfinite(out["test_iwae_nll"])
+
+
 def test_learned_gaussian_on_binary_data_diverges_without_raising():
     # A density on {0, 1} pixels with a learned σ is unbounded: σ → 0 on the always-black corners
     # (the AEVB write-up's learned-σ loss ran to −1342 and kept falling). The run must end as
@@ -190,3 +199,4 @@ def test_a_cpu_training_step_flushes_subnormal_floats():
     data = load(cfg.data, torch.device("cpu"))
     train.make_step(train.build(cfg, data), cfg)
     assert (subnormal * 1.0).item() == 0.0
+
