@@ -56,15 +56,18 @@ from bench import study as study_mod
 from bench.config import Config, ConfigError
 from models import likelihoods
 
-# Per-run numbers of the family table: (column, label). Likelihood-valued ones are marked in
-# LIKELIHOOD_VALUED: they mean something only on a comparable measure.
+# Per-run numbers of the family table: (column, label). Likelihood-valued ones are listed in
+# LIKELIHOOD_VALUED: they mean something only on a comparable measure, and a row on another measure shows
+# its test ELBO in a column of its own, OBJECTIVE, never beside a likelihood.
 METRICS = [
     ("val_elbo", "val ELBO"), ("test_elbo", "test ELBO"), ("test_recon", "test recon"), ("test_kl", "test KL"),
-    ("test_iwae_nll", "IWAE NLL"), ("test_iwae_nll_se", "IWAE s.e."), ("test_bpd", "bits/dim"),
-    ("min_scale", "min scale"), ("active_units", "active units"), ("samples_per_s", "samples/s"),
-    ("ms_per_step", "ms/step"),
+    ("test_iwae_nll", "IWAE NLL"), ("test_iwae_nll_se", "IWAE s.e."), ("test_iwae_mc_se", "IWAE MC s.e."),
+    ("test_bpd", "bits/dim"), ("min_scale", "min scale"), ("active_units", "active units"),
+    ("samples_per_s", "samples/s"), ("ms_per_step", "ms/step"),
 ]
-LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll")
+LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
+                     "test_bpd")
+OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
 FINISHED = ("complete", "pruned", "diverged", "failed", "killed", "interrupted")
 # Params that are not factors: the seed is what the statistics run over, the family and the
@@ -414,9 +417,19 @@ def _iwae_label(table: pd.DataFrame) -> str:
     return f"IWAE-{int(ks[0])} NLL" if len(ks) == 1 else "IWAE-k NLL"
 
 
+def _metric_text(r: pd.Series, key: str) -> str:
+    """mean ± 95 % CI of a metric; likelihood-valued ones only on a comparable measure."""
+    return _fmt(r[key], r[f"{key}_ci"]) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
+
+
+def _objective_text(r: pd.Series) -> str:
+    """A row's test ELBO when it is not a likelihood of the data (a training objective), else —."""
+    return NONE if r.comparable else _fmt(r.test_elbo, r.test_elbo_ci)
+
+
 def display_family(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as text: mean ± 95 % CI; † marks a likelihood-valued number that is not a likelihood of
-    the data (a density at discrete values), which must not be compared with the others."""
+    """Table 1 as text: mean ± 95 % CI. A row whose numbers are not likelihoods of the data (a density at
+    discrete values, a σ fitted to each image) shows its test ELBO as a training objective only."""
     labels = dict(METRICS, test_iwae_nll=_iwae_label(table))
     rows = []
     for _, r in table.iterrows():
@@ -425,13 +438,8 @@ def display_family(table: pd.DataFrame) -> pd.DataFrame:
         row.update({"trials": r.n_trials, "complete": r.n_complete, "diverged": r.n_diverged,
                     "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
                     "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞"})
-        for key, label in METRICS:
-            text = _fmt(r[key], r[f"{key}_ci"])
-            if not r.comparable and key == "test_bpd":
-                text = NONE  # bits/dim are defined on a measure of the data only
-            elif not r.comparable and key in LIKELIHOOD_VALUED and text != NONE:
-                text += " †"
-            row[labels[key]] = text
+        row.update({labels[key]: _metric_text(r, key) for key, _ in METRICS})
+        row[OBJECTIVE] = _objective_text(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -447,7 +455,7 @@ def display_measure(table: pd.DataFrame) -> pd.DataFrame:
             "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
             "test ELBO": _fmt(r.test_elbo, r.test_elbo_ci), iwae: _fmt(r.test_iwae_nll, r.test_iwae_nll_ci),
             "bits/dim": _fmt(r.test_bpd, r.test_bpd_ci),
-            "training objective (not a likelihood)": _fmt(r.training_objective, r.training_objective_ci),
+            OBJECTIVE: _fmt(r.training_objective, r.training_objective_ci),
             "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
             "complete/trials": f"{r.n_complete}/{r.n_trials}", "may be compared with": r.compare_with})
         rows.append(row)
@@ -461,9 +469,8 @@ def display_factor(table: pd.DataFrame) -> pd.DataFrame:
         row = {"protocol": r.protocol, "family": r.family}
         row.update({k: _value(r[k]) for k in factor_columns(table)})
         row["n"] = f"{r.n_complete}/{r.n_trials}"
-        for key in FACTOR_METRICS:
-            text = _fmt(r[key], r[f"{key}_ci"])
-            row[labels[key]] = text + " †" if not r.comparable and key in LIKELIHOOD_VALUED and text != NONE else text
+        row.update({labels[key]: _metric_text(r, key) for key in FACTOR_METRICS})
+        row[OBJECTIVE] = _objective_text(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -500,23 +507,25 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
-    """Validation ELBO per epoch, one line per run, one panel per protocol; bounded families solid,
+    """Validation ELBO per epoch, one line per run, one panel per protocol, and a panel of their own for
+    the runs whose ELBO is not a likelihood of the data (training objectives); bounded families solid,
     unbounded dashed; × marks where a diverged run stopped."""
-    protocols = sorted(runs.protocol.unique())
-    fig, axes = _figure(len(protocols))
-    for ax, protocol in zip(axes, protocols):
+    panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
+    fig, axes = _figure(len(panels))
+    for ax, (protocol, objective) in zip(axes, panels):
         seen = set()
-        for _, run in runs[runs.protocol == protocol].iterrows():
+        for _, run in runs[(runs.protocol == protocol) & (runs.comparable != objective)].iterrows():
             c = curves[curves.run_id == run.run_id].sort_values("epoch")
             if c.empty:
                 continue
-            label = None if run.family in seen else run.family + ("" if run.comparable else " †")
+            label = None if run.family in seen else run.family
             seen.add(run.family)
             ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=_color(run.family),
                     label=label)
             if run.state == "diverged":
                 ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
-        ax.set(title=protocol, xlabel="epoch", ylabel="validation ELBO (nats per image)")
+        what = "training objective, not a likelihood" if objective else "validation ELBO"
+        ax.set(title=f"{protocol}: {what}", xlabel="epoch", ylabel=f"{what} (nats per image)")
         ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
     return _save(fig, path)
 
@@ -572,19 +581,28 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     others = [k for k in factor_columns(table) if k != key]
     numeric = pd.api.types.is_numeric_dtype(table[key])
     values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
-    fig, axes = _figure(len(FACTOR_METRICS), width=3.6, height=3.8)
-    for ax, metric in zip(axes, FACTOR_METRICS):
-        for group, g in table.groupby(["protocol", "family", *others], sort=False):
+    # (panel title, metric, rows): likelihoods only where they are likelihoods of the data
+    panels = [(dict(METRICS)[m], m, table[table.comparable] if m in LIKELIHOOD_VALUED else table)
+              for m in FACTOR_METRICS]
+    if not table.comparable.all():
+        panels.append((OBJECTIVE, "test_elbo", table[~table.comparable]))
+    fig, axes = _figure(len(panels), width=3.6, height=3.8)
+    for ax, (title, metric, rows) in zip(axes, panels):
+        for group, g in rows.groupby(["protocol", "family", *others], sort=False):
             x = g[key] if numeric else g[key].map(values.index)
-            label = " ".join(str(v) for v in group[1:]) + f" ({group[0]})" + ("" if g.comparable.all() else " †")
+            label = " ".join(str(v) for v in group[1:]) + f" ({group[0]})"
             ax.errorbar(x, g[metric], yerr=g[f"{metric}_ci"].fillna(0), marker="o", capsize=3,
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
         ax.set_xticks(values if numeric else range(len(values)), [_value(v) for v in values], fontsize=7)
         ax.minorticks_off()
-        ax.set(xlabel=key, title=dict(METRICS)[metric])
-    handles, labels = axes[0].get_legend_handles_labels()
+        ax.set(xlabel=key, title=title)
+    legend = {}  # label -> line, over all panels: the likelihood panels lack the objectives' lines
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
     return _save(fig, path)
 
@@ -607,13 +625,17 @@ COMPARABILITY = [
      "likelihood."),
     ("Not comparable — a density evaluated at binary values, or at raw 8-bit values k/255 without "
      "dequantization, is not a likelihood of the data: it can be made arbitrarily large by spiking on the "
-     "discrete values (a learned scale σ → 0). Its ELBO is reported only as a training objective, never "
-     "beside a likelihood, and it has no bits/dim."),
+     "discrete values (a learned scale σ → 0). Nor is the σ-VAE's Gaussian with σ² the image's own mean "
+     "squared error (gaussian_optimal): σ is fitted to the image it scores, and that maximum over σ "
+     "integrates to ∞ over images, so the dequantization bound above does not hold for it. Such an ELBO is "
+     "reported only as a training objective, in a column and plot panel of its own, never beside a "
+     "likelihood; it has no IWAE NLL and no bits/dim."),
 ]
 BOUNDEDNESS = (
-    "Bounded: the family's log p(x|z) per pixel has a finite supremum (sup/pixel; 0 for a pmf, "
-    "−½·log(2πσ²) for a Gaussian with fixed or floored σ). Unbounded families can raise it without limit, "
-    "which is how their runs diverge.")
+    "Bounded: the family's log p(x|z) per pixel has a finite supremum (sup/pixel: 0 for a pmf, "
+    "−½·log(2πσ²) for a Gaussian and −log(2b) for a Laplace with fixed or floored scale; the family's own, "
+    "so for a density on [0,1] before the −log 256 per pixel of the 8-bit scale). Unbounded families can "
+    "raise it without limit, which is how their runs diverge.")
 
 
 def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
@@ -669,14 +691,16 @@ STATISTICS = (
     "them with their reasons.")
 FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
-    "in nats per image on the row's measure (section 2); IWAE s.e. is the standard error over test "
-    "datapoints, averaged over seeds; bits/dim from the IWAE NLL. min scale is the smallest learned scale "
-    "reached in training (— for families without a learned scale). † marks a number that is not a "
-    "likelihood of the data: a training objective, not comparable with the others.")
+    "in nats per image on the row's measure (section 2); IWAE s.e. is the standard error of the test-set "
+    "mean over datapoints, IWAE MC s.e. the Monte-Carlo standard error of that mean from the k importance "
+    "samples (delta method), each averaged over seeds; bits/dim from the IWAE NLL. min scale is the "
+    "smallest learned scale reached in training (— for families without a learned scale). A row whose "
+    "numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
+    "objective.")
 NO_FACTORS = ("No config key other than the seed, the likelihood family and the data protocol varies across "
               "this study's runs: there are no factor tables.")
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
-          "diverged run stopped, † not a likelihood of the data.")
+          "diverged run stopped; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
 Blocks = list[tuple[str, object]]  # (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path)
 
@@ -819,7 +843,7 @@ def render_latex(blocks: Blocks) -> str:
         styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis="columns")
         caption = "".join(_LATEX.get(ch, ch) for ch in caption)
         tex = styler.to_latex(caption=caption, hrules=True, position="htbp", position_float="centering")
-        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("†", r"$^\dagger$"), ("∞", r"$\infty$")):
+        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$")):
             tex = tex.replace(symbol, command)
         out.append(tex)
     return "\n".join(out)
