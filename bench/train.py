@@ -111,30 +111,33 @@ class CudaGraphStep:
     few microseconds each on a GPU, while launching each one from Python costs more: eagerly the GPU
     mostly waits for the host. One replay launches them all.
 
-    The first WARMUP calls run eagerly on a side stream (cuBLAS and autograd set up there, as
-    torch.cuda.graphs asks), the next one is captured and every later batch of that shape replays it; a
-    batch of another shape (an epoch's smaller last batch) runs eagerly. Eager and replayed steps write
+    The graph is for the first call's batch shape (a full batch): the first WARMUP calls of that shape run
+    eagerly on a side stream (cuBLAS and autograd set up there, as torch.cuda.graphs asks), the next one
+    is captured and every later one replays it; a batch of another shape (an epoch's smaller last batch)
+    runs eagerly, and neither warms up nor is captured, so that the graph fits the full batches. Eager and replayed steps write
     the same parameters and optimizer state, so they mix freely. Random draws inside the step (ε) use the
     CUDA generator's graph-safe Philox offsets: each replay draws fresh numbers."""
 
     WARMUP = 3
 
     def __init__(self, step: Callable[[Tensor], ElboTerms]):
-        self.step, self.calls = step, 0
+        self.step, self.warmed_up = step, 0
+        self.shape: torch.Size | None = None  # the batch shape that is warmed up, captured and replayed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: Tensor | None = None  # the captured step's input, (B, D) or (N, B, D)
         self.static_terms: ElboTerms | None = None  # and its outputs, overwritten by every replay
         self.side = torch.cuda.Stream()
 
     def __call__(self, x: Tensor) -> ElboTerms:
-        if self.graph is not None and x.shape == self.static_x.shape:
+        self.shape = x.shape if self.shape is None else self.shape
+        if x.shape != self.shape:
+            return self.step(x)
+        if self.graph is not None:
             self.static_x.copy_(x)
             self.graph.replay()
             return _copy(self.static_terms)
-        self.calls += 1
-        if self.graph is not None:
-            return self.step(x)
-        if self.calls <= self.WARMUP:
+        if self.warmed_up < self.WARMUP:
+            self.warmed_up += 1
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 terms = self.step(x)

@@ -3,6 +3,7 @@ final test metrics and figures."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -14,6 +15,7 @@ from PIL import Image
 from bench import config, figures, train
 from bench.data import load
 from bench.train import COMPLETED, DIVERGED
+from models.estimators import ElboTerms
 
 # Small but real runs: the whole digits training split, a narrower MLP than the default [400] to keep
 # each run to a second or two on two CPU cores.
@@ -200,3 +202,37 @@ def test_a_cpu_training_step_flushes_subnormal_floats():
     train.make_step(train.build(cfg, data), cfg)
     assert (subnormal * 1.0).item() == 0.0
 
+
+def test_the_cuda_graph_is_captured_for_a_full_batch_not_the_short_last_one(monkeypatch):
+    # Which calls warm up, get captured, replay or run eagerly, with torch.cuda's graph API faked so that
+    # this runs on a CPU (tests/test_gpu.py runs the real thing). Epochs of 3 full batches and a short
+    # one: the 4th call is the short batch, and must neither be captured nor count as a warm-up.
+    calls = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextlib.contextmanager
+    def context(*args, **kwargs):
+        yield
+
+    for name, fake in {"Stream": Stream, "current_stream": Stream, "stream": context, "CUDAGraph": Graph,
+                       "graph": context}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+    def step(x):
+        calls.append(len(x))
+        return ElboTerms(x.sum(1), x.sum(1), None)
+
+    graphed = train.CudaGraphStep(step)
+    for _ in range(3):
+        for n in (64, 64, 64, 8):
+            graphed(torch.ones(n, 2))
+    warmups, capture = [64] * train.CudaGraphStep.WARMUP, [64, "replay"]  # captured, then replayed on it
+    assert calls == [*warmups, 8, *capture, "replay", "replay", 8, *["replay"] * 3, 8]
+    assert graphed.static_x.shape == (64, 2)
