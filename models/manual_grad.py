@@ -132,7 +132,9 @@ class ManualGradient:
     draw the same ε as `elbo_terms` from the same random state.
 
     The model's parameters, and their gradients, become views of one flat buffer each, so that Adam
-    updates one tensor in one kernel; the model, its state dict and its `.grad`s are used as before."""
+    updates one tensor in one kernel; the model, its state dict and its `.grad`s are used as before, but
+    it must not be moved or cast afterwards (`.to(...)` gives it new tensors, which Adam would not see:
+    a step then raises)."""
 
     def __init__(self, model: VAE, lr: float | None = None):
         self.model = model
@@ -146,9 +148,13 @@ class ManualGradient:
             p.grad = self.flat_grad[start:end].view_as(p)
             start = end
         self.grads = {p: p.grad for p in params}  # written in place by every step
+        self.first = params[0]  # a view at the start of `flat` for as long as the model stays put
         self.adam = FlatAdam(self.flat, self.flat_grad, lr) if lr is not None else None
 
     def grad(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
+        if self.first.data_ptr() != self.flat.data_ptr():
+            raise RuntimeError("the model was moved or cast after its ManualGradient was made, which would "
+                               "train stale copies of its parameters: make the ManualGradient after `.to(...)`")
         B, model = x.shape[0], self.model
         eps = torch.randn((n_samples, B, model.latent_dim), device=x.device, dtype=x.dtype)  # sample_z's draw
         return _gradient(model, x, eps, beta, self.grads)

@@ -141,7 +141,7 @@ class StackedAdam(torch.optim.Optimizer):
             v = [self.state[p]["exp_avg_sq"] for p in params]
             step_size = self.lr / (1 - beta1**count)  # (N,)
             bias2_sqrt = (1 - beta2**count).sqrt()
-            if params[0].is_cuda:
+            if params[0].is_cuda and params[0].dtype == torch.float32:  # the kernel's sqrt_rn, div_rn: fp32 only
                 update = _triton_adam()
                 for p, g, m_p, v_p in zip(params, grads, m, v):
                     update(p, g.contiguous(), m_p, v_p, step_size, bias2_sqrt.float(), beta1, beta2, group["eps"])

@@ -113,3 +113,12 @@ def test_a_manual_step_is_autograd_and_adam():
         manual.step(x, 2, 0.5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_model_moved_after_its_manual_gradient_is_refused():
+    # .to(...) swaps in new parameter tensors: the flat buffers Adam updates would no longer be the model's
+    model = VAE(D, [7], Z, likelihoods.get("bernoulli"))
+    manual = ManualGradient(model, lr=1e-2)
+    model.double()
+    with pytest.raises(RuntimeError, match="moved or cast after its ManualGradient was made"):
+        manual.step(_inputs("bernoulli"), 1, 1.0)

@@ -67,10 +67,11 @@ def test_stacked_step_matches_separate_models(family):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (the Triton update)"))])
-def test_stacked_adam_is_adam_with_a_learning_rate_per_variant(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # on CUDA: Triton's kernel, fp32 only
+def test_stacked_adam_is_adam_with_a_learning_rate_per_variant(device, dtype):
     torch.manual_seed(0)
     lrs = [1e-3, 3e-2, 1e-4]
-    variants = [VAE(D, [7], Z, likelihoods.get("gaussian_shared")) for _ in lrs]
+    variants = [VAE(D, [7], Z, likelihoods.get("gaussian_shared")).to(dtype) for _ in lrs]
     separate = copy.deepcopy(variants)
     stacked = StackedVAE(variants).to(device)
     opt = StackedAdam(stacked.parameters(), lr=torch.tensor(lrs, device=device))
