@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         if key in varied:
             raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
                               f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
+        if key == "train.seed" and (config.study.grids or not config.study.search_space):
+            raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
+                              f"({config.study.seeds}); set study.seeds=[...] instead")
     validate(config)
     return config
 
@@ -245,8 +249,9 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "an integer ≥ 1")
     _check(lk.name in likelihoods.FAMILIES, "likelihood.name", lk.name,
            f"one of {', '.join(likelihoods.NAMES)}")
-    _check(lk.scale > 0, "likelihood.scale", lk.scale, "a number > 0")
-    _check(lk.min_scale >= 0, "likelihood.min_scale", lk.min_scale, "a number ≥ 0 (0: no floor)")
+    _check(math.isfinite(lk.scale) and lk.scale > 0, "likelihood.scale", lk.scale, "a finite number > 0")
+    _check(math.isfinite(lk.min_scale) and lk.min_scale >= 0, "likelihood.min_scale", lk.min_scale,
+           "a finite number ≥ 0 (0: no floor)")
     support = likelihoods.FAMILIES[lk.name].support if combination else None
     if support == likelihoods.BINARY:
         _check(d.binarize != "none", "data.binarize", d.binarize,
@@ -257,12 +262,13 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
                f"none: likelihood {lk.name} is a pmf of 8-bit pixels (for binary data use bernoulli)")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer ≥ 1")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer ≥ 1")
-    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
-    _check(t.beta >= 0, "train.beta", t.beta, "a number ≥ 0")
+    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite number > 0")
+    _check(math.isfinite(t.beta) and t.beta >= 0, "train.beta", t.beta, "a finite number ≥ 0")
     _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "an integer ≥ 1 (L)")
     _check(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
     _check(t.backward in BACKWARDS, "train.backward", t.backward, f"one of {', '.join(BACKWARDS)}")
-    _check(t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse, "a number ≥ 0")
+    _check(math.isfinite(t.scale_collapse) and t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse,
+           "a finite number ≥ 0")
     _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")
     _check(e.iwae_examples >= 0, "eval.iwae_examples", e.iwae_examples, "an integer ≥ 0 (0: all)")
     _check(e.chunk >= 1, "eval.chunk", e.chunk, "an integer ≥ 1")
@@ -285,8 +291,9 @@ def validate(cfg: Config) -> None:
         if dim.kind == "categorical":
             _check(bool(dim.choices), f"study.search_space.{key}.choices", dim.choices, "a non-empty list")
         else:
-            _check(dim.low is not None and dim.high is not None and dim.low < dim.high,
-                   f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "low < high")
+            _check(dim.low is not None and dim.high is not None and math.isfinite(dim.low)
+                   and math.isfinite(dim.high) and dim.low < dim.high,
+                   f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "finite numbers, low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
     points = grid_points(cfg)
@@ -305,8 +312,7 @@ def grid_points(cfg: Config) -> list[dict[str, Any]]:
     valid = [k for k in flatten(to_dict(Config())) if not k.startswith("study.")]
     for i, grid in enumerate(cfg.study.grids):
         for key, values in grid.items():
-            _check(key in valid, f"study.grids[{i}] key", key,
-                   "a dotted config key such as likelihood.name, model.latent_dim, train.beta")
+            _check(key in valid, f"study.grids[{i}] key", key, f"a dotted config key: one of {', '.join(valid)}")
             _check(isinstance(values, list) and len(values) >= 1, f"study.grids[{i}].{key}", values,
                    "a non-empty list of values")
         keys = list(grid)
