@@ -9,6 +9,7 @@ densities, or k/255 for the 8-bit pmf. No per-item PIL conversion happens anywhe
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,18 +95,27 @@ def _offline_hint(root: str) -> str:
             f"{MNIST_TEST_FILES[0]}[.gz] (MNIST's official 10k test images)")
 
 
+def _one_line(message: str, limit: int = 300) -> str:
+    """A multi-line message on one line, cut at a word and marked so when longer than `limit`."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def _torchvision(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, TORCHVISION[cfg.name])
+    folder = Path(cfg.root) / TORCHVISION[cfg.name] / "raw"
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # by torchvision
     try:
         train = cls(cfg.root, train=True, download=cfg.download).data
         test = cls(cfg.root, train=False, download=cfg.download).data
     except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError offline
-        folder = Path(cfg.root) / TORCHVISION[cfg.name] / "raw"
+        if created is not None:  # a failed command writes nothing, not even the folders of a download
+            shutil.rmtree(created, ignore_errors=True)
         files = ", ".join(cls.resources[i][0].rsplit("/", 1)[-1] for i in range(len(cls.resources)))
         how = "download failed" if cfg.download else "files missing and data.download=false"
-        raise DataError(f"data.name={cfg.name}: {how} ({type(e).__name__}: {str(e)[:200]}); expected "
+        raise DataError(f"data.name={cfg.name}: {how} ({type(e).__name__}: {_one_line(str(e))}); expected "
                         f"{files} in {folder}; {_offline_hint(cfg.root)}") from None
     return train.flatten(1), test.flatten(1), f"torchvision {TORCHVISION[cfg.name]} from {cfg.root}"
 

@@ -18,6 +18,7 @@ from bench.data import DataError
 from models.likelihoods import FAMILIES, LEVELS
 
 from .conftest import SHARED_MNIST_RAW
+from .helpers import free_port
 
 GAUSSIAN, BERNOULLI, DISCRETIZED = FAMILIES["gaussian"], FAMILIES["bernoulli"], FAMILIES["discretized_logistic"]
 
@@ -238,6 +239,20 @@ def test_missing_torchvision_data_without_download_names_files_and_alternatives(
                      "data.name=digits", "data.name=mnist_t10k", str(tmp_path)):
         assert expected in msg, f"{expected!r} not in {msg!r}"
     assert isinstance(err.value, ConfigError)  # the CLI turns it into exit code 2
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_a_failed_download_says_why_on_one_line_and_leaves_no_folder(tmp_path, monkeypatch, name):
+    # Offline, as on a machine without internet: every mirror is a port where nothing listens.
+    import torchvision.datasets as tvd
+
+    monkeypatch.setattr(getattr(tvd, data_mod.TORCHVISION[name]), "mirrors", [f"http://127.0.0.1:{free_port()}/"])
+    with pytest.raises(DataError) as err:
+        load(f"data.name={name}", f"data.root={tmp_path / 'new' / 'root'}")  # download=true: the default
+    msg = str(err.value)
+    assert "download failed" in msg and "Connection refused" in msg and "data.name=digits" in msg
+    assert "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # torchvision's new folders are gone again
 
 
 def test_missing_t10k_files_name_the_file_and_the_alternative(tmp_path):
