@@ -253,21 +253,36 @@ class _DataCache:
         return self.cache[key]
 
 
+def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config) -> None:
+    """Records a Ctrl-C: the trial FAIL (not diverged: the next run trains the variant again) with status
+    interrupted, and its MLflow run, if it has one yet, ended with its epochs so far."""
+    reason = "interrupted by the user (SIGINT)"
+    if epoch_log is not None:
+        tracking.finish_child(None, cfg, {}, INTERRUPTED, reason, epoch_log)
+    trial.set_user_attr(STATUS, INTERRUPTED)
+    trial.set_user_attr(REASON, reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
     trial.set_user_attr(OWNER, _owner())
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
-    data = cache.get(cfg)
-    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
-    measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
-    tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
-            "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,
-            "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
-            "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
-            "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
-    run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
+    try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
+        data = cache.get(cfg)
+        lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+        measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
+        tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
+                "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,
+                "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
+                "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
+                "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
+        run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
+    except KeyboardInterrupt:
+        _interrupted(study, trial, None, cfg)
+        raise
     trial.set_user_attr(RUN_ID, run_id)
     epoch_log = tracking.EpochLog(run_id)
     last_beat = -math.inf
@@ -301,12 +316,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             state, reason = "complete", ""
     except optuna.TrialPruned as e:
         state, reason, final = "pruned", str(e), {}
-    except KeyboardInterrupt:  # FAIL, not diverged: the next run trains the variant again
-        reason = "interrupted by the user (SIGINT)"
-        tracking.finish_child(None, cfg, {}, INTERRUPTED, reason, epoch_log)
-        trial.set_user_attr(STATUS, INTERRUPTED)
-        trial.set_user_attr(REASON, reason)
-        study.tell(trial, state=TrialState.FAIL)
+    except KeyboardInterrupt:
+        _interrupted(study, trial, epoch_log, cfg)
         raise
     except Exception as e:  # the study goes on; the run and trial keep the reason
         state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}

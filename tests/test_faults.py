@@ -101,3 +101,31 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     # diverged is final: the same command does not train it again
     assert run.main(args) == 0
     assert len(_state(tmp_path, args)[0]) == 2
+
+
+def test_ctrl_c_while_a_trial_loads_its_data_is_an_interruption(tmp_path, monkeypatch):
+    # The second trial is interrupted before it has an MLflow run: recorded as interrupted (not left
+    # RUNNING for the next command to take for a dead worker's), and the same command resumes.
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real, calls = study._DataCache.get, []
+
+    def interrupted_second_time(self, cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, cfg)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(study._DataCache, "get", interrupted_second_time)
+        assert run.main(args) == 130
+    before, runs = _state(tmp_path, args)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert before[1].user_attrs["status"] == "interrupted" and "mlflow_run_id" not in before[1].user_attrs
+    assert len(runs) == 1
+
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+    assert trials[1].user_attrs["status"] == "interrupted"  # not relabelled a dead worker's
+    assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
