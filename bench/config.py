@@ -206,6 +206,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             raise ConfigError(f"study file {path} is not valid YAML: {e}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
+        if isinstance(content.get("train"), dict) and "seed" in content["train"]:
+            raise ConfigError(f"study file {path}: train.seed is set per variant from study.seeds; "
+                              "list the seeds there instead (study: seeds: [0, 1, 2])")
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem
@@ -224,7 +227,7 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         if key in varied:
             raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
                               f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
-        if key == "train.seed" and (config.study.grids or not config.study.search_space):
+        if key == "train.seed":  # grid variants run once per seed; search trials use the first
             raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
                               f"({config.study.seeds}); set study.seeds=[...] instead")
     validate(config)
