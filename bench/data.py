@@ -9,7 +9,6 @@ densities, or k/255 for the 8-bit pmf. No per-item PIL conversion happens anywhe
 from __future__ import annotations
 
 import gzip
-import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -95,6 +94,20 @@ def _offline_hint(root: str) -> str:
             f"{MNIST_TEST_FILES[0]}[.gz] (MNIST's official 10k test images)")
 
 
+def _remove_empty_folders(folder: Path, top: Path | None) -> None:
+    """Removes `folder` and its parents up to `top` (the highest one this command created) while they are
+    empty: never a file, which another process downloading to the same root may be writing."""
+    if top is None:
+        return
+    for path in [folder, *folder.parents]:
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone
+            return
+        if path == top:
+            return
+
+
 def _one_line(message: str, limit: int = 300) -> str:
     """A multi-line message on one line, cut at a word and marked so when longer than `limit`."""
     text = " ".join(message.split())
@@ -111,8 +124,7 @@ def _torchvision(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
         train = cls(cfg.root, train=True, download=cfg.download).data
         test = cls(cfg.root, train=False, download=cfg.download).data
     except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError offline
-        if created is not None:  # a failed command writes nothing, not even the folders of a download
-            shutil.rmtree(created, ignore_errors=True)
+        _remove_empty_folders(folder, created)  # a failed command writes nothing, not even their folders
         files = ", ".join(cls.resources[i][0].rsplit("/", 1)[-1] for i in range(len(cls.resources)))
         how = "download failed" if cfg.download else "files missing and data.download=false"
         raise DataError(f"data.name={cfg.name}: {how} ({type(e).__name__}: {_one_line(str(e))}); expected "
