@@ -138,7 +138,11 @@ def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_id, nested=True,
                            tags={k: str(v) for k, v in tags.items()},
                            log_system_metrics=cfg.tracking.system_metrics)
-    mlflow.log_params({k: str(v)[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()})
+    try:
+        mlflow.log_params({k: str(v)[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()})
+    except KeyboardInterrupt:  # the trial is recorded as interrupted; its run must not stay RUNNING
+        mlflow.end_run("KILLED")
+        raise
     return run.info.run_id
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pandas as pd
+import pytest
 from optuna.trial import TrialState
 
 from bench import config, run, study
@@ -103,29 +104,32 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
-def test_ctrl_c_while_a_trial_loads_its_data_is_an_interruption(tmp_path, monkeypatch):
-    # The second trial is interrupted before it has an MLflow run: recorded as interrupted (not left
-    # RUNNING for the next command to take for a dead worker's), and the same command resumes.
+@pytest.mark.parametrize("where", ["loading its data", "logging its run's params"])
+def test_ctrl_c_while_a_trial_sets_up_is_an_interruption(tmp_path, monkeypatch, where):
+    # The second trial is interrupted before it has an MLflow run id: recorded as interrupted (not left
+    # RUNNING for the next command to take for a dead worker's), no run left RUNNING, and the same
+    # command resumes.
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
-    real, calls = study._DataCache.get, []
+    owner, name = (study._DataCache, "get") if where == "loading its data" else (mlflow, "log_params")
+    real, calls = getattr(owner, name), []
 
-    def interrupted_second_time(self, cfg):
-        calls.append(cfg)
+    def interrupted_second_time(*a, **kw):
+        calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, cfg)
+        return real(*a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(study._DataCache, "get", interrupted_second_time)
+        patch.setattr(owner, name, interrupted_second_time)
         assert run.main(args) == 130
     before, runs = _state(tmp_path, args)
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert before[1].user_attrs["status"] == "interrupted" and "mlflow_run_id" not in before[1].user_attrs
-    assert len(runs) == 1
+    assert sorted(runs.status) == ["FINISHED"] + ["KILLED"] * (where != "loading its data")
 
     assert run.main(args) == 0
     trials, runs = _state(tmp_path, args)
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
     assert trials[1].user_attrs["status"] == "interrupted"  # not relabelled a dead worker's
-    assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
+    assert (runs.status == "FINISHED").sum() == 3 and not (runs.status == "RUNNING").any()
