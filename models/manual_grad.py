@@ -148,11 +148,10 @@ class ManualGradient:
             p.grad = self.flat_grad[start:end].view_as(p)
             start = end
         self.grads = {p: p.grad for p in params}  # written in place by every step
-        self.first = params[0]  # a view at the start of `flat` for as long as the model stays put
         self.adam = FlatAdam(self.flat, self.flat_grad, lr) if lr is not None else None
 
     def grad(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
-        if self.first.data_ptr() != self.flat.data_ptr():
+        if next(self.model.parameters()).data_ptr() != self.flat.data_ptr():  # the first starts `flat`
             raise RuntimeError("the model was moved or cast after its ManualGradient was made, which would "
                                "train stale copies of its parameters: make the ManualGradient after `.to(...)`")
         B, model = x.shape[0], self.model
