@@ -439,7 +439,8 @@ def display_family(table: pd.DataFrame) -> pd.DataFrame:
                     "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
                     "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞"})
         row.update({labels[key]: _metric_text(r, key) for key, _ in METRICS})
-        row[OBJECTIVE] = _objective_text(r)
+        if not table.comparable.all():
+            row[OBJECTIVE] = _objective_text(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -470,7 +471,8 @@ def display_factor(table: pd.DataFrame) -> pd.DataFrame:
         row.update({k: _value(r[k]) for k in factor_columns(table)})
         row["n"] = f"{r.n_complete}/{r.n_trials}"
         row.update({labels[key]: _metric_text(r, key) for key in FACTOR_METRICS})
-        row[OBJECTIVE] = _objective_text(r)
+        if not table.comparable.all():
+            row[OBJECTIVE] = _objective_text(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -583,7 +585,7 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
     # (panel title, metric, rows): likelihoods only where they are likelihoods of the data
     panels = [(dict(METRICS)[m], m, table[table.comparable] if m in LIKELIHOOD_VALUED else table)
-              for m in FACTOR_METRICS]
+              for m in FACTOR_METRICS if m not in LIKELIHOOD_VALUED or table.comparable.any()]
     if not table.comparable.all():
         panels.append((OBJECTIVE, "test_elbo", table[~table.comparable]))
     fig, axes = _figure(len(panels), width=3.6, height=3.8)

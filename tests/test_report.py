@@ -169,6 +169,9 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
         assert objective[column] == report.NONE and likelihood[column] != report.NONE, column
     assert objective[report.OBJECTIVE] != report.NONE and likelihood[report.OBJECTIVE] == report.NONE
     assert objective["test KL"] != report.NONE  # a KL is a KL on any measure
+    assert math.isnan(table.set_index("family").loc["laplace", "test_bpd"])  # never logged for it
+    likelihoods_only = report.display_family(table[table.protocol == "8bit-dequantized"])
+    assert report.OBJECTIVE not in likelihoods_only.columns  # no column of dashes
     # the curves: binarized likelihoods, binarized objectives and 8-bit likelihoods, a 5-inch panel each
     assert Image.open(done.folder / "val_elbo.png").width == 3 * 5 * 100
     md = (done.folder / "report.md").read_text(encoding="utf-8")
