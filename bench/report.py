@@ -526,8 +526,9 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
                     label=label)
             if run.state == "diverged":
                 ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
-        what = "training objective, not a likelihood" if objective else "validation ELBO"
-        ax.set(title=f"{protocol}: {what}", xlabel="epoch", ylabel=f"{what} (nats per image)")
+        title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
+                       (protocol, "validation ELBO"))
+        ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
         ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
     return _save(fig, path)
 
