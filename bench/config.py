@@ -206,9 +206,6 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             raise ConfigError(f"study file {path} is not valid YAML: {e}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
-        if isinstance(content.get("train"), dict) and "seed" in content["train"]:
-            raise ConfigError(f"study file {path}: train.seed is set per variant from study.seeds; "
-                              "list the seeds there instead (study: seeds: [0, 1, 2])")
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem

@@ -24,7 +24,6 @@ FILES = {
     "yaml_type.yaml": "train:\n  epochs: many\n",
     "search.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.1, high: 0.001}\n",
     "afile": "a file where a folder is needed\n",
-    "seed.yaml": "train:\n  seed: 3\n",
 }
 PLAIN = "study={tmp}/in/plain.yaml"
 
@@ -57,8 +56,6 @@ CASES = [
      ["likelihood.scale=inf is invalid", "a finite number > 0"]),
     ("seed of a study's variants", ["study=smoke", "train.seed=5"],
      ["'train.seed=5'", "train.seed comes from study.seeds ([0])", "set study.seeds=[...] instead"]),
-    ("seed in a study file", ["study={tmp}/in/seed.yaml"],
-     ["seed.yaml: train.seed is set per variant from study.seeds", "study: seeds: [0, 1, 2]"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
