@@ -65,8 +65,10 @@ def start_and_catch_second_trial(args: list[str], tmp_path: Path,
     """Starts `python -m bench.run` (output in <tmp>/run.log) and returns once trial 0 is complete and
     trial 1 is running with its MLflow run."""
     with open(tmp_path / "run.log", "w") as log:
+        # SIGINT as a terminal gives it, also where this test runs with SIGINT ignored (a background job)
         proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 400
     while True:
         trials = _trials_now(tmp_path)
