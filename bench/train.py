@@ -114,8 +114,8 @@ class CudaGraphStep:
     The graph is for the first call's batch shape (a full batch): the first WARMUP calls of that shape run
     eagerly on a side stream (cuBLAS and autograd set up there, as torch.cuda.graphs asks), the next one
     is captured and every later one replays it; a batch of another shape (an epoch's smaller last batch)
-    runs eagerly, and neither warms up nor is captured, so that the graph fits the full batches. Eager and replayed steps write
-    the same parameters and optimizer state, so they mix freely. Random draws inside the step (ε) use the
+    runs eagerly, and neither warms up nor is captured, so that the graph fits the full batches. Eager
+    and replayed steps write the same parameters and optimizer state, so they mix freely. Random draws inside the step (ε) use the
     CUDA generator's graph-safe Philox offsets: each replay draws fresh numbers."""
 
     WARMUP = 3

@@ -128,8 +128,9 @@ class FlatAdam:
 class ManualGradient:
     """`step(x, n_samples, beta)` makes one training step on x (B, D): the β-weighted loss's gradient,
     then Adam's update with learning rate `lr`. `grad(...)` stops after the gradient, left in every
-    parameter's `.grad` (with `lr=None`, only `grad` is available). Both return the ELBO terms of x, as `elbo_terms` does (detached); the L samples
-    draw the same ε as `elbo_terms` from the same random state.
+    parameter's `.grad` (with `lr=None`, only `grad` is available). Both return the ELBO terms of x, as
+    `elbo_terms` does (detached); the L samples draw the same ε as `elbo_terms` from the same random
+    state.
 
     The model's parameters, and their gradients, become views of one flat buffer each, so that Adam
     updates one tensor in one kernel; the model, its state dict and its `.grad`s are used as before, but
