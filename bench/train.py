@@ -115,8 +115,9 @@ class CudaGraphStep:
     eagerly on a side stream (cuBLAS and autograd set up there, as torch.cuda.graphs asks), the next one
     is captured and every later one replays it; a batch of another shape (an epoch's smaller last batch)
     runs eagerly, and neither warms up nor is captured, so that the graph fits the full batches. Eager
-    and replayed steps write the same parameters and optimizer state, so they mix freely. Random draws inside the step (ε) use the
-    CUDA generator's graph-safe Philox offsets: each replay draws fresh numbers."""
+    and replayed steps write the same parameters and optimizer state, so they mix freely. Random draws
+    inside the step (ε) use the CUDA generator's graph-safe Philox offsets: each replay draws fresh
+    numbers."""
 
     WARMUP = 3
 
