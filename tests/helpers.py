@@ -60,15 +60,25 @@ def _trials_now(tmp_path: Path) -> list[tuple[int, str, bool]]:
             return []
 
 
+@contextlib.contextmanager
+def _sigint_handled() -> Iterator[None]:
+    """Children started inside get SIGINT as a terminal gives it (Python's KeyboardInterrupt), also where
+    the tests run as a background job, which ignores SIGINT: an ignored signal stays ignored across exec,
+    a handled one is reset to its default. (Not preexec_fn: it is unsafe in a process with threads.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def start_and_catch_second_trial(args: list[str], tmp_path: Path,
                                  env: dict[str, str] = ONE_THREAD_ENV) -> subprocess.Popen:
     """Starts `python -m bench.run` (output in <tmp>/run.log) and returns once trial 0 is complete and
     trial 1 is running with its MLflow run."""
-    with open(tmp_path / "run.log", "w") as log:
-        # SIGINT as a terminal gives it, also where this test runs with SIGINT ignored (a background job)
+    with open(tmp_path / "run.log", "w") as log, _sigint_handled():
         proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
-                                stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 400
     while True:
         trials = _trials_now(tmp_path)
@@ -111,7 +121,7 @@ class Postgres:
 
     def _run(self, *args: str) -> None:
         out = subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True,
-                             timeout=120, **self.user)
+                             timeout=120, check=False, **self.user)
         if out.returncode != 0:
             pytest.fail(f"{' '.join(args[:2])} failed: {out.stdout}{out.stderr}; {SETUP_HINT}")
 
