@@ -123,7 +123,7 @@ def _torchvision(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
     try:
         train = cls(cfg.root, train=True, download=cfg.download).data
         test = cls(cfg.root, train=False, download=cfg.download).data
-    except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError offline
+    except Exception as e:  # noqa: BLE001  torchvision raises RuntimeError when missing, URLError/OSError offline
         _remove_empty_folders(folder, created)  # a failed command writes nothing, not even their folders
         files = ", ".join(cls.resources[i][0].rsplit("/", 1)[-1] for i in range(len(cls.resources)))
         how = "download failed" if cfg.download else "files missing and data.download=false"
@@ -181,7 +181,7 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
         val, test = draw(val), draw(test)
         if cfg.binarize == "static":
             train = draw(train)
-    side = int(round(train.shape[1] ** 0.5))
+    side = round(train.shape[1] ** 0.5)
     split = f"{len(train)} train / {len(val)} validation / {len(test)} test"
     return Data(train.to(device), val.to(device), test.to(device), (side, side), cfg, f"{source}; {split}")
 

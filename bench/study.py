@@ -95,7 +95,7 @@ def pruner(cfg: Config) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: Config, create: bool) -> optuna.Study:
-    kwargs = dict(study_name=study_name(cfg), storage=storage_url(cfg), sampler=_sampler(cfg), pruner=pruner(cfg))
+    kwargs = {"study_name": study_name(cfg), "storage": storage_url(cfg), "sampler": _sampler(cfg), "pruner": pruner(cfg)}
     if create:
         return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
     path = tracking.sqlite_path(storage_url(cfg))
@@ -319,7 +319,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     except KeyboardInterrupt:
         _interrupted(study, trial, epoch_log, cfg)
         raise
-    except Exception as e:  # the study goes on; the run and trial keep the reason
+    except Exception as e:  # noqa: BLE001  the study goes on; the run and trial keep the reason
         state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()

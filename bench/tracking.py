@@ -49,7 +49,7 @@ def check_sql_store(key: str, url: str) -> None:
         with engine.connect():
             pass
         engine.dispose()
-    except Exception as e:  # no driver, bad URL, refused, timed out, no such database or user
+    except Exception as e:  # noqa: BLE001  no driver, bad URL, refused, timed out, no such database or user
         reason = str(e).strip().splitlines()[0][:200]
         raise ConfigError(f"{key}={url!r}: cannot connect ({reason}); expected sqlite:///FILE or a reachable "
                           "postgresql://USER@HOST:PORT/DB (an existing database; driver: pip install "
@@ -61,7 +61,7 @@ def check_reachable(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).read()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  refused, timed out, HTTP error, bad URL
             raise ConfigError(f"tracking.uri={uri!r}: tracking server unreachable ({e}); start one with "
                               "`mlflow server --host 127.0.0.1`, or use sqlite:///mlflow.db") from None
     elif uri.startswith(("sqlite:///", *DATABASES)):
@@ -125,7 +125,7 @@ def end_parent(run_id: str, status: str) -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "none"
     except (OSError, subprocess.TimeoutExpired):

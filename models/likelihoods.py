@@ -13,8 +13,8 @@ floor on a learned scale makes that family bounded again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class DiscretizedLogistic(Distribution):
     log(σ(a) − σ(b)) = log σ(a) + log σ(−b) + log(1 − e^(b−a)).
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}  # noqa: RUF012
     support = constraints.unit_interval
 
     def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = False):
@@ -64,7 +64,7 @@ class DiscretizedLogistic(Distribution):
     def mean(self) -> Tensor:
         return self.loc.clamp(0, 1)
 
-    def sample(self, sample_shape=torch.Size()) -> Tensor:
+    def sample(self, sample_shape=torch.Size()) -> Tensor:  # noqa: B008  torch's signature
         u = torch.rand(self._extended_shape(sample_shape), device=self.loc.device).clamp(1e-6, 1 - 1e-6)
         y = self.loc + self.scale * (torch.log(u) - torch.log1p(-u))
         return (y.clamp(0, 1) * (LEVELS - 1)).round() / (LEVELS - 1)

@@ -139,7 +139,7 @@ def test_bad_input_through_the_command_line(case, tmp_path):
     _inputs(tmp_path)
     before = _tree(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "bench.run", *_args(args, tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert all(needle in proc.stderr for needle in needles), proc.stderr

@@ -8,8 +8,8 @@ import itertools
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from bench import config, figures, train
