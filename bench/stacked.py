@@ -19,6 +19,7 @@ from bench.config import Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
     DIVERGED,
+    ON_MEASURE,
     CudaGraphStep,
     TrainResult,
     build,
@@ -114,7 +115,7 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
                 continue
             val = evaluate(result.model, data.val, eval_tf, seed=c.data.seed)
             metrics.update({f"val_{k}": v for k, v in val.items()})
-            for key in ("train_elbo", "train_recon", "val_elbo", "val_recon"):
+            for key in ON_MEASURE:
                 metrics[key] += offset
             metrics["peak_memory_mb"] = peak_memory_mb(device)
             metrics["epoch"] = epoch

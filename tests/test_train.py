@@ -79,6 +79,9 @@ def test_reported_elbo_is_on_the_run_measure(short_runs):
     plain = train.evaluate(result.model, data.val, data.transform(result.model.likelihood.family, False),
                            seed=cfg.data.seed)
     assert result.history[-1]["val_elbo"] == pytest.approx(plain["elbo"] - data.dim * math.log(256), rel=1e-6)
+    # at β = 1 the training objective is the ELBO, on the same measure
+    assert cfg.train.beta == 1
+    assert result.history[-1]["train_objective"] == pytest.approx(result.history[-1]["train_elbo"], rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["bernoulli", "gaussian"])
