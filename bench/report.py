@@ -356,11 +356,8 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     t = family[["protocol", "measure", "comparable", "bounded", "family", *keys, "supremum", "iwae_k", "n_complete",
                 "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
                 "test_bpd", "test_bpd_ci"]].copy()
+    t = likelihoods_where_comparable(t)
     t["scale"] = [comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
-    t["training_objective"] = t.test_elbo.where(~t.comparable)
-    t["training_objective_ci"] = t.test_elbo_ci.where(~t.comparable)
-    for col in ("test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci", "test_bpd", "test_bpd_ci"):
-        t[col] = t[col].where(t.comparable)
     t["compare_with"] = [
         ", ".join(sorted(set(t.family[(t.protocol == p) & (t.scale == s)]) - {f})) or "(no other family here)"
         if s else "nothing: not a likelihood of the data"
@@ -369,6 +366,20 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
                       ascending=[True, False, True, False, True])
     return t.drop(columns="_order").reset_index(drop=True)
+
+
+def likelihoods_where_comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its likelihood-valued numbers (LIKELIHOOD_VALUED) kept only on rows whose measure is
+    a likelihood of the data; another row's test ELBO goes to training_objective(_ci) instead, as the
+    report's text shows it (for tables.csv, whose readers must not find them beside likelihoods)."""
+    t = table.copy()
+    if "test_elbo" in t:
+        t["training_objective"] = t.test_elbo.where(~t.comparable)
+        t["training_objective_ci"] = t.test_elbo_ci.where(~t.comparable)
+    for col in (c for key in LIKELIHOOD_VALUED for c in (key, f"{key}_ci")):
+        if col in t:
+            t[col] = t[col].where(t.comparable)
+    return t
 
 
 def factor_tables(family: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -772,8 +783,9 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials)]
-    tables = {"1 family": family, "2 measure": measure,
-              **{f"3 factor {k}": t.assign(factor=k) for k, t in by_factor.items()}, "4 trials": trials}
+    tables = {"1 family": likelihoods_where_comparable(family), "2 measure": measure,
+              **{f"3 factor {k}": likelihoods_where_comparable(t).assign(factor=k) for k, t in by_factor.items()},
+              "4 trials": trials}
     return blocks, tables
 
 

@@ -176,6 +176,13 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
     assert Image.open(done.folder / "val_elbo.png").width == 3 * 5 * 100
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     assert "laplace may be compared with nothing: density at binary values" in md
+    # tables.csv too: the objective in its own column, no likelihood-valued number on that row
+    csv = pd.read_csv(done.folder / "tables.csv")
+    rows = csv[csv.table == "1 family"].set_index("family")
+    assert rows.loc["laplace", "training_objective"] == pytest.approx(table.set_index("family").loc["laplace", "test_elbo"])
+    assert rows.loc["laplace", list(report.LIKELIHOOD_VALUED)].isna().all()
+    assert rows.loc["bernoulli", list(report.LIKELIHOOD_VALUED)].notna().all()
+    assert math.isnan(rows.loc["bernoulli", "training_objective"])
 
 
 def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
