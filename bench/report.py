@@ -707,7 +707,9 @@ FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
     "in nats per image on the row's measure (section 2); IWAE s.e. is the standard error of the test-set "
     "mean over datapoints, IWAE MC s.e. the Monte-Carlo standard error of that mean from the k importance "
-    "samples (delta method), each averaged over seeds; bits/dim from the IWAE NLL. min scale is the "
+    "samples (delta method), each averaged over seeds; bits/dim from the IWAE NLL. The test ELBO and "
+    "reconstruction are over the whole test split, the IWAE numbers over its first eval.iwae_examples images "
+    "(a run param; all when 0). min scale is the "
     "smallest learned scale reached in training (— for families without a learned scale). A row whose "
     "numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
     "objective.")

@@ -61,6 +61,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 Round = Callable[[], object]  # runs STEPS steps and returns once the device is done
 
 
+def require_mnist() -> None:
+    """Fails, as the test suite does, when the benchmarks' data is missing: a skip would leave a run with
+    only the floor's rows, and its JSON and Markdown would replace the committed ones."""
+    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"{RAW / 't10k-images-idx3-ubyte.gz'} is missing: the benchmarks read MNIST's official "
+                    "t10k files from ../shared/data/MNIST/raw beside the clone")
+
+
 class Paired:
     """Rounds of reference loops, run and timed between the benchmark's own rounds (as pytest-benchmark's
     `setup`, which is called before every round, the warm-up rounds included)."""
@@ -186,8 +194,7 @@ def round_pixels(x: Tensor) -> Tensor:
 def torchvision_root(tmp_path_factory) -> Path:
     """A torchvision MNIST root built from the shared 10k test files, copied as the train files too
     (torchvision checks that the four uncompressed files exist; download=False)."""
-    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test files not found in {RAW}")
+    require_mnist()
     root = tmp_path_factory.mktemp("torchvision")
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -257,8 +264,7 @@ def _config(family: str, n_samples: int, device: str) -> config.Config:
 @pytest.fixture(scope="session")
 def mnist():
     """(cfg, device) -> Data, each protocol read once (MNIST's 10k official test images)."""
-    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test files not found in {RAW}")
+    require_mnist()
     cache: dict[tuple[str, str], data_mod.Data] = {}
 
     def get(cfg: config.Config, device: str) -> data_mod.Data:

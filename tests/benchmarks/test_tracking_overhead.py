@@ -45,7 +45,16 @@ from mlflow.tracking import MlflowClient
 
 from bench import config, tracking
 from bench.train import train
-from tests.benchmarks.test_speed import BATCH, DEVICES, HIDDEN, LATENT, RAW, SHARED_DATA, STEPS, ours_round
+from tests.benchmarks.test_speed import (
+    BATCH,
+    DEVICES,
+    HIDDEN,
+    LATENT,
+    SHARED_DATA,
+    STEPS,
+    ours_round,
+    require_mnist,
+)
 
 TRAIN_IMAGES = 50_000  # MNIST's 60,000 training images less the default 10,000 held out for validation
 EPOCHS = {"cpu": 4, "cuda": 30}  # per run (an epoch takes ~1.6 s on 2 CPU cores, ~0.15 s on an H100)
@@ -80,8 +89,7 @@ class _Clock:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
-    if not (RAW / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test files not found in {RAW}")
+    require_mnist()
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, device)
     from bench import data as data_mod
