@@ -16,12 +16,15 @@ SHARED_MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MN
 @pytest.fixture(autouse=True)
 def one_thread(request):
     """The test models are tiny: on a loaded 2-core machine a second intra-op thread made a trial 30 times
-    slower (0.9 s vs 29 s for 30 epochs of digits). Benchmarks keep torch's own setting."""
+    slower (0.9 s vs 29 s for 30 epochs of digits). Benchmarks keep torch's own setting. Every test also
+    starts with subnormal floats kept, whatever an earlier test's training set process-wide
+    (bench.train.flush_subnormals)."""
     if "benchmarks" in request.node.path.parts:
         yield
         return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(False)  # torch's default: a training earlier in the session turned it on
     yield
     torch.set_num_threads(n)
 

@@ -264,9 +264,11 @@ def test_discretized_logistic_tails_stay_finite_in_log_space():
         assert lp[2].item() == pytest.approx(-math.log1p(math.exp(-HALF_BIN / scale)), abs=1e-6)
 
 
-def test_discretized_logistic_underflowed_scale_gives_no_nan():
-    # exp(−100) is a float32 denormal: both bin edges of a pixel far from the mean are ±∞, and the
-    # bin's log-mass must come out −∞ (its limit), not ∞ − ∞ = NaN.
+@pytest.mark.parametrize("flush", [False, True], ids=["subnormals", "flushed"])
+def test_discretized_logistic_underflowed_scale_gives_no_nan(flush):
+    # exp(−100) is a float32 subnormal, or 0 where training flushes subnormals: both bin edges of a pixel
+    # far from the mean are ±∞, and the bin's log-mass must come out −∞ (its limit), not ∞ − ∞ = NaN.
+    torch.set_flush_denormal(flush)
     lik = likelihoods.get("discretized_logistic")
     x = torch.tensor([[0.0, 100 / 255, 1.0]])
     for loc in (0.0, 0.5, 1e4, -1e4):
