@@ -5,7 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# any browser tests/test_report.py renders with; else Debian's package (Ubuntu's is chromium-browser)
+{ command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1 || need+=(chromium)
+# Debian's and Ubuntu's own python3 make a venv only with python3-venv: try one where none is made yet
+if [ ! -x .venv/bin/python ]; then
+  try=$(mktemp -d)
+  python3 -m venv "$try/venv" >/dev/null 2>&1 || need+=(python3-venv)
+  rm -rf "$try"
+fi
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
