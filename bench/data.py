@@ -142,10 +142,11 @@ def _mnist_t10k(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
         raise DataError(f"data.name=mnist_t10k: expected {raw / MNIST_TEST_FILES[0]}[.gz] "
                         "(MNIST's official test images); set data.root to the folder above MNIST/; "
                         f"{_offline_hint(cfg.root)}")
-    n_test = len(images) // 5
-    return images[n_test:], images[:n_test], (
+    # Drawn at random, not the first 2,000: the file's first 5,000 come from NIST's cleaner writers
+    train, test = _fixed_test_split(images, len(images) // 5)
+    return train, test, (
         f"MNIST official test split only ({len(images)} images from {raw}): "
-        f"first {n_test} as test, the rest as train and validation")
+        f"{len(test)} fixed random images as test, the rest as train and validation")
 
 
 def _digits(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
@@ -153,10 +154,16 @@ def _digits(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
 
     values = torch.from_numpy(load_digits().images).flatten(1)  # (1797, 64), values 0..16
     pixels = (values * (LEVELS - 1) / 16).round().to(torch.uint8)
-    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(1234))
-    n_test = len(pixels) // 6
-    return pixels[order[n_test:]], pixels[order[:n_test]], (
-        f"scikit-learn digits (1797 8x8 images, 0..16 rescaled to 0..255): {n_test} fixed test images")
+    train, test = _fixed_test_split(pixels, len(pixels) // 6)
+    return train, test, (
+        f"scikit-learn digits (1797 8x8 images, 0..16 rescaled to 0..255): {len(test)} fixed test images")
+
+
+def _fixed_test_split(images: Tensor, n_test: int) -> tuple[Tensor, Tensor]:
+    """images (N, D) -> the rest and n_test test images, drawn at random but the same in every run (the
+    seed is not data.seed, which varies the train/validation split only)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
+    return images[order[n_test:]], images[order[:n_test]]
 
 
 SOURCES = {"mnist": _torchvision, "fashion_mnist": _torchvision, "mnist_t10k": _mnist_t10k, "digits": _digits}
