@@ -20,7 +20,9 @@ import fcntl
 import json
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,18 +325,39 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
-    tracking.finish_child(result, cfg, final, state, reason, epoch_log)
     last = history[-1] if history else {}
     val = last.get("val_elbo", float("nan"))
-    for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
-                       "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
-        trial.set_user_attr(key, value)
-    if state == "complete":
-        study.tell(trial, val if math.isfinite(val) else None,
-                   state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL)
-    else:
-        study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
+    with _ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
+        tracking.finish_child(result, cfg, final, state, reason, epoch_log)
+        for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
+                           "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
+            trial.set_user_attr(key, value)
+        if state == "complete":
+            study.tell(trial, val if math.isfinite(val) else None,
+                       state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL)
+        else:
+            study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
     return TrialOutcome(trial.number, label, state, reason, val, last.get("samples_per_s", float("nan")))
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """A Ctrl-C inside takes effect (KeyboardInterrupt) once the block is done. Without this, one that came
+    while a finished trial was being recorded left its run and trial RUNNING, which the next command took
+    for a dead worker's, throwing the trained variant away. Only where Ctrl-C raises KeyboardInterrupt:
+    in the main thread, with Python's own handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> list[TrialOutcome]:

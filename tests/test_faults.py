@@ -4,6 +4,7 @@ while the study goes on."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from bench import config, run, study
+from bench import config, run, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import (
     SEEDS,
@@ -102,6 +103,27 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     # diverged is final: the same command does not train it again
     assert run.main(args) == 0
     assert len(_state(tmp_path, args)[0]) == 2
+
+
+def test_ctrl_c_while_a_finished_trial_is_recorded_waits_for_the_record(tmp_path, monkeypatch):
+    # A real SIGINT in the middle of recording trial 0 (its MLflow run being closed): the record is
+    # finished first (trial COMPLETE, run FINISHED, not RUNNING for the next command to take for a dead
+    # worker's and train again), then the command stops as for any Ctrl-C.
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real = tracking.finish_child
+
+    def interrupted_while_finishing(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, before the writes
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "finish_child", interrupted_while_finishing)
+        assert run.main(args) == 130
+    before, runs = _state(tmp_path, args)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.WAITING, TrialState.WAITING]
+    assert before[0].user_attrs["status"] == "complete"
+    assert list(runs.status) == ["FINISHED"] and runs["tags.state"].item() == "complete"
 
 
 @pytest.mark.parametrize("where", ["loading its data", "logging its run's params"])
