@@ -70,6 +70,7 @@ LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "te
 OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
 FINISHED = ("complete", "pruned", "diverged", "failed", "killed", "interrupted")
+CUT_SHORT = ("failed", "killed", "interrupted")  # the next run of the study trains the variant again
 # Params that are not factors: the seed is what the statistics run over, the family and the
 # binarization are the rows and blocks already, and the rest changes where results go, not what they are.
 NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", "tracking.",
@@ -305,11 +306,19 @@ def _family_order(name: str) -> int:
     return likelihoods.NAMES.index(name) if name in likelihoods.NAMES else len(likelihoods.NAMES)
 
 
+def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs less the attempts that were cut short (CUT_SHORT) and then tried again: a variant counts
+    once, as its last attempt (the trial table still lists every attempt)."""
+    retried = runs.sort_values("start_time").duplicated("variant", keep="last") & (runs.variant != "")
+    return runs[~(retried & runs.state.isin(CUT_SHORT))]
+
+
 def family_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Table 1: one row per data protocol × family (× factor values), bounded families first.
 
-    Counts cover every finished trial; metric columns (`<metric>`, `<metric>_ci`, `<metric>_n`) the
-    completed ones only."""
+    Counts cover every finished trial (a variant's last attempt: `last_attempts`); metric columns
+    (`<metric>`, `<metric>_ci`, `<metric>_n`) the completed ones only."""
+    runs = last_attempts(runs)
     keys = factors(runs)
     df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
     rows = []
@@ -701,8 +710,9 @@ def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
 STATISTICS = (
     "Each metric is the mean over the seeds of the row's completed trials ± the half-width of a 95 % "
     "confidence interval, mean ± t(0.975, n−1)·s/√n (no interval when n = 1). Diverged, pruned and failed "
-    "trials are counted (trials, divergence = diverged/trials) but do not enter the means; section 4 lists "
-    "them with their reasons.")
+    "trials are counted (trials, divergence = diverged/trials) but do not enter the means; a trial cut short "
+    "(failed, killed, interrupted) and then run again counts once, as its last attempt. Section 4 lists every "
+    "attempt with its reason.")
 FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
     "in nats per image on the row's measure (section 2); IWAE s.e. is the standard error of the test-set "

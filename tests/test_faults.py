@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from bench import config, run, study, tracking
+from bench import config, report, run, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import (
     SEEDS,
@@ -80,6 +80,11 @@ def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatc
 
     assert run.main(args) == 0
     _assert_resumed(tmp_path, args, before, gone="KILLED")
+    # the report counts each variant once, as its last attempt, and still lists the interrupted one
+    data = report.load(args)
+    table = report.family_table(data.runs)
+    assert (table.n_trials.sum(), table.n_complete.sum(), table.n_failed.sum()) == (len(SEEDS), len(SEEDS), 0)
+    assert sorted(report.trial_table(data).state) == ["complete"] * len(SEEDS) + ["interrupted"]
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
