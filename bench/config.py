@@ -164,6 +164,9 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
+        if (e.full_key or "").startswith("study.search_space."):  # its keys hold dots themselves
+            raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; give study.search_space in a study file, e.g. "
+                              "`train.lr: {kind: float, low: 1.0e-4, high: 1.0e-2, log: true}`") from None
         parent = e.full_key.rsplit(".", 1)[0] if "." in (e.full_key or "") else ""
         section = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(str(k) for k in section)
@@ -214,8 +217,8 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             arg += "''"
         try:
             dot = OmegaConf.from_dotlist([arg])
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {arg!r}: {e}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
+            raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         cfg = _merge(cfg, dot, f"override {arg!r}")
     config: Config = OmegaConf.to_object(cfg)
     varied = {key for grid in config.study.grids for key in grid}
@@ -279,6 +282,8 @@ def validate(cfg: Config) -> None:
     _check(s.pruner in PRUNERS, "study.pruner", s.pruner, f"one of {', '.join(PRUNERS)}")
     _check(s.n_workers >= 1, "study.n_workers", s.n_workers, "an integer ≥ 1")
     _check(len(s.seeds) >= 1, "study.seeds", s.seeds, "a non-empty list of integers")
+    _check(len(set(s.seeds)) == len(s.seeds), "study.seeds", s.seeds,
+           "distinct integers (a repeated seed trains the same run twice, and its interval would be 0)")
     _check(s.n_trials >= 0, "study.n_trials", s.n_trials, "an integer ≥ 0")
     _check(not s.search_space or s.n_trials >= 1, "study.n_trials", s.n_trials,
            "an integer ≥ 1 when study.search_space is given")
@@ -304,6 +309,25 @@ def validate(cfg: Config) -> None:
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
+    for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
+        try:
+            validate_run(apply(cfg, corner))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in study.search_space, at {corner})") from None
+
+
+def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[str, Any]]:
+    """Points that every sampled value lies between: each categorical choice, each bound of a range; all
+    their combinations (so that a likelihood meets each data protocol it can be sampled with), or each
+    key's values alone when there would be more than `most`. None for an empty space."""
+    if not space:
+        return []
+    values = {key: dim.choices if dim.kind == "categorical" else
+              [int(dim.low), int(dim.high)] if dim.kind == "int" else [dim.low, dim.high]
+              for key, dim in space.items()}
+    if math.prod(len(v) for v in values.values()) > most:
+        return [{key: v} for key, vs in values.items() for v in vs]
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
 def grid_points(cfg: Config) -> list[dict[str, Any]]:

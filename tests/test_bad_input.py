@@ -23,6 +23,9 @@ FILES = {
     "grid_value.yaml": "study:\n  grids:\n    - train.beta: 1.0\n",
     "yaml_type.yaml": "train:\n  epochs: many\n",
     "search.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.1, high: 0.001}\n",
+    "search_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lrr: {low: 0.0001, high: 0.01}\n",
+    "search_pairing.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
+                           "    likelihood.name: {kind: categorical, choices: [bernoulli, discretized_logistic]}\n",
     "afile": "a file where a folder is needed\n",
 }
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -57,6 +60,14 @@ CASES = [
     ("seed of a study's variants", ["study=smoke", "train.seed=5"],
      ["'train.seed=5'", "train.seed comes from study.seeds ([0])", "set study.seeds=[...] instead"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
+    ("repeated seed", ["study=smoke", "study.seeds=[0,0]"], ["study.seeds=[0, 0] is invalid", "distinct integers"]),
+    ("unclosed list", ["study=smoke", "model.hidden=[64"], ["override 'model.hidden=[64'", "expected ',' or ']'"]),
+    ("search space on the command line", ["study=smoke", "study.search_space.train.lr.kind=float"],
+     ["give study.search_space in a study file"]),
+    ("unknown search key", ["study={tmp}/in/search_key.yaml"],
+     ["Key 'lrr' not in 'TrainConfig'", "Did you mean: 'lr'", "in study.search_space"]),
+    ("search pairs a likelihood with the wrong data", ["study={tmp}/in/search_pairing.yaml"],
+     ["data.binarize='static' is invalid", "expected none", "'likelihood.name': 'discretized_logistic'"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),
