@@ -904,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         data = load(argv)
+        report_dir = data.selection.cfg.report_dir
+        config.check_writable("report_dir", report_dir, Path(report_dir) / _safe(data.selection.name), create=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -308,6 +308,15 @@ def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, 
     assert sorted(p.name for p in done.tmp.rglob("*")) == before
 
 
+def test_unwritable_report_dir_exits_2_and_writes_nothing(done, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("a file where a folder is needed")
+    assert report.main([*done.args, f"report_dir={afile}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: report_dir='{afile}'" in err and "is not a writable folder" in err
+    assert afile.read_text() == "a file where a folder is needed" and list(tmp_path.iterdir()) == [afile]
+
+
 def test_missing_store_exits_2_and_creates_none(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert report.main(["study=smoke", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
