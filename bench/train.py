@@ -238,14 +238,18 @@ class EpochTime:
 
 def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data_dim: int) -> dict[str, float]:
     """One variant's per-epoch training metrics from its `run_steps` row, over n examples. samples_per_s
-    is the epoch's (what a run gets, and what tests/benchmarks times); ms_per_step the step's alone."""
+    is the epoch's (what a run gets, and what tests/benchmarks times); ms_per_step the step's alone;
+    min_scale only for a family with a learned scale (`run_steps` gives +∞ for the others, which MLflow
+    would show as 1.8e308)."""
     recon, kl, top_log_p, min_scale = sums
-    return {
+    metrics = {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
         "train_objective": (recon - beta * kl) / n, "samples_per_s": n / times.wall_s,
-        "ms_per_step": 1000 * times.steps_s / times.steps,
-        "max_log_p_per_pixel": top_log_p / data_dim, "min_scale": min_scale,
+        "ms_per_step": 1000 * times.steps_s / times.steps, "max_log_p_per_pixel": top_log_p / data_dim,
     }
+    if min_scale != math.inf:
+        metrics["min_scale"] = min_scale
+    return metrics
 
 
 @torch.no_grad()
@@ -267,7 +271,7 @@ def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], 
 
 def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum: float) -> str:
     """Why this epoch's metrics mean the run has diverged ("" when it has not)."""
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v) and k != "min_scale")
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
         return f"non-finite {', '.join(bad)} (NaN or ∞)"
     sup = lik.supremum_per_pixel
