@@ -103,13 +103,20 @@ def run(cfg: Config) -> bool:
 
 
 def summary(cfg: Config) -> pd.DataFrame:
-    """One row per trial of the study: variant, state, validation ELBO, samples/s."""
-    rows = [{"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
-             "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
-             "val ELBO": t.user_attrs.get("val_elbo"), "samples/s": t.user_attrs.get("samples_per_s"),
-             "reason": t.user_attrs.get(study.REASON, "")[:60]}
-            for t in study.open_study(cfg, create=False).get_trials(deepcopy=False) if study.VARIANT in t.user_attrs]
-    return pd.DataFrame(rows)
+    """One row per trial of the study: variant, state, validation ELBO, samples/s. A trial whose ELBO is not
+    a likelihood of the data has it under "objective", never beside the likelihoods (as in the report)."""
+    rows = []
+    for t in study.open_study(cfg, create=False).get_trials(deepcopy=False):
+        if study.VARIANT not in t.user_attrs:
+            continue
+        val, likelihood = t.user_attrs.get("val_elbo"), t.user_attrs.get(study.COMPARABLE, True)
+        rows.append({"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
+                     "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
+                     "val ELBO": val if likelihood else None, "objective": None if likelihood else val,
+                     "samples/s": t.user_attrs.get("samples_per_s"),
+                     "reason": t.user_attrs.get(study.REASON, "")[:60]})
+    table = pd.DataFrame(rows)
+    return table.drop(columns="objective") if len(table) and table.objective.isna().all() else table
 
 
 def main(argv: list[str] | None = None) -> int:

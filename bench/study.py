@@ -45,6 +45,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
 HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
+COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
 DIVERGED_STATUS, CRASHED, KILLED, INTERRUPTED = "diverged", "failed", "killed", "interrupted"
@@ -282,6 +283,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
         run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
+        trial.set_user_attr(COMPARABLE, measure.comparable)
     except KeyboardInterrupt:
         _interrupted(study, trial, None, cfg)
         raise

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -54,6 +55,15 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
     # every trial ended for good, and its run keeps the state
     assert {t.user_attrs["status"] for t in trials} <= {"complete", "diverged"}
     assert set(children["tags.state"]) <= {"complete", "diverged"}
+    # the printed summary never shows a training objective beside a likelihood
+    table = run.summary(config.load(args)).set_index("trial")
+    for t in trials:
+        row = table.loc[t.number]
+        likelihood = children.set_index("tags.trial_number").loc[str(t.number), "tags.comparable"] == "True"
+        assert t.user_attrs["comparable"] == likelihood
+        shown, hidden = ("val ELBO", "objective") if likelihood else ("objective", "val ELBO")
+        assert row[shown] == pytest.approx(t.user_attrs["val_elbo"], nan_ok=True)
+        assert hidden not in row or pd.isna(row[hidden])
 
 
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch):
