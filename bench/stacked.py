@@ -29,6 +29,7 @@ from bench.train import (
     flush_subnormals,
     optimizer_step,
     peak_memory_mb,
+    reset_peak_memory,
     resolve_device,
     run_steps,
 )
@@ -108,6 +109,7 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     step = make_stacked_step(model, cfgs)
     train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
     results = [TrainResult(v, data, measure) for v in model.variants]
+    reset_peak_memory(device)
     for epoch in range(1, cfg.train.epochs + 1):
         per_variant = train_epoch_stacked(model, step, data.train, train_tf, cfgs)
         for result, c, metrics in zip(results, cfgs, per_variant):

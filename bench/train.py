@@ -11,11 +11,14 @@ clock on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -96,10 +99,28 @@ class _StepTimer:
         return self.seconds
 
 
+PROC = Path("/proc/self")  # Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Makes `peak_memory_mb` this run's, not the process's since it started (a worker trains many runs):
+    torch's counter on a GPU; on Linux, the process's peak resident memory (VmHWM, reset by writing 5 to
+    clear_refs). Elsewhere it stays the process's lifetime peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):
+            (PROC / "clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """The peak since `reset_peak_memory`: tensors allocated on a GPU; resident memory of the whole process
+    (the interpreter and its libraries included) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: kB
+    with contextlib.suppress(OSError, AttributeError):
+        return int(re.search(r"VmHWM:\s*(\d+) kB", (PROC / "status").read_text()).group(1)) / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux's unit: kB
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -300,8 +321,7 @@ def train(cfg: Config, data: Data | None = None,
     step = make_step(model, cfg)
     train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
     result = TrainResult(model, data, measure)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     for epoch in range(1, cfg.train.epochs + 1):
         metrics = train_epoch(model, step, data.train, train_tf, cfg)
         metrics.update({f"val_{k}": v for k, v in evaluate(model, data.val, eval_tf, seed=cfg.data.seed).items()})

@@ -70,6 +70,16 @@ def test_history_has_every_per_epoch_metric(short_runs):
         assert metrics["train_kl"] >= 0 and metrics["train_elbo"] <= 0
 
 
+@pytest.mark.skipif(not train.PROC.joinpath("clear_refs").exists(), reason="Linux's /proc/self/clear_refs")
+def test_cpu_peak_memory_is_the_runs_own_not_the_processs():
+    # A worker trains many runs: an earlier 512 MiB peak of the process must not show in this run's
+    touched = torch.ones(2**27)  # 512 MiB, written
+    del touched
+    lifetime_mb = train.resource.getrusage(train.resource.RUSAGE_SELF).ru_maxrss / 2**10
+    result = train.train(make_cfg(*PROTOCOLS["bernoulli"], "train.epochs=1"))
+    assert 0 < result.history[0]["peak_memory_mb"] < lifetime_mb - 256
+
+
 def test_reported_elbo_is_on_the_run_measure(short_runs):
     # Gaussian on dequantized 8-bit data: every reported ELBO carries −D log 256 (density on [0,1] ->
     # lower bound on the 8-bit pmf), so the last val_elbo is evaluate()'s ELBO plus that offset.
