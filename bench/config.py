@@ -319,7 +319,7 @@ def validate(cfg: Config) -> None:
 def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[str, Any]]:
     """Points that every sampled value lies between: each categorical choice, each bound of a range; all
     their combinations (so that a likelihood meets each data protocol it can be sampled with), or each
-    key's values alone when there would be more than `most`. None for an empty space."""
+    key's values alone when there would be more than `most`. No point for an empty space."""
     if not space:
         return []
     values = {key: dim.choices if dim.kind == "categorical" else

@@ -98,7 +98,8 @@ def pruner(cfg: Config) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: Config, create: bool) -> optuna.Study:
-    kwargs = {"study_name": study_name(cfg), "storage": storage_url(cfg), "sampler": _sampler(cfg), "pruner": pruner(cfg)}
+    kwargs = {"study_name": study_name(cfg), "storage": storage_url(cfg), "sampler": _sampler(cfg),
+              "pruner": pruner(cfg)}
     if create:
         return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
     path = tracking.sqlite_path(storage_url(cfg))
