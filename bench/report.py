@@ -220,11 +220,6 @@ def _metric(frame: pd.DataFrame, key: str) -> pd.Series:
     return pd.to_numeric(frame[col], errors="coerce") if col in frame else pd.Series(np.nan, index=frame.index)
 
 
-def _scale(value: float) -> float:
-    # MLflow stores +inf (no learned scale) as the largest float; neither is a scale reached.
-    return value if math.isfinite(value) and value < 1e300 else np.nan
-
-
 def load(argv: list[str]) -> StudyData:
     """Everything the report needs, read from MLflow and Optuna (raises ConfigError as `select`)."""
     sel = select(argv)
@@ -259,11 +254,11 @@ def load(argv: list[str]) -> StudyData:
     for run_id, family in zip(runs.run_id, runs.family):
         curves += [{"run_id": run_id, "epoch": m.step, "val_elbo": m.value}
                    for m in client.get_metric_history(run_id, "val_elbo")]
-        # the smallest scale reached in any epoch (the logged metric is each epoch's minimum)
-        scales = [v for v in (_scale(m.value) for m in client.get_metric_history(run_id, "min_scale"))
-                  if not math.isnan(v)]
+        # the smallest scale reached in any epoch (logged, as each epoch's minimum, for learned scales only)
         learned = family in likelihoods.FAMILIES and likelihoods.FAMILIES[family].learned_scale
-        min_scale.append(min(scales) if learned and scales else np.nan)
+        scales = [m.value for m in client.get_metric_history(run_id, "min_scale") if math.isfinite(m.value)] \
+            if learned else []
+        min_scale.append(min(scales) if scales else np.nan)
     runs["min_scale"] = min_scale
     runs = runs.sort_values(["trial", "start_time"]).reset_index(drop=True)
     return StudyData(sel, runs, trials, pd.DataFrame(curves, columns=["run_id", "epoch", "val_elbo"]), note)
