@@ -1,4 +1,7 @@
-"""ELBO and IWAE estimators, sharing log w = log p(x|z) + log p(z) − log q(z|x) of shape (K, B)."""
+"""ELBO and IWAE estimators. Both draw z = μ + σ ⊙ ε with `sample_z` and score it with the decoder's
+log p(x|z) of shape (K, B). IWAE averages w = p(x|z) p(z) / q(z|x) (`log_weights`); the ELBO used for
+training and reporting takes the KL term in closed form instead of from log p(z) − log q(z|x): the same
+expectation, E_q[log w], usually with less variance (Kingma & Welling 2014, eq. 10)."""
 
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def sample_z(mu: Tensor, logvar: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def elbo_terms(model: VAE, x: Tensor, n_samples: int = 1) -> ElboTerms:
-    """ELBO_L(x) = (1/L) Σ_l log p(x|z_l) − KL(q(z|x) ‖ p(z)). x (B, D)."""
+    """ELBO_L(x) = (1/L) Σ_l log p(x|z_l) − KL(q(z|x) ‖ p(z)), the KL analytic (Kingma & Welling 2014,
+    eq. 10); its expectation is E_q[log w], the single-sample IWAE. x (B, D)."""
     mu, logvar = model.encode(x)  # (B, Z) each
     z, _ = sample_z(mu, logvar, n_samples)  # (L, B, Z): the L samples go through one batched matmul
     p = model.p_x_given_z(model.decode(z), x)  # batch shape (L, B)
@@ -62,7 +66,7 @@ def log_weights(model: VAE, x: Tensor, mu: Tensor, logvar: Tensor, k: int) -> Te
 @dataclass
 class IwaeEstimate:
     log_px: Tensor  # (B,) IWAE_K = logsumexp_k log w_k − log K (Burda, Grosse & Salakhutdinov 2016)
-    mc_se: Tensor  # (B,) Monte-Carlo s.e. of each estimate (delta method: Var(w) / (K · mean(w)²))
+    mc_se: Tensor  # (B,) Monte-Carlo s.e. of each estimate (delta method: √(Var(w) / (K · mean(w)²)))
 
 
 @torch.no_grad()
