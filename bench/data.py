@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bench.config import ConfigError, DataConfig
-from models.likelihoods import EIGHT_BIT, LEVELS, Family
+from models.likelihoods import EIGHT_BIT, LEVELS, Family, Likelihood, Measure
 
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte",)
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -58,6 +58,10 @@ class Data:
 
     def dequantized_for(self, family: Family) -> bool:
         return not self.binarized and family.support != EIGHT_BIT and self.cfg.dequantize
+
+    def measure(self, lik: Likelihood) -> Measure:
+        """What lik's log p(x|z) on this data is a measure of."""
+        return lik.measure(self.binarized, self.dequantized_for(lik.family))
 
     def transform(self, family: Family, train: bool) -> Callable[[Tensor], Tensor]:
         """uint8 batch (B, D) -> model input (B, D) float, on the batch's device."""

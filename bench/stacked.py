@@ -19,16 +19,13 @@ from bench.config import Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
     DIVERGED,
-    ON_MEASURE,
     CudaGraphStep,
     TrainResult,
     build,
-    divergence,
     epoch_metrics,
-    evaluate,
     flush_subnormals,
     optimizer_step,
-    peak_memory_mb,
+    record_epoch,
     reset_peak_memory,
     resolve_device,
     run_steps,
@@ -55,7 +52,7 @@ def build_stacked(cfgs: list[Config], data: Data) -> StackedVAE:
     variants = []
     for cfg in cfgs:
         torch.manual_seed(cfg.train.seed)  # the initialisation train(cfg) would draw
-        variants.append(build(cfg, data))
+        variants.append(build(cfg, data.dim))
     return StackedVAE(variants)
 
 
@@ -103,11 +100,10 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     device = resolve_device(cfg.train.device)
     data = data if data is not None else data_mod.load(cfg.data, device)
     model = build_stacked(cfgs, data).to(device)
-    lik = model.likelihood
-    measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
-    offset = measure.nats_offset_per_pixel * data.dim
+    family = model.likelihood.family
     step = make_stacked_step(model, cfgs)
-    train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
+    train_tf, eval_tf = data.transform(family, train=True), data.transform(family, train=False)
+    measure = data.measure(model.likelihood)
     results = [TrainResult(v, data, measure) for v in model.variants]
     reset_peak_memory(device)
     for epoch in range(1, cfg.train.epochs + 1):
@@ -115,16 +111,7 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
         for result, c, metrics in zip(results, cfgs, per_variant):
             if result.status == DIVERGED:
                 continue
-            val = evaluate(result.model, data.val, eval_tf, seed=c.data.seed)
-            metrics.update({f"val_{k}": v for k, v in val.items()})
-            for key in ON_MEASURE:
-                metrics[key] += offset
-            metrics["peak_memory_mb"] = peak_memory_mb(device)
-            metrics["epoch"] = epoch
-            result.history.append(metrics)
-            result.reason = divergence(metrics, lik, c, data.quantum)
-            if result.reason:
-                result.status = DIVERGED
+            record_epoch(result, metrics, epoch, c, eval_tf, device)
         if all(r.status == DIVERGED for r in results):
             break
     return results

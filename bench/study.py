@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 from bench import config, tracking
 from bench import data as data_mod
 from bench.config import Config
-from bench.train import DIVERGED, final_metrics, resolve_device, train
-from models import likelihoods
+from bench.train import DIVERGED, final_metrics, likelihood_of, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -276,8 +275,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     label = variant_label(params)
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
         data = cache.get(cfg)
-        lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
-        measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
+        lik = likelihood_of(cfg)
+        measure = data.measure(lik)
         tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
                 "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),

@@ -21,8 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from bench import config, figures
 from bench.config import Config, ConfigError
-from bench.train import TrainResult
-from models import likelihoods
+from bench.train import TrainResult, build
 from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
@@ -213,8 +212,6 @@ def load_model(run_id: str) -> VAE:
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
         cfg = config.load(study=str(Path(tmp) / "config.yaml"))
         state = torch.load(Path(tmp) / "model_state_dict.pt", map_location="cpu", weights_only=True)
-    # bench.train.build takes the data only for its width, which the first encoder layer records
-    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
-    model = VAE(state["encoder.0.weight"].shape[1], list(cfg.model.hidden), cfg.model.latent_dim, lik)
+    model = build(cfg, data_dim=state["encoder.0.weight"].shape[1])  # the first layer records the width
     model.load_state_dict(state)
     return model.eval()

@@ -56,9 +56,13 @@ class TrainResult:
     reason: str = ""  # why a run diverged
 
 
-def build(cfg: Config, data: Data) -> VAE:
-    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
-    return VAE(data.dim, list(cfg.model.hidden), cfg.model.latent_dim, lik)
+def likelihood_of(cfg: Config) -> Likelihood:
+    return likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+
+
+def build(cfg: Config, data_dim: int) -> VAE:
+    """The untrained model for images of data_dim pixels."""
+    return VAE(data_dim, list(cfg.model.hidden), cfg.model.latent_dim, likelihood_of(cfg))
 
 
 def make_optimizer(params, lr: float, capturable: bool = False) -> torch.optim.Adam:
@@ -314,29 +318,37 @@ def train(cfg: Config, data: Data | None = None,
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = data if data is not None else data_mod.load(cfg.data, device)
-    model = build(cfg, data).to(device)
-    lik = model.likelihood
-    measure = lik.measure(data.binarized, data.dequantized_for(lik.family))
-    offset = measure.nats_offset_per_pixel * data.dim
+    model = build(cfg, data.dim).to(device)
+    family = model.likelihood.family
     step = make_step(model, cfg)
-    train_tf, eval_tf = data.transform(lik.family, train=True), data.transform(lik.family, train=False)
-    result = TrainResult(model, data, measure)
+    train_tf, eval_tf = data.transform(family, train=True), data.transform(family, train=False)
+    result = TrainResult(model, data, data.measure(model.likelihood))
     reset_peak_memory(device)
     for epoch in range(1, cfg.train.epochs + 1):
         metrics = train_epoch(model, step, data.train, train_tf, cfg)
-        metrics.update({f"val_{k}": v for k, v in evaluate(model, data.val, eval_tf, seed=cfg.data.seed).items()})
-        for key in ON_MEASURE:
-            metrics[key] += offset  # on the run's measure, like every ELBO reported
-        metrics["peak_memory_mb"] = peak_memory_mb(device)
-        metrics["epoch"] = epoch
-        result.history.append(metrics)
-        result.reason = divergence(metrics, lik, cfg, data.quantum)
+        record_epoch(result, metrics, epoch, cfg, eval_tf, device)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if result.reason:
-            result.status = DIVERGED
+        if result.status == DIVERGED:
             break
     return result
+
+
+def record_epoch(result: TrainResult, metrics: dict[str, float], epoch: int, cfg: Config,
+                 eval_tf: Callable[[Tensor], Tensor], device: torch.device) -> None:
+    """Completes an epoch's training metrics (validation, the run's measure, memory), appends them to
+    result's history, and marks the run diverged if they say so."""
+    data = result.data
+    metrics.update({f"val_{k}": v for k, v in evaluate(result.model, data.val, eval_tf, seed=cfg.data.seed).items()})
+    offset = result.measure.nats_offset_per_pixel * data.dim
+    for key in ON_MEASURE:
+        metrics[key] += offset  # on the run's measure, like every ELBO reported
+    metrics["peak_memory_mb"] = peak_memory_mb(device)
+    metrics["epoch"] = epoch
+    result.history.append(metrics)
+    result.reason = divergence(metrics, result.model.likelihood, cfg, data.quantum)
+    if result.reason:
+        result.status = DIVERGED
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def test_an_epoch_never_waits_for_the_gpu(monkeypatch, graph):
     the last step. (Capturing the graph synchronises once, in a run's first epoch.)"""
     cfg = _cfg("gaussian_shared", f"train.cuda_graph={graph}")
     data = train.data_mod.load(cfg.data, "cuda")
-    model = train.build(cfg, data).cuda()
+    model = train.build(cfg, data.dim).cuda()
     step = train.make_step(model, cfg)
     transform = data.transform(model.likelihood.family, train=True)
     train.train_epoch(model, step, data.train, transform, cfg)  # warm-up and capture

@@ -83,7 +83,7 @@ def test_both_backwards_train_the_same_model():
                            f"train.backward={backward}"])
         data = load(cfg.data, torch.device("cpu"))
         torch.manual_seed(0)
-        model = build(cfg, data)
+        model = build(cfg, data.dim)
         transform = data.transform(model.likelihood.family, train=True)
         step = make_step(model, cfg)
         torch.manual_seed(1)

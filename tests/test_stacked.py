@@ -120,7 +120,7 @@ def test_stacked_variants_start_where_separate_runs_start(tiny_cfg):
     stacked = build_stacked(cfgs, data)
     for cfg, variant in zip(cfgs, stacked.variants):
         torch.manual_seed(cfg.train.seed)
-        for p, q in zip(build(cfg, data).parameters(), variant.parameters()):
+        for p, q in zip(build(cfg, data.dim).parameters(), variant.parameters()):
             assert torch.equal(p, q)
 
 

@@ -213,7 +213,7 @@ def test_a_cpu_training_step_flushes_subnormal_floats():
     assert (subnormal * 1.0).item() > 0
     cfg = make_cfg(*PROTOCOLS["bernoulli"])
     data = load(cfg.data, torch.device("cpu"))
-    train.make_step(train.build(cfg, data), cfg)
+    train.make_step(train.build(cfg, data.dim), cfg)
     assert (subnormal * 1.0).item() == 0.0
 
 

@@ -279,7 +279,7 @@ def mnist():
 def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
     """One `train_epoch` over STEPS batches: what a round of our loop costs."""
     torch.manual_seed(0)
-    model = build(cfg, data).to(cfg.train.device)
+    model = build(cfg, data.dim).to(cfg.train.device)
     step = make_step(model, cfg)
     transform = data.transform(model.likelihood.family, train=True)
     x = data.train[: STEPS * BATCH]  # (STEPS·B, D) uint8
@@ -292,7 +292,7 @@ def parts_rounds(cfg: config.Config, data: data_mod.Data) -> dict[str, Round]:
     (`log_px_and_grad`). On a CPU only: on a GPU our step is one graph replay and these would be timed
     op by op."""
     torch.manual_seed(0)
-    model = build(cfg, data).to(cfg.train.device)
+    model = build(cfg, data.dim).to(cfg.train.device)
     manual = ManualGradient(model, lr=cfg.train.lr)
     manual.flat_grad.normal_(0, 1e-3)
     x = data.transform(model.likelihood.family, train=True)(data.train[:BATCH])  # (B, D)
