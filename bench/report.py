@@ -51,7 +51,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from bench import config, tracking
+from bench import config, states, tracking
 from bench import study as study_mod
 from bench.config import Config, ConfigError
 from models import likelihoods
@@ -69,8 +69,6 @@ LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "te
                      "test_bpd")
 OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
-FINISHED = ("complete", "pruned", "diverged", "failed", "killed", "interrupted")
-CUT_SHORT = ("failed", "killed", "interrupted")  # the next run of the study trains the variant again
 # Params that are not factors: the seed is what the statistics run over, the family and the
 # binarization are the rows and blocks already, and the rest changes where results go, not what they are.
 NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", "tracking.",
@@ -302,10 +300,10 @@ def _family_order(name: str) -> int:
 
 
 def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs less the attempts that were cut short (CUT_SHORT) and then tried again: a variant counts
+    """The runs less the attempts that were cut short (states.CUT_SHORT) and then tried again: a variant counts
     once, as its last attempt (the trial table still lists every attempt)."""
     retried = runs.sort_values("start_time").duplicated("variant", keep="last") & (runs.variant != "")
-    return runs[~(retried & runs.state.isin(CUT_SHORT))]
+    return runs[~(retried & runs.state.isin(states.CUT_SHORT))]
 
 
 def family_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -318,16 +316,16 @@ def family_table(runs: pd.DataFrame) -> pd.DataFrame:
     df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
     rows = []
     for group, g in df.groupby(["protocol", "family", *keys], sort=False, dropna=False):
-        done, finished = g[g.state == "complete"], g[g.state.isin(FINISHED)]
+        done, finished = g[g.state == states.COMPLETE], g[g.state.isin(states.FINISHED)]
         # the run whose reconstructions stand for the row: the completed one of the lowest seed
-        example = g.assign(_late=g.state != "complete").sort_values(["_late", "seed"]).iloc[0]
+        example = g.assign(_late=g.state != states.COMPLETE).sort_values(["_late", "seed"]).iloc[0]
         row = dict(zip(["protocol", "family", *keys], group))
-        n_trials, n_diverged = len(finished), int((g.state == "diverged").sum())
+        n_trials, n_diverged = len(finished), int((g.state == states.DIVERGED).sum())
         row.update({
             "bounded": bool(g.bounded.iloc[0]), "measure": g.measure.iloc[0], "comparable": bool(g.comparable.iloc[0]),
             "supremum": g.supremum.iloc[0], "n_trials": n_trials, "n_complete": len(done), "n_diverged": n_diverged,
-            "n_pruned": int((g.state == "pruned").sum()),
-            "n_failed": int(g.state.isin(("failed", "killed", "interrupted")).sum()),
+            "n_pruned": int((g.state == states.PRUNED).sum()),
+            "n_failed": int(g.state.isin(states.CUT_SHORT).sum()),
             "divergence_rate": n_diverged / n_trials if n_trials else np.nan,
             "iwae_k": g.iwae_k.max(),
             "example_run": example.run_id, "example_state": example.state,
@@ -539,7 +537,7 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
             seen.add(run.family)
             ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=_color(run.family),
                     label=label)
-            if run.state == "diverged":
+            if run.state == states.DIVERGED:
                 ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
@@ -571,7 +569,7 @@ def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
                 except (MlflowException, OSError):
                     continue  # figures off (eval.figures=false), or the run died before logging them
                 ax.imshow(plt.imread(local), cmap="gray", interpolation="nearest")
-                state = "" if r.example_state == "complete" else f" ({r.example_state})"
+                state = "" if r.example_state == states.COMPLETE else f" ({r.example_state})"
                 ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=8)
                 found += 1
     if not found:
@@ -768,7 +766,7 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
 
 
 def _provenance_section(data: StudyData, trials: pd.DataFrame) -> Blocks:
-    problems = trials[trials.state != "complete"]
+    problems = trials[trials.state != states.COMPLETE]
     return [
         ("h2", "4. Provenance"), ("table", ("Study", _provenance(data))),
         ("table", ("Data protocols", _protocols(data.runs))), ("h3", "Trials that did not complete"),

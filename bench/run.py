@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
-from bench import config, study, tracking
+from bench import config, states, study, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.train import resolve_device
@@ -64,7 +64,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> N
     except MlflowException as e:
         print(f"error: worker {position}: MLflow tracking failed ({e}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
-    sys.exit(1 if any(o.state == study.CRASHED for o in outcomes) else 0)
+    sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
 
 def run(cfg: Config) -> bool:
@@ -80,7 +80,7 @@ def run(cfg: Config) -> bool:
     ok, workers = True, []
     try:
         if cfg.study.n_workers == 1:
-            ok = not any(o.state == study.CRASHED for o in study.work(cfg, parent_id, experiment_id))
+            ok = not any(o.state == states.FAILED for o in study.work(cfg, parent_id, experiment_id))
         else:
             ctx = mp.get_context("spawn")
             workers = [ctx.Process(target=_worker, args=(cfg, parent_id, experiment_id, i))

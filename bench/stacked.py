@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from bench import data as data_mod
+from bench import states
 from bench.config import Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
-    DIVERGED,
     CudaGraphStep,
     TrainResult,
     build,
@@ -109,9 +109,9 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     for epoch in range(1, cfg.train.epochs + 1):
         per_variant = train_epoch_stacked(model, step, data.train, train_tf, cfgs)
         for result, c, metrics in zip(results, cfgs, per_variant):
-            if result.status == DIVERGED:
+            if result.status == states.DIVERGED:
                 continue
             record_epoch(result, metrics, epoch, c, eval_tf, device)
-        if all(r.status == DIVERGED for r in results):
+        if all(r.status == states.DIVERGED for r in results):
             break
     return results

@@ -34,10 +34,10 @@ import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from bench import config, tracking
+from bench import config, states, tracking
 from bench import data as data_mod
 from bench.config import Config
-from bench.train import DIVERGED, final_metrics, likelihood_of, resolve_device, train
+from bench.train import final_metrics, likelihood_of, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -47,7 +47,6 @@ HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
-DIVERGED_STATUS, CRASHED, KILLED, INTERRUPTED = "diverged", "failed", "killed", "interrupted"
 
 
 def variants(cfg: Config) -> list[dict[str, Any]]:
@@ -114,7 +113,7 @@ def open_study(cfg: Config, create: bool) -> optuna.Study:
 def _done(trial: optuna.trial.FrozenTrial) -> bool:
     """Finished for good: complete, pruned, diverged — or queued/running (claimed by some worker)."""
     if trial.state == TrialState.FAIL:
-        return trial.user_attrs.get(STATUS) == DIVERGED_STATUS
+        return trial.user_attrs.get(STATUS) == states.DIVERGED
     return True
 
 
@@ -147,7 +146,7 @@ def fail_stale(study: optuna.Study) -> int:
         if _alive(trial):
             continue
         reason = f"worker {trial.user_attrs.get(OWNER, '?')} died while the trial was running"
-        study._storage.set_trial_user_attr(trial._trial_id, STATUS, KILLED)
+        study._storage.set_trial_user_attr(trial._trial_id, STATUS, states.KILLED)
         study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         if RUN_ID in trial.user_attrs:
@@ -235,12 +234,9 @@ def trial_params(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
 
 @dataclass
 class TrialOutcome:
-    number: int
-    label: str
-    state: str  # complete | pruned | diverged | failed | interrupted
-    reason: str
-    val_elbo: float
-    samples_per_s: float
+    label: str  # the variant, e.g. "likelihood.name=bernoulli train.seed=0"
+    state: str  # one of bench.states.FINISHED
+    reason: str  # why it is not complete ("" when it is)
 
 
 class _DataCache:
@@ -261,8 +257,8 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
     interrupted, and its MLflow run, if it has one yet, ended with its epochs so far."""
     reason = "interrupted by the user (SIGINT)"
     if epoch_log is not None:
-        tracking.finish_child(None, cfg, {}, INTERRUPTED, reason, epoch_log)
-    trial.set_user_attr(STATUS, INTERRUPTED)
+        tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
+    trial.set_user_attr(STATUS, states.INTERRUPTED)
     trial.set_user_attr(REASON, reason)
     study.tell(trial, state=TrialState.FAIL)
 
@@ -290,9 +286,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     trial.set_user_attr(RUN_ID, run_id)
     epoch_log = tracking.EpochLog(run_id)
     last_beat = -math.inf
+    epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_beat
+        epochs.update()
+        epochs.set_postfix_str(f"val ELBO {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
         if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
             last_beat = time.time()
@@ -303,28 +302,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
     result, history = None, []
-    epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
-
-    def on_epoch_with_bar(epoch: int, metrics: dict[str, float]) -> None:
-        epochs.update()
-        epochs.set_postfix_str(f"val ELBO {metrics['val_elbo']:.2f}")
-        on_epoch(epoch, metrics)
-
     try:
-        result = train(cfg, data, on_epoch_with_bar)
+        result = train(cfg, data, on_epoch)
         history = result.history
         final = final_metrics(result, cfg)
-        if result.status == DIVERGED:
-            state, reason = DIVERGED_STATUS, result.reason
-        else:
-            state, reason = "complete", ""
+        state, reason = result.status, result.reason
     except optuna.TrialPruned as e:
-        state, reason, final = "pruned", str(e), {}
+        state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt:
         _interrupted(study, trial, epoch_log, cfg)
         raise
     except Exception as e:  # noqa: BLE001  the study goes on; the run and trial keep the reason
-        state, reason, final = CRASHED, f"{type(e).__name__}: {e}", {}
+        state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
     last = history[-1] if history else {}
@@ -334,12 +323,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
                            "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
             trial.set_user_attr(key, value)
-        if state == "complete":
+        if state == states.COMPLETE:
             study.tell(trial, val if math.isfinite(val) else None,
                        state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL)
         else:
-            study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
-    return TrialOutcome(trial.number, label, state, reason, val, last.get("samples_per_s", float("nan")))
+            study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL)
+    return TrialOutcome(label, state, reason)
 
 
 @contextlib.contextmanager

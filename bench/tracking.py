@@ -19,7 +19,7 @@ import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from bench import config, figures
+from bench import config, figures, states
 from bench.config import Config, ConfigError
 from bench.train import TrainResult, build
 from models.vae import VAE
@@ -188,7 +188,7 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
             torch.save(result.model.state_dict(), folder / "model_state_dict.pt")
             mlflow.log_artifacts(str(folder))
     mlflow.flush_async_logging()
-    status = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED"}.get(state, "FAILED")
+    status = states.MLFLOW_STATUS.get(state, "FAILED")
     mlflow.end_run(status)
 
 
@@ -198,7 +198,7 @@ def mark_run(run_id: str, status: str, reason: str) -> None:
     run = client.get_run(run_id)
     if RunStatus.is_terminated(run.info.status):
         return
-    client.set_tag(run_id, "state", "killed")
+    client.set_tag(run_id, "state", states.KILLED)
     client.set_tag(run_id, "reason", reason)
     client.set_terminated(run_id, status)
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from bench import data as data_mod
+from bench import states
 from bench.config import Config
 from bench.data import Data
 from models import likelihoods
@@ -32,7 +33,6 @@ from models.likelihoods import Likelihood, Measure
 from models.manual_grad import ManualGradient
 from models.vae import VAE
 
-COMPLETED, DIVERGED = "completed", "diverged"
 SUPREMUM_SLACK = 1e-4  # nats per pixel of float error allowed above a bounded family's supremum
 # Per-epoch metrics that contain log p(x|z), and so carry the offset onto the run's measure
 ON_MEASURE = ("train_elbo", "train_recon", "train_objective", "val_elbo", "val_recon")
@@ -52,7 +52,7 @@ class TrainResult:
     data: Data
     measure: Measure
     history: list[dict[str, float]] = field(default_factory=list)  # one dict of metrics per epoch
-    status: str = COMPLETED  # COMPLETED or DIVERGED
+    status: str = states.COMPLETE  # or states.DIVERGED
     reason: str = ""  # why a run diverged
 
 
@@ -329,7 +329,7 @@ def train(cfg: Config, data: Data | None = None,
         record_epoch(result, metrics, epoch, cfg, eval_tf, device)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if result.status == DIVERGED:
+        if result.status == states.DIVERGED:
             break
     return result
 
@@ -348,7 +348,7 @@ def record_epoch(result: TrainResult, metrics: dict[str, float], epoch: int, cfg
     result.history.append(metrics)
     result.reason = divergence(metrics, result.model.likelihood, cfg, data.quantum)
     if result.reason:
-        result.status = DIVERGED
+        result.status = states.DIVERGED
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench import config, run, train
+from bench import config, run, states, train
 from bench.stacked import train_stacked
 from models import likelihoods
 from models.estimators import elbo_terms
@@ -40,7 +40,7 @@ def test_graphed_steps_train_the_same_model_as_eager_steps(family, backward):
     results = {graph: train.train(_cfg(family, f"train.backward={backward}", f"train.cuda_graph={graph}"))
                for graph in (True, False)}
     graphed, eager = results[True], results[False]
-    assert graphed.status == eager.status == train.COMPLETED
+    assert graphed.status == eager.status == states.COMPLETE
     for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     for a, b in zip(graphed.history, eager.history, strict=True):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bench import config, figures, train
 from bench.data import load
-from bench.train import COMPLETED, DIVERGED
+from bench.states import COMPLETE, DIVERGED
 from models.estimators import ElboTerms
 
 # Small but real runs: the whole digits training split, a narrower MLP than the default [400] to keep
@@ -51,7 +51,7 @@ def short_runs():
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
 def test_short_run_improves_the_validation_elbo(short_runs, name):
     _, result = short_runs(name)
-    assert result.status == COMPLETED and result.reason == ""
+    assert result.status == COMPLETE and result.reason == ""
     assert len(result.history) == 5
     val = [m["val_elbo"] for m in result.history]
     assert all(math.isfinite(v) for v in val)
