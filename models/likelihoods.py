@@ -70,6 +70,39 @@ class DiscretizedLogistic(Distribution):
         return (y.clamp(0, 1) * (LEVELS - 1)).round() / (LEVELS - 1)
 
 
+class ContinuousBernoulliLogits(ContinuousBernoulli):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) with its log-density and mean computed
+    from the logit η itself. torch's takes them from λ = σ(η) clamped to [1.2e-7, 1 − 1.2e-7]: beyond
+    |η| ≈ 15.9 its normaliser stops growing (gradient 0) while the data term does not, so the density no
+    longer integrates to 1 and log p is capped near 2.77 nats per pixel, hiding that the family is
+    unbounded. Sampling is torch's."""
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        # λ^x (1 − λ)^(1−x) C(λ), log λ^x (1 − λ)^(1−x) = x η − softplus(η)
+        eta, x = torch.broadcast_tensors(self.logits, x)
+        return _cb_log_norm(eta) - F.binary_cross_entropy_with_logits(eta, x, reduction="none")
+
+    @property
+    def mean(self) -> Tensor:
+        # a density ∝ e^(ηx) on [0, 1]: E x = 1 / (1 − e^(−η)) − 1/η; ½ + η/12 near 0, where that cancels
+        eta = self.logits
+        small = eta.abs() < _CB_TAYLOR
+        safe = torch.where(small, 1.0, eta)
+        return torch.where(small, 0.5 + eta / 12, -1 / torch.expm1(-safe) - 1 / safe)
+
+
+_CB_TAYLOR = 1e-3  # |η| below which the continuous Bernoulli's closed forms, 0/0 at η = 0, use their series
+
+
+def _cb_log_norm(eta: Tensor) -> Tensor:
+    """log C of the continuous Bernoulli at logit η: C = 2 atanh(1 − 2λ)/(1 − 2λ) = η / tanh(η/2), which
+    grows as log |η| without limit; log 2 + η²/12 + O(η⁴) near 0. The unused branch of each `where`
+    is fed a harmless value, so that its gradient at η = 0 is not ∞ · 0 = NaN."""
+    small = eta.abs() < _CB_TAYLOR
+    safe = torch.where(small, 1.0, eta)
+    return torch.where(small, math.log(2) + eta * eta / 12, torch.log(safe / torch.tanh(safe / 2)))
+
+
 @dataclass(frozen=True)
 class Family:
     """One registry entry. `make` builds the per-pixel distribution from the raw decoder output."""
@@ -125,6 +158,14 @@ def _bernoulli_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
     return torch.sigmoid(raw).neg_().add_(x.unsqueeze(-2))
 
 
+def _continuous_bernoulli_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
+    # d/dη [x η − softplus(η) + log(η / tanh(η/2))] = x − σ(η) + 1/η − 1/sinh(η); η/6 + O(η³) near 0
+    small = raw.abs() < _CB_TAYLOR
+    safe = torch.where(small, 1.0, raw)
+    d_log_norm = torch.where(small, raw / 6, safe.reciprocal() - torch.sinh(safe).reciprocal())
+    return d_log_norm.sub_(torch.sigmoid(raw)).add_(x.unsqueeze(-2))
+
+
 def _gaussian_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
     # d/dμ [−(x − μ)²/(2σ²) − log σ − ½ log 2π] = (x − μ)/σ²
     return (x.unsqueeze(-2) - raw).div_(scale**2)
@@ -154,8 +195,9 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "continuous_bernoulli", 1, UNIT_INTERVAL, False, None, None, None,
-            lambda raw, scale, ms, shared, x: ContinuousBernoulli(logits=_only(raw), **_V),
+            lambda raw, scale, ms, shared, x: ContinuousBernoulliLogits(logits=_only(raw), **_V),
             "continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): normalised density on [0,1]",
+            _continuous_bernoulli_score,
         ),
         Family(
             "gaussian", 1, UNIT_INTERVAL, False, None, _gaussian_sup, None,

@@ -363,10 +363,10 @@ MNIST_D = 784
 
 
 def _cb_sequence():
-    # all-black image, λ → 0: log C(λ) ≈ log log(1/λ) grows slowly without limit. (torch clamps λ at
-    # the float eps, which caps it near 3.6 nats per pixel in float64: enough for 784 pixels.)
+    # all-black image, λ → 0: log C(λ) ≈ log log(1/λ) = log |η| grows slowly without limit; past
+    # |η| ≈ 16, where torch's own ContinuousBernoulli stops it, to 6.9 nats per pixel at η = −1000
     x = torch.zeros(1, MNIST_D, dtype=torch.float64)
-    return x, [(torch.full((1, 1, MNIST_D), -t, dtype=torch.float64), None) for t in (1, 3, 10, 30)]
+    return x, [(torch.full((1, 1, MNIST_D), -t, dtype=torch.float64), None) for t in (1, 10, 30, 100, 1000)]
 
 
 def _scale_to_zero(n_params: int, shared: bool):
@@ -405,6 +405,39 @@ def test_unbounded_family_log_p_grows_without_limit(name):
     values = [lik.distribution(raw, shared, x).log_prob(x).item() for raw, shared in sequence]
     assert all(b > a for a, b in itertools.pairwise(values)), values
     assert values[-1] > 1e3  # nats per 784-pixel image: beyond any pmf (≤ 0) and any fixed-σ Gaussian
+
+
+CB_LOGITS = (-1000.0, -100.0, -30.0, -16.0, -1.0, -1e-4, 0.0, 1e-5, 2.0, 30.0, 100.0, 1000.0)
+
+
+def _cb_log_p_at_0(eta: float) -> float:
+    # p(0) = C (1 − λ) = η / (e^η − 1): log |η| − max(η, 0) − log(1 − e^(−|η|)), 0 at η = 0
+    if eta == 0:
+        return 0.0
+    return math.log(abs(eta)) - max(eta, 0.0) - math.log(-math.expm1(-abs(eta)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eta", CB_LOGITS)
+def test_continuous_bernoulli_is_normalised_at_every_logit(eta, dtype):
+    """At any logit the density integrates to 1, log p(0) = log(η / (e^η − 1)) and the mean is
+    1/(1 − e^(−η)) − 1/η: no clamp of λ (torch's caps log C near |η| = 16 and breaks all three)."""
+    dist = likelihoods.ContinuousBernoulliLogits(logits=torch.tensor(eta, dtype=dtype))
+    assert dist.log_prob(torch.tensor(0.0, dtype=dtype)).item() == pytest.approx(_cb_log_p_at_0(eta), rel=1e-6, abs=1e-5)
+    grid = torch.linspace(0, 1, 2_000_001, dtype=torch.float64)  # spacing 5e-7: resolves the edge at |η| = 1000
+    exact = likelihoods.ContinuousBernoulliLogits(logits=torch.tensor(eta, dtype=torch.float64))
+    density = exact.log_prob(grid).exp()
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-6)
+    assert dist.mean.item() == pytest.approx(torch.trapezoid(grid * density, grid).item(), abs=1e-5)
+
+
+def test_continuous_bernoulli_normaliser_keeps_its_gradient_at_large_logits():
+    # d log p(0) / dη = 1/η − 1/sinh(η) − σ(η) ≈ 1/η: torch's clamped normaliser gives ≈ 0 past |η| ≈ 16
+    eta = torch.tensor([-20.0, -100.0], dtype=torch.float64, requires_grad=True)
+    dist = likelihoods.get("continuous_bernoulli").distribution(eta.view(1, 1, 2), None, torch.zeros(1, 2))
+    (grad,) = torch.autograd.grad(dist.log_prob(torch.zeros(1, 2, dtype=torch.float64)).sum(), eta)
+    expected = 1 / eta - 1 / torch.sinh(eta) - torch.sigmoid(eta)
+    torch.testing.assert_close(grad, expected.detach(), rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
