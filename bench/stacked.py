@@ -9,6 +9,7 @@ single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -93,8 +94,9 @@ def train_epoch_stacked(model: StackedVAE, step: Callable[[Tensor], ElboTerms], 
 
 def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainResult]:
     """Trains the N variants `cfgs` together; one TrainResult each, as `train` returns. A variant that
-    diverges keeps its history up to that epoch and the others train on: its slice of every batched
-    matmul and of every Adam update is its own, so its NaNs reach no other variant."""
+    diverges keeps its history up to that epoch and, like `train`'s, its model as it was then (a copy: its
+    slice of the stack trains on with the others). Every batched matmul and Adam update of a variant is
+    its own slice, so its NaNs reach no other variant."""
     check_stackable(cfgs)
     cfg = cfgs[0]
     device = resolve_device(cfg.train.device)
@@ -112,6 +114,8 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
             if result.status == states.DIVERGED:
                 continue
             record_epoch(result, metrics, epoch, c, eval_tf, device)
+            if result.status == states.DIVERGED:
+                result.model = copy.deepcopy(result.model)  # its own tensors, no longer views of the stack
         if all(r.status == states.DIVERGED for r in results):
             break
     return results

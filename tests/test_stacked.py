@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from bench import config
+from bench import config, states
 from bench.config import ConfigError
 from bench.data import load
 from bench.stacked import build_stacked, check_stackable, train_stacked
-from bench.train import TrainResult, build
+from bench.train import TrainResult, build, evaluate
 from models import likelihoods
 from models.estimators import gaussian_kl
 from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
@@ -138,3 +138,17 @@ def test_train_stacked_gives_each_variant_its_result_and_lr(tiny_cfg):
     moved = [sum((p - q).norm() ** 2 for p, q in zip(r.model.parameters(), s.parameters())) ** 0.5
              for r, s in zip(results, starts)]
     assert moved[1] > 10 * moved[0] and moved[2] > 3 * moved[0]
+
+
+def test_a_diverged_variant_keeps_its_model_at_divergence_and_the_others_train_on(shrink):
+    # the lr-3e-2 variant's learned σ collapses below train.scale_collapse × quantum in epoch 1; its
+    # slice of the stack trains on, but its result is the model its last recorded epoch evaluated
+    base = shrink(config.load(["likelihood.name=gaussian_learned", "data.binarize=none", "train.scale_collapse=8"]))
+    cfgs = [config.apply(base, {"train.lr": lr, "train.epochs": 3}) for lr in (1e-4, 3e-2)]
+    healthy, diverged = train_stacked(cfgs)
+    assert healthy.status == states.COMPLETE and len(healthy.history) == 3
+    assert diverged.status == states.DIVERGED and "collapsed" in diverged.reason and len(diverged.history) == 1
+    data = diverged.data
+    val = evaluate(diverged.model, data.val, data.transform(diverged.model.likelihood.family, train=False), seed=base.data.seed)
+    offset = diverged.measure.nats_offset_per_pixel * data.dim
+    assert val["elbo"] + offset == pytest.approx(diverged.history[-1]["val_elbo"], rel=1e-6)
