@@ -83,7 +83,8 @@ def iwae(model: VAE, x: Tensor, k: int, chunk: int = 500) -> IwaeEstimate:
     log_mean_w = lse_w - math.log(k)
     # Var(w)/mean(w)² = mean(w²)/mean(w)² − 1, computed in log space
     rel_var = torch.expm1((lse_w2 - math.log(k) - 2 * log_mean_w).clamp_min(0))
-    return IwaeEstimate(log_mean_w, (rel_var / k).sqrt())
+    # one weight shows no spread: its s.e. is unknown (NaN), not 0
+    return IwaeEstimate(log_mean_w, (rel_var / k).sqrt() if k > 1 else torch.full_like(log_mean_w, math.nan))
 
 
 def bits_per_dim(nll_nats: float | Tensor, n_dims: int) -> float | Tensor:
