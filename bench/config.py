@@ -301,19 +301,33 @@ def validate(cfg: Config) -> None:
                    f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "finite numbers, low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
-    points = grid_points(cfg)
-    validate_run(cfg, combination=points == [{}])  # values the grids replace must still be valid
+    points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
+    validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
     for point in points:
         try:
             validate_run(apply(cfg, point))
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
+    scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
     for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
         try:
             validate_run(apply(cfg, corner))
         except ConfigError as err:
             raise ConfigError(f"{err} (in study.search_space, at {corner})") from None
+        scales.setdefault(_elbo_scale(apply(cfg, corner)), corner)
+    _check(len(scales) <= 1, "study.search_space", "; ".join(f"{c} gives {k!r}" for k, c in scales.items()),
+           "choices whose ELBOs share one measure: the search maximises the validation ELBO and prunes on "
+           "it, comparing trials with each other (compare families on different measures with study.grids)")
+
+
+def _elbo_scale(cfg: Config) -> str:
+    """What a variant's ELBO may be compared on (`likelihoods.Measure.scale`); a training objective only
+    with its own family's on the same measure."""
+    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+    # bench.data.Data.measure, from the config: `Likelihood.measure` ignores dequantize where it does not apply
+    measure = lik.measure(binarized=cfg.data.binarize != "none", dequantized=cfg.data.dequantize)
+    return measure.scale or f"{measure.name}, {lik.name}"
 
 
 def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[str, Any]]:

@@ -339,13 +339,6 @@ def family_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="_order").reset_index(drop=True)
 
 
-def comparable_scale(measure: str, comparable: bool) -> str:
-    """The scale that rows may be compared on: a dequantized density's lower bound is on the 8-bit pmf's
-    scale ("pmf of 8-bit pixels (dequantized lower bound)" → "pmf of 8-bit pixels"); a measure that is not
-    a likelihood of the data is on no shared scale."""
-    return measure.split(" (")[0] if comparable else ""
-
-
 def factor_columns(table: pd.DataFrame) -> list[str]:
     """The factor columns of a table: dotted config keys (no other column name has a dot)."""
     return [c for c in table.columns if "." in c and not c.endswith(("_ci", "_n"))]
@@ -359,7 +352,7 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
                 "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
                 "test_bpd", "test_bpd_ci"]].copy()
     t = likelihoods_where_comparable(t)
-    t["scale"] = [comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
+    t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
     t["compare_with"] = [
         ", ".join(sorted(set(t.family[(t.protocol == p) & (t.scale == s)]) - {f})) or "(no other family here)"
         if s else "nothing: not a likelihood of the data"

@@ -249,6 +249,17 @@ class Measure:
     comparable: bool  # a (bound on a) log-probability of the data, shared with other rows of its name
     nats_offset_per_pixel: float  # added to log p to put it on that measure
 
+    @property
+    def scale(self) -> str:
+        return comparable_scale(self.name, self.comparable)
+
+
+def comparable_scale(measure: str, comparable: bool) -> str:
+    """The scale that numbers may be compared on: a dequantized density's lower bound is on the 8-bit
+    pmf's scale ("pmf of 8-bit pixels (dequantized lower bound)" → "pmf of 8-bit pixels"); a measure that
+    is not a likelihood of the data is on no shared scale ("")."""
+    return measure.split(" (")[0] if comparable else ""
+
 
 @dataclass(frozen=True)
 class Likelihood:

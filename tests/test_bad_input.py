@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import run
+from bench import config, run
 from tests.conftest import shrink_args
 from tests.helpers import free_port
 
@@ -26,6 +26,8 @@ FILES = {
     "search_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lrr: {low: 0.0001, high: 0.01}\n",
     "search_pairing.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                            "    likelihood.name: {kind: categorical, choices: [bernoulli, discretized_logistic]}\n",
+    "search_measures.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
+                            "    likelihood.name: {kind: categorical, choices: [bernoulli, continuous_bernoulli]}\n",
     "afile": "a file where a folder is needed\n",
 }
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -68,6 +70,10 @@ CASES = [
      ["Key 'lrr' not in 'TrainConfig'", "Did you mean: 'lr'", "in study.search_space"]),
     ("search pairs a likelihood with the wrong data", ["study={tmp}/in/search_pairing.yaml"],
      ["data.binarize='static' is invalid", "expected none", "'likelihood.name': 'discretized_logistic'"]),
+    ("search across measures", ["study={tmp}/in/search_measures.yaml"],
+     ["study.search_space=", "'likelihood.name': 'bernoulli'} gives 'pmf of binarized pixels'",
+      "'continuous_bernoulli'} gives 'density at binary values", "is invalid",
+      "choices whose ELBOs share one measure", "study.grids"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),
@@ -155,3 +161,12 @@ def test_bad_input_through_the_command_line(case, tmp_path):
     assert proc.stdout == ""
     assert all(needle in proc.stderr for needle in needles), proc.stderr
     assert _tree(tmp_path) == before
+
+
+def test_a_search_over_families_on_one_measure_is_valid(tmp_path):
+    # 8-bit data: the dequantized densities' bounds and the discretized logistic share the 8-bit pmf scale
+    study = tmp_path / "search.yaml"
+    study.write_text("data:\n  binarize: none\nstudy:\n  n_trials: 3\n  search_space:\n    likelihood.name: "
+                     "{kind: categorical, choices: [gaussian, laplace, discretized_logistic]}\n")
+    cfg = config.load(study=str(study))
+    assert cfg.study.search_space["likelihood.name"].choices == ["gaussian", "laplace", "discretized_logistic"]
