@@ -226,8 +226,9 @@ def trial_params(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
             params[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log)
         elif dim.kind == "int":
             params[key] = trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
-        else:
-            params[key] = trial.suggest_categorical(key, [_encode(c) for c in dim.choices])
+        else:  # Optuna holds the encoded choice; the config gets the value itself (a list stays a list)
+            encoded = [_encode(c) for c in dim.choices]
+            params[key] = dim.choices[encoded.index(trial.suggest_categorical(key, encoded))]
     trial.set_user_attr(VARIANT, variant_key(params))
     return params
 

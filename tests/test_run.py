@@ -146,11 +146,16 @@ def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 3\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                    "    model.hidden: {kind: categorical, choices: [[32], [16, 8]]}\n"
                     "data:\n  binarize: static\n")
     args = [f"study={path}", *shrink_args(tmp_path)]
     assert run.main(args) == 0
     trials = _optuna(tmp_path, args).get_trials()
     assert len(trials) == 3 and all(1e-4 <= t.params["train.lr"] <= 1e-2 for t in trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # a list choice reaches the config as a list: the run's model has those layers
+    children = _runs(tmp_path, config.load(args).study.name).dropna(subset=["tags.trial_number"])
+    assert len(children) == 3 and set(children["params.model.hidden"]) <= {"[32]", "[16, 8]"}
 
 
 @pytest.mark.parametrize("args, needle", [
