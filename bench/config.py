@@ -301,14 +301,22 @@ def validate(cfg: Config) -> None:
                    f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "finite numbers, low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
+    for where, keys in [*((f"study.grids[{i}]", g) for i, g in enumerate(s.grids)), ("study.search_space", s.search_space)]:
+        _check("train.seed" not in keys, f"{where} key", "train.seed",
+               f"another key: every variant runs once per seed of study.seeds ({s.seeds})")
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
     validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
+    resolved: dict[str, dict[str, Any]] = {}  # each variant's whole config -> the grid point that gives it
     for point in points:
         try:
-            validate_run(apply(cfg, point))
+            variant = apply(cfg, point)
+            validate_run(variant)
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
+        same = resolved.setdefault(repr(variant), point)
+        _check(same is point, "study.grids", f"{same} and {point}",
+               "distinct variants: these give the same config, which would be trained twice")
     scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
     for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
         try:

@@ -28,6 +28,8 @@ FILES = {
                            "    likelihood.name: {kind: categorical, choices: [bernoulli, discretized_logistic]}\n",
     "search_measures.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                             "    likelihood.name: {kind: categorical, choices: [bernoulli, continuous_bernoulli]}\n",
+    "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
+    "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "afile": "a file where a folder is needed\n",
 }
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -74,6 +76,10 @@ CASES = [
      ["study.search_space=", "'likelihood.name': 'bernoulli'} gives 'pmf of binarized pixels'",
       "'continuous_bernoulli'} gives 'density at binary values", "is invalid",
       "choices whose ELBOs share one measure", "study.grids"]),
+    ("seed as a grid key", ["study={tmp}/in/grid_seed.yaml"],
+     ["study.grids[0] key='train.seed' is invalid", "once per seed of study.seeds ([0])"]),
+    ("grid repeats a variant", ["study={tmp}/in/grid_repeat.yaml"],
+     ["study.grids=\"{'train.beta': 1} and {'train.beta': 1.0}\" is invalid", "trained twice"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),
