@@ -123,9 +123,10 @@ def end_parent(run_id: str, status: str) -> None:
 
 
 def git_commit() -> str:
+    """The code's commit, with "-dirty" when tracked files differ from it: a run from edited code says so."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                             capture_output=True, text=True, timeout=5, check=False, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "none"
     except (OSError, subprocess.TimeoutExpired):
         return "none"

@@ -83,6 +83,7 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch):
                    "params.train.lr", "tags.family", "tags.bounded", "tags.measure", "tags.data_protocol",
                    "tags.device", "tags.torch_version", "tags.git_commit", "tags.trial_number"]:
         assert children[column].notna().all(), column
+    assert children["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}(-dirty)?").all()  # -dirty: edited code
     client = MlflowClient()
     child = children.iloc[0]
     assert len(client.get_metric_history(child.run_id, "val_elbo")) == 2  # one point per epoch
