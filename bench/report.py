@@ -353,10 +353,13 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
                 "test_bpd", "test_bpd_ci"]].copy()
     t = likelihoods_where_comparable(t)
     t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
+    # rows on other data (a data.* factor: another dataset, split or subset) share no number either
+    data_keys = [k for k in keys if k.startswith("data.")]
+    t["data"] = [", ".join(f"{k}={_value(v)}" for k, v in zip(data_keys, vs)) for vs in t[data_keys].itertuples(index=False)]
     t["compare_with"] = [
-        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.scale == s)]) - {f})) or "(no other family here)"
-        if s else "nothing: not a likelihood of the data"
-        for p, s, f in zip(t.protocol, t.scale, t.family)]
+        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.data == d) & (t.scale == s)]) - {f}))
+        or "(no other family here)" if s else "nothing: not a likelihood of the data"
+        for p, d, s, f in zip(t.protocol, t.data, t.scale, t.family)]
     t["_order"] = t.family.map(_family_order)
     t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
                       ascending=[True, False, True, False, True])
@@ -651,10 +654,11 @@ def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
     out = []
     for protocol, block in measure.groupby("protocol", sort=True):
         parts = []
-        for scale, g in block[block.comparable].groupby("scale", sort=False):
+        for (data, scale), g in block[block.comparable].groupby(["data", "scale"], sort=False):
             names = list(dict.fromkeys(g.family))
-            parts.append(f"{', '.join(names)} share the {scale} and may be compared" if len(names) > 1
-                         else f"{names[0]} is the only family on the {scale}")
+            on = f" of {data}" if data else ""
+            parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared" if len(names) > 1
+                         else f"{names[0]} is the only family on the {scale}{on}")
         bad = block[~block.comparable]
         for family, name in dict.fromkeys(zip(bad.family, bad.measure)):
             parts.append(f"{family} may be compared with nothing: {name}")

@@ -198,6 +198,17 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     assert "### Factor train.beta" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
+def test_rows_on_other_data_are_not_comparable(done):
+    # as if data.name were a grid key: the gaussian's runs on one dataset, the discretized logistic's on another
+    data = report.load(done.args)
+    data.runs["params.data.name"] = np.where(data.runs.family == "gaussian", "fashion_mnist", "digits")
+    measure = report.measure_table(report.family_table(data.runs)).set_index("family")
+    assert measure.loc["gaussian", "compare_with"] == "(no other family here)"
+    assert measure.loc["discretized_logistic", "compare_with"] == "(no other family here)"
+    sentences = " ".join(report._protocol_sentences(measure.reset_index()))
+    assert "gaussian is the only family on the pmf of 8-bit pixels of data.name=fashion_mnist" in sentences
+
+
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
