@@ -391,8 +391,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Keys that change where results go or how fast they come, not what they are: left out of the hash.
-_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "tracking.", "report_dir", "train.device")
+# Keys (prefixes) that change where a run is computed and its results go, not what they are
+PLACEMENT = ("tracking.", "report_dir", "train.device")
+# left out of the study's hash: these and how its trials are shared out
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", *PLACEMENT)
 
 
 def config_hash(cfg: Config) -> str:

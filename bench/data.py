@@ -92,10 +92,9 @@ def read_idx(path: Path) -> Tensor:
     return torch.frombuffer(bytearray(raw[4 + 4 * n_dims :]), dtype=torch.uint8).view(*dims)
 
 
-def _offline_hint(root: str) -> str:
-    return ("offline alternatives: data.name=digits (scikit-learn's bundled 8x8 digits), or "
-            f"data.name=mnist_t10k with data.root pointing at a folder that holds MNIST/raw/"
-            f"{MNIST_TEST_FILES[0]}[.gz] (MNIST's official 10k test images)")
+OFFLINE_HINT = ("offline alternatives: data.name=digits (scikit-learn's bundled 8x8 digits), or "
+                f"data.name=mnist_t10k with data.root pointing at a folder that holds MNIST/raw/"
+                f"{MNIST_TEST_FILES[0]}[.gz] (MNIST's official 10k test images)")
 
 
 def _remove_empty_folders(folder: Path, top: Path | None) -> None:
@@ -132,7 +131,7 @@ def _torchvision(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
         files = ", ".join(cls.resources[i][0].rsplit("/", 1)[-1] for i in range(len(cls.resources)))
         how = "download failed" if cfg.download else "files missing and data.download=false"
         raise DataError(f"data.name={cfg.name}: {how} ({type(e).__name__}: {_one_line(str(e))}); expected "
-                        f"{files} in {folder}; {_offline_hint(cfg.root)}") from None
+                        f"{files} in {folder}; {OFFLINE_HINT}") from None
     return train.flatten(1), test.flatten(1), f"torchvision {TORCHVISION[cfg.name]} from {cfg.root}"
 
 
@@ -145,7 +144,7 @@ def _mnist_t10k(cfg: DataConfig) -> tuple[Tensor, Tensor, str]:
     else:
         raise DataError(f"data.name=mnist_t10k: expected {raw / MNIST_TEST_FILES[0]}[.gz] "
                         "(MNIST's official test images); set data.root to the folder above MNIST/; "
-                        f"{_offline_hint(cfg.root)}")
+                        f"{OFFLINE_HINT}")
     # Drawn at random, not the first 2,000: the file's first 5,000 come from NIST's cleaner writers
     train, test = _fixed_test_split(images, len(images) // 5)
     return train, test, (

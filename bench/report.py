@@ -71,8 +71,7 @@ OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
 # Params that are not factors: the seed is what the statistics run over, the family and the
 # binarization are the rows and blocks already, and the rest changes where results go, not what they are.
-NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", "tracking.",
-               "report_dir", "train.device")
+NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", *config.PLACEMENT)
 NONE = "—"
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bench import data as data_mod
 from bench import states
-from bench.config import Config, ConfigError, flatten, to_dict
+from bench.config import PLACEMENT, Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
     CudaGraphStep,
@@ -35,7 +35,7 @@ from models.estimators import ElboTerms
 from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
 
 VARYING = ("train.seed", "train.beta", "train.lr")  # what may differ between stacked variants
-_IGNORED = ("study.", "tracking.", "report_dir", "train.device")  # where results go, not what they are
+_IGNORED = ("study.", *PLACEMENT)  # the study's own keys and where results go, not what a variant is
 
 
 def check_stackable(cfgs: list[Config]) -> None:

@@ -30,6 +30,8 @@ from torch.distributions import (
 )
 
 BINARY, UNIT_INTERVAL, EIGHT_BIT = "binary", "[0,1]", "8-bit"
+# how a family's scale is learned: by the decoder per pixel, as one parameter, or fitted to each image x
+PER_PIXEL, SHARED, OPTIMAL = "per_pixel", "shared", "optimal"
 LEVELS = 256  # pixel values of 8-bit data
 
 
@@ -111,7 +113,7 @@ class Family:
     n_params: int  # decoder outputs per pixel
     support: str  # data the family is a likelihood of: BINARY, UNIT_INTERVAL or EIGHT_BIT
     is_pmf: bool  # a probability mass function (log p ≤ 0) rather than a density
-    learned_scale: str | None  # None, "per_pixel", "shared" (one parameter) or "optimal" (analytic)
+    learned_scale: str | None  # None (fixed or none), PER_PIXEL, SHARED or OPTIMAL
     fixed_supremum: Callable[[float], float] | None  # sup of log p per pixel given the fixed scale
     floored_supremum: Callable[[float], float] | None  # sup given a min_scale floor on a learned scale
     make: Callable[..., Distribution]  # (raw (..., P, D), scale, min_scale, shared, x) -> per-pixel dist
@@ -205,17 +207,17 @@ FAMILIES: dict[str, Family] = {
             "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)", _gaussian_score,
         ),
         Family(
-            "gaussian_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _gaussian_sup,
+            "gaussian_learned", 2, UNIT_INTERVAL, False, PER_PIXEL, None, _gaussian_sup,
             lambda raw, scale, ms, shared, x: Normal(*_loc_scale(raw, ms), **_V),
             "Gaussian with a per-pixel σ from the decoder",
         ),
         Family(
-            "gaussian_shared", 1, UNIT_INTERVAL, False, "shared", None, _gaussian_sup,
+            "gaussian_shared", 1, UNIT_INTERVAL, False, SHARED, None, _gaussian_sup,
             lambda raw, scale, ms, shared, x: Normal(_only(raw), _learned(shared, ms), **_V),
             "Gaussian with one learned σ for all pixels",
         ),
         Family(
-            "gaussian_optimal", 1, UNIT_INTERVAL, False, "optimal", None, _gaussian_sup,
+            "gaussian_optimal", 1, UNIT_INTERVAL, False, OPTIMAL, None, _gaussian_sup,
             lambda raw, scale, ms, shared, x: Normal(
                 _only(raw), _optimal_scale(_only(raw), x, ms), **_V
             ),
@@ -227,12 +229,12 @@ FAMILIES: dict[str, Family] = {
             "Laplace with fixed scale b", _laplace_score,
         ),
         Family(
-            "laplace_learned", 2, UNIT_INTERVAL, False, "per_pixel", None, _laplace_sup,
+            "laplace_learned", 2, UNIT_INTERVAL, False, PER_PIXEL, None, _laplace_sup,
             lambda raw, scale, ms, shared, x: Laplace(*_loc_scale(raw, ms), **_V),
             "Laplace with a per-pixel scale b from the decoder",
         ),
         Family(
-            "discretized_logistic", 2, EIGHT_BIT, True, "per_pixel", lambda s: 0.0, lambda s: 0.0,
+            "discretized_logistic", 2, EIGHT_BIT, True, PER_PIXEL, lambda s: 0.0, lambda s: 0.0,
             lambda raw, scale, ms, shared, x: DiscretizedLogistic(*_loc_scale(raw, ms)),
             "logistic integrated over the 256 bins of 8-bit pixels: the pmf of 8-bit data",
         ),
@@ -312,7 +314,7 @@ class Likelihood:
             return Measure("density at binary values (not a likelihood of the data)", False, 0.0)
         if f.support == BINARY:
             return Measure("pmf of binary pixels at 8-bit values (not a likelihood of the data)", False, 0.0)
-        if f.learned_scale == "optimal":
+        if f.learned_scale == OPTIMAL:
             # σ is fitted to the very image it scores: the maximum over σ of a density, which integrates
             # to ∞ over images, so Jensen's dequantization bound does not apply.
             return Measure("density with σ fitted to each image (σ-VAE objective, not a likelihood of the data)",

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent
 
+from models import likelihoods
 from models.likelihoods import Likelihood
 
 
@@ -28,7 +29,7 @@ class VAE(nn.Module):
         self.encoder = mlp([data_dim, *hidden, 2 * latent_dim])
         self.decoder = mlp([latent_dim, *reversed(hidden), self.n_params * data_dim])
         # One learned log-scale shared by every pixel (`gaussian_shared`); None for other families.
-        shared = likelihood.family.learned_scale == "shared"
+        shared = likelihood.family.learned_scale == likelihoods.SHARED
         self.log_scale = nn.Parameter(torch.zeros(1)) if shared else None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,6 +49,6 @@ class VAE(nn.Module):
     def mean_image(self, z: Tensor) -> Tensor:
         """z (..., Z) -> the decoder's mean image (..., D) in [0, 1], for figures."""
         raw = self.decode(z)
-        if self.likelihood.family.learned_scale == "optimal":
+        if self.likelihood.family.learned_scale == likelihoods.OPTIMAL:
             return raw[..., 0, :].clamp(0, 1)  # its σ needs data; the mean does not
         return self.p_x_given_z(raw).mean.clamp(0, 1)

@@ -41,6 +41,11 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 # scikit-learn digits: the offline dataset
 # ---------------------------------------------------------------------------------------------------
 
+def test_every_dataset_the_config_accepts_has_a_loader():
+    # a name valid in the config but missing here would pass validation and fail later with a KeyError
+    assert set(config.DATASETS) == set(data_mod.SOURCES)
+
+
 def test_digits_loads_offline_as_uint8_splits():
     d = digits()
     assert d.train.dtype == d.val.dtype == d.test.dtype == torch.uint8
