@@ -61,6 +61,8 @@ CASES = [
     ("infinite learning rate", ["study=smoke", "train.lr=inf"], ["train.lr=inf is invalid", "a finite number > 0"]),
     ("infinite scale", ["study=smoke", "likelihood.scale=inf"],
      ["likelihood.scale=inf is invalid", "a finite number > 0"]),
+    ("key the grids vary", ["study=smoke", "likelihood.name=gaussian"],
+     ["override 'likelihood.name=gaussian'", "varied by the study's grids", "change study.grids in the study file"]),
     ("seed of a study's variants", ["study=smoke", "train.seed=5"],
      ["'train.seed=5'", "train.seed comes from study.seeds ([0])", "set study.seeds=[...] instead"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
