@@ -393,8 +393,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Keys (prefixes) that change where a run is computed and its results go, not what they are
 PLACEMENT = ("tracking.", "report_dir", "train.device")
-# left out of the study's hash: these and how its trials are shared out
-_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", *PLACEMENT)
+# left out of the study's hash: these, how its trials are shared out, and how many search trials it
+# runs (raising study.n_trials continues the same search)
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", *PLACEMENT)
 
 
 def config_hash(cfg: Config) -> str:

@@ -157,6 +157,10 @@ def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
     # a list choice reaches the config as a list: the run's model has those layers
     children = _runs(tmp_path, config.load(args).study.name).dropna(subset=["tags.trial_number"])
     assert len(children) == 3 and set(children["params.model.hidden"]) <= {"[32]", "[16, 8]"}
+    # more trials continue the same search: its 3 trials are kept, 1 more runs
+    assert run.main([*args, "study.n_trials=4"]) == 0
+    more = _optuna(tmp_path, args).get_trials()
+    assert len(more) == 4 and [t.params for t in more[:3]] == [t.params for t in trials]
 
 
 def test_help_lists_studies_and_keys(capsys):
