@@ -301,7 +301,8 @@ def validate(cfg: Config) -> None:
                    f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "finite numbers, low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
-    for where, keys in [*((f"study.grids[{i}]", g) for i, g in enumerate(s.grids)), ("study.search_space", s.search_space)]:
+    varied_by = [*((f"study.grids[{i}]", grid) for i, grid in enumerate(s.grids)), ("study.search_space", s.search_space)]
+    for where, keys in varied_by:
         _check("train.seed" not in keys, f"{where} key", "train.seed",
                f"another key: every variant runs once per seed of study.seeds ({s.seeds})")
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
@@ -320,10 +321,11 @@ def validate(cfg: Config) -> None:
     scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
     for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
         try:
-            validate_run(apply(cfg, corner))
+            variant = apply(cfg, corner)
+            validate_run(variant)
         except ConfigError as err:
             raise ConfigError(f"{err} (in study.search_space, at {corner})") from None
-        scales.setdefault(_elbo_scale(apply(cfg, corner)), corner)
+        scales.setdefault(_elbo_scale(variant), corner)
     _check(len(scales) <= 1, "study.search_space", "; ".join(f"{c} gives {k!r}" for k, c in scales.items()),
            "choices whose ELBOs share one measure: the search maximises the validation ELBO and prunes on "
            "it, comparing trials with each other (compare families on different measures with study.grids)")
