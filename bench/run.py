@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(config.to_yaml(cfg))
+    varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
+    print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
     try:
         ok = run(cfg)
     except KeyboardInterrupt:

@@ -66,10 +66,12 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
         assert hidden not in row or pd.isna(row[hidden])
 
 
-def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch):
+def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2"]
     assert run.main(args) == 0
+    # the printed config's likelihood.name and data.binarize are not what runs: the grids set them
+    assert "(not the values above): data.binarize, likelihood.name, train.seed" in capsys.readouterr().out
     runs = _runs(tmp_path, "smoke")
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
