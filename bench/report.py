@@ -26,8 +26,6 @@ Example: python -m bench.report study=likelihoods
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
@@ -54,6 +52,7 @@ from scipy import stats
 from bench import config, states, tracking
 from bench import study as study_mod
 from bench.config import Config, ConfigError
+from bench.render import NONE, Blocks, render_html, render_latex, render_markdown
 from models import likelihoods
 
 # Per-run numbers of the family table: (column, label). Likelihood-valued ones are listed in
@@ -72,7 +71,6 @@ FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samp
 # Params that are not factors: the seed is what the statistics run over, the family and the
 # binarization are the rows and blocks already, and the rest changes where results go, not what they are.
 NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", *config.PLACEMENT)
-NONE = "—"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -717,9 +715,6 @@ NO_FACTORS = ("No config key other than the seed, the likelihood family and the 
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
           "diverged run stopped; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
-Blocks = list[tuple[str, object]]  # (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path)
-
-
 def _families_section(family: pd.DataFrame) -> Blocks:
     blocks: Blocks = [("h2", "1. Results per likelihood family"), ("p", FAMILY_COLUMNS)]
     for protocol, block in family.groupby("protocol", sort=True):
@@ -788,81 +783,6 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
               **{f"3 factor {k}": likelihoods_where_comparable(t).assign(factor=k) for k, t in by_factor.items()},
               "4 trials": trials}
     return blocks, tables
-
-
-def _md(text: object) -> str:
-    # Run data may hold markup: escaped like HTML, since Markdown renderers pass raw HTML through.
-    return html.escape(str(text), quote=False).replace("|", "\\|")
-
-
-def render_markdown(blocks: Blocks) -> str:
-    out = []
-    for kind, content in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + _md(content))
-        elif kind == "p":
-            out.append(_md(content))
-        elif kind == "ul":
-            out.append("\n".join(f"- {_md(item)}" for item in content))
-        elif kind == "table":
-            caption, df = content
-            df = df.rename(columns=_md).map(_md)
-            out.append(f"*{_md(caption)}*\n\n" + df.to_markdown(index=False, disable_numparse=True))
-        elif kind == "img":
-            alt, path = content
-            out.append(f"![{_md(alt)}]({path.name})")
-    return "\n\n".join(out) + "\n"
-
-
-CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 12px; margin: 0.3em 0 1.2em; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; }
-th { background: #eef; } tr:nth-child(even) td { background: #f8f8f8; }
-.scroll { overflow-x: auto; } .caption { font-style: italic; margin-bottom: 0; }
-img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0; }
-"""
-
-
-def render_html(blocks: Blocks, title: str) -> str:
-    """A self-contained page: no external resource, plots as data: URIs, every string escaped."""
-    e = html.escape
-    head = f"<head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{CSS}</style></head>"
-    out = [f"<!DOCTYPE html>\n<html lang=\"en\">{head}<body>"]
-    for kind, content in blocks:
-        if kind in ("h1", "h2", "h3", "p"):
-            out.append(f"<{kind}>{e(str(content))}</{kind}>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(str(item))}</li>" for item in content) + "</ul>")
-        elif kind == "table":
-            caption, df = content
-            table = df.to_html(index=False, escape=True, border=0, na_rep=NONE)
-            out.append(f"<p class=\"caption\">{e(caption)}</p><div class=\"scroll\">{table}</div>")
-        elif kind == "img":
-            alt, path = content
-            uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-            out.append(f"<figure><img alt=\"{e(alt)}\" src=\"{uri}\"><figcaption>{e(alt)}</figcaption></figure>")
-    return "\n".join(out) + "\n</body></html>\n"
-
-
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def render_latex(blocks: Blocks) -> str:
-    """Every table of the report as a booktabs `table` (Styler.to_latex), data escaped for LaTeX."""
-    out = ["% vaebench report tables: \\usepackage{booktabs}; compile with a UTF-8 engine (lualatex, xelatex)"]
-    for kind, content in blocks:
-        if kind != "table":
-            continue
-        caption, df = content
-        styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis="columns")
-        caption = "".join(_LATEX.get(ch, ch) for ch in caption)
-        tex = styler.to_latex(caption=caption, hrules=True, position="htbp", position_float="centering")
-        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$")):
-            tex = tex.replace(symbol, command)
-        out.append(tex)
-    return "\n".join(out)
 
 
 def _safe(name: str) -> str:

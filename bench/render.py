@@ -1,0 +1,84 @@
+"""A report's blocks rendered three ways: Markdown, one self-contained HTML page, and LaTeX tables."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+NONE = "—"  # a number that does not exist for the row (no interval, not a likelihood, never logged)
+Blocks = list[tuple[str, object]]  # (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path)
+
+
+def _md(text: object) -> str:
+    # Run data may hold markup: escaped like HTML, since Markdown renderers pass raw HTML through.
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
+def render_markdown(blocks: Blocks) -> str:
+    out = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + _md(content))
+        elif kind == "p":
+            out.append(_md(content))
+        elif kind == "ul":
+            out.append("\n".join(f"- {_md(item)}" for item in content))
+        elif kind == "table":
+            caption, df = content
+            df = df.rename(columns=_md).map(_md)
+            out.append(f"*{_md(caption)}*\n\n" + df.to_markdown(index=False, disable_numparse=True))
+        elif kind == "img":
+            alt, path = content
+            out.append(f"![{_md(alt)}]({path.name})")
+    return "\n\n".join(out) + "\n"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.3em 0 1.2em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; }
+th { background: #eef; } tr:nth-child(even) td { background: #f8f8f8; }
+.scroll { overflow-x: auto; } .caption { font-style: italic; margin-bottom: 0; }
+img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0; }
+"""
+
+
+def render_html(blocks: Blocks, title: str) -> str:
+    """A self-contained page: no external resource, plots as data: URIs, every string escaped."""
+    e = html.escape
+    head = f"<head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{CSS}</style></head>"
+    out = [f"<!DOCTYPE html>\n<html lang=\"en\">{head}<body>"]
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "h3", "p"):
+            out.append(f"<{kind}>{e(str(content))}</{kind}>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(str(item))}</li>" for item in content) + "</ul>")
+        elif kind == "table":
+            caption, df = content
+            table = df.to_html(index=False, escape=True, border=0, na_rep=NONE)
+            out.append(f"<p class=\"caption\">{e(caption)}</p><div class=\"scroll\">{table}</div>")
+        elif kind == "img":
+            alt, path = content
+            uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+            out.append(f"<figure><img alt=\"{e(alt)}\" src=\"{uri}\"><figcaption>{e(alt)}</figcaption></figure>")
+    return "\n".join(out) + "\n</body></html>\n"
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def render_latex(blocks: Blocks) -> str:
+    """Every table of the report as a booktabs `table` (Styler.to_latex), data escaped for LaTeX."""
+    out = ["% vaebench report tables: \\usepackage{booktabs}; compile with a UTF-8 engine (lualatex, xelatex)"]
+    for kind, content in blocks:
+        if kind != "table":
+            continue
+        caption, df = content
+        styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis="columns")
+        caption = "".join(_LATEX.get(ch, ch) for ch in caption)
+        tex = styler.to_latex(caption=caption, hrules=True, position="htbp", position_float="centering")
+        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$")):
+            tex = tex.replace(symbol, command)
+        out.append(tex)
+    return "\n".join(out)
