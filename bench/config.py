@@ -305,6 +305,9 @@ def validate(cfg: Config) -> None:
     for where, keys in varied_by:
         _check("train.seed" not in keys, f"{where} key", "train.seed",
                f"another key: every variant runs once per seed of study.seeds ({s.seeds})")
+    for key in s.search_space:  # trials are ranked by their val ELBO: all must see the same data
+        _check(not key.startswith("data."), "study.search_space key", key,
+               "a key that leaves the data as it is (vary data.* with study.grids)")
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
     validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
     resolved: dict[str, dict[str, Any]] = {}  # each variant's whole config -> the grid point that gives it

@@ -352,7 +352,7 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
     # rows on other data (a data.* factor: another dataset, split or subset) share no number either
     data_keys = [k for k in keys if k.startswith("data.")]
-    t["data"] = [", ".join(f"{k}={_value(v)}" for k, v in zip(data_keys, vs)) for vs in t[data_keys].itertuples(index=False)]
+    t["data"] = [", ".join(f"{k}={_value(r[k])}" for k in data_keys) for _, r in t.iterrows()]
     t["compare_with"] = [
         ", ".join(sorted(set(t.family[(t.protocol == p) & (t.data == d) & (t.scale == s)]) - {f}))
         or "(no other family here)" if s else "nothing: not a likelihood of the data"

@@ -86,23 +86,29 @@ class ContinuousBernoulliLogits(ContinuousBernoulli):
 
     @property
     def mean(self) -> Tensor:
-        # a density ∝ e^(ηx) on [0, 1]: E x = 1 / (1 − e^(−η)) − 1/η; ½ + η/12 near 0, where that cancels
+        # a density ∝ e^(ηx) on [0, 1]: E x = 1 / (1 − e^(−η)) − 1/η; its series near 0, where that cancels
         eta = self.logits
-        small = eta.abs() < _CB_TAYLOR
+        small = eta.abs() < _CB_SERIES
         safe = torch.where(small, 1.0, eta)
-        return torch.where(small, 0.5 + eta / 12, -1 / torch.expm1(-safe) - 1 / safe)
+        e2 = eta * eta
+        series = 0.5 + eta * (1 / 12 + e2 * (-1 / 720 + e2 / 30240))  # next term η⁷/1209600
+        return torch.where(small, series, -1 / torch.expm1(-safe) - 1 / safe)
 
 
-_CB_TAYLOR = 1e-3  # |η| below which the continuous Bernoulli's closed forms, 0/0 at η = 0, use their series
+# |η| below which the continuous Bernoulli's closed forms, 0/0 at η = 0 and cancelling in float32 near
+# it, use their series; at 0.05 the series' first omitted term is below 1e-13
+_CB_SERIES = 0.05
 
 
 def _cb_log_norm(eta: Tensor) -> Tensor:
     """log C of the continuous Bernoulli at logit η: C = 2 atanh(1 − 2λ)/(1 − 2λ) = η / tanh(η/2), which
-    grows as log |η| without limit; log 2 + η²/12 + O(η⁴) near 0. The unused branch of each `where`
-    is fed a harmless value, so that its gradient at η = 0 is not ∞ · 0 = NaN."""
-    small = eta.abs() < _CB_TAYLOR
+    grows as log |η| without limit; its series near 0. The unused branch of each `where` is fed a
+    harmless value, so that its gradient at η = 0 is not ∞ · 0 = NaN."""
+    small = eta.abs() < _CB_SERIES
     safe = torch.where(small, 1.0, eta)
-    return torch.where(small, math.log(2) + eta * eta / 12, torch.log(safe / torch.tanh(safe / 2)))
+    e2 = eta * eta
+    series = math.log(2) + e2 * (1 / 12 + e2 * (-7 / 1440 + e2 * 31 / 90720))  # next term −127η⁸/4838400
+    return torch.where(small, series, torch.log(safe / torch.tanh(safe / 2)))
 
 
 @dataclass(frozen=True)
@@ -161,10 +167,12 @@ def _bernoulli_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
 
 
 def _continuous_bernoulli_score(raw: Tensor, scale: float, x: Tensor) -> Tensor:
-    # d/dη [x η − softplus(η) + log(η / tanh(η/2))] = x − σ(η) + 1/η − 1/sinh(η); η/6 + O(η³) near 0
-    small = raw.abs() < _CB_TAYLOR
+    # d/dη [x η − softplus(η) + log(η / tanh(η/2))] = x − σ(η) + 1/η − 1/sinh(η); its series near 0
+    small = raw.abs() < _CB_SERIES
     safe = torch.where(small, 1.0, raw)
-    d_log_norm = torch.where(small, raw / 6, safe.reciprocal() - torch.sinh(safe).reciprocal())
+    e2 = raw * raw
+    series = raw * (1 / 6 + e2 * (-7 / 360 + e2 * (31 / 15120 - e2 * 127 / 604800)))
+    d_log_norm = torch.where(small, series, safe.reciprocal() - torch.sinh(safe).reciprocal())
     return d_log_norm.sub_(torch.sigmoid(raw)).add_(x.unsqueeze(-2))
 
 

@@ -8,7 +8,8 @@ which also suits capturing the step in a CUDA graph.
 Only log p(x|z), the family's `torch.distributions` log_prob with its normalising constant, is
 differentiated by autograd, with the decoder output as a leaf, so every family of the registry is
 supported as it is; families whose score d log p / d raw has a closed form (the registry's `score`:
-Bernoulli, fixed-scale Gaussian and Laplace) skip that graph, their log_prob still giving the value.
+Bernoulli, continuous Bernoulli, fixed-scale Gaussian and Laplace) skip that graph, their log_prob
+still giving the value.
 The rest is the chain rule through Linear and ReLU layers and the
 reparameterisation z = μ + σ ε (Kingma & Welling 2014), with the analytic KL's gradient
 ∂KL/∂μ = μ, ∂KL/∂log σ² = ½(σ² − 1). tests/test_manual_grad.py checks it against autograd for every

@@ -28,6 +28,8 @@ FILES = {
                            "    likelihood.name: {kind: categorical, choices: [bernoulli, discretized_logistic]}\n",
     "search_measures.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                             "    likelihood.name: {kind: categorical, choices: [bernoulli, continuous_bernoulli]}\n",
+    "search_data.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
+                        "    data.binarize: {kind: categorical, choices: [threshold, static]}\n",
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "afile": "a file where a folder is needed\n",
@@ -78,6 +80,8 @@ CASES = [
      ["study.search_space=", "'likelihood.name': 'bernoulli'} gives 'pmf of binarized pixels'",
       "'continuous_bernoulli'} gives 'density at binary values", "is invalid",
       "choices whose ELBOs share one measure", "study.grids"]),
+    ("search over the data", ["study={tmp}/in/search_data.yaml"],
+     ["study.search_space key='data.binarize' is invalid", "vary data.* with study.grids"]),
     ("seed as a grid key", ["study={tmp}/in/grid_seed.yaml"],
      ["study.grids[0] key='train.seed' is invalid", "once per seed of study.seeds ([0])"]),
     ("grid repeats a variant", ["study={tmp}/in/grid_repeat.yaml"],

@@ -407,7 +407,8 @@ def test_unbounded_family_log_p_grows_without_limit(name):
     assert values[-1] > 1e3  # nats per 784-pixel image: beyond any pmf (≤ 0) and any fixed-σ Gaussian
 
 
-CB_LOGITS = (-1000.0, -100.0, -30.0, -16.0, -1.0, -1e-4, 0.0, 1e-5, 2.0, 30.0, 100.0, 1000.0)
+CB_LOGITS = (-1000.0, -100.0, -30.0, -16.0, -1.0, -0.05, -1e-2, -1e-3, -1e-4, 0.0, 1e-5, 1e-3, 0.0499, 2.0, 30.0,
+             100.0, 1000.0)  # beyond torch's clamp (|η| ≈ 16), and both sides of the series' cut-off (0.05)
 
 
 def _cb_log_p_at_0(eta: float) -> float:
