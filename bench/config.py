@@ -334,10 +334,14 @@ def validate(cfg: Config) -> None:
            "it, comparing trials with each other (compare families on different measures with study.grids)")
 
 
+def likelihood_of(cfg: Config) -> likelihoods.Likelihood:
+    return likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+
+
 def _elbo_scale(cfg: Config) -> str:
     """What a variant's ELBO may be compared on (`likelihoods.Measure.scale`); a training objective only
     with its own family's on the same measure."""
-    lik = likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
+    lik = likelihood_of(cfg)
     # bench.data.Data.measure, from the config: `Likelihood.measure` ignores dequantize where it does not apply
     measure = lik.measure(binarized=cfg.data.binarize != "none", dequantized=cfg.data.dequantize)
     return measure.scale or f"{measure.name}, {lik.name}"

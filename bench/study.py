@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from bench import config, states, tracking
 from bench import data as data_mod
 from bench.config import Config
-from bench.train import final_metrics, likelihood_of, resolve_device, train
+from bench.train import final_metrics, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -272,7 +272,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     label = variant_label(params)
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
         data = cache.get(cfg)
-        lik = likelihood_of(cfg)
+        lik = config.likelihood_of(cfg)
         measure = data.measure(lik)
         tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
                 "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench import config, states
 from bench import data as data_mod
-from bench import states
 from bench.config import Config
 from bench.data import Data
 from models import likelihoods
@@ -56,13 +56,9 @@ class TrainResult:
     reason: str = ""  # why a run diverged
 
 
-def likelihood_of(cfg: Config) -> Likelihood:
-    return likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
-
-
 def build(cfg: Config, data_dim: int) -> VAE:
     """The untrained model for images of data_dim pixels."""
-    return VAE(data_dim, list(cfg.model.hidden), cfg.model.latent_dim, likelihood_of(cfg))
+    return VAE(data_dim, list(cfg.model.hidden), cfg.model.latent_dim, config.likelihood_of(cfg))
 
 
 def make_optimizer(params, lr: float, capturable: bool = False) -> torch.optim.Adam:
