@@ -284,13 +284,24 @@ def _command(config) -> str:
     return " ".join([python, "-m pytest", *config.invocation_params.args])
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A run in which a test failed (or that was interrupted) writes neither the JSON nor its Markdown:
+    pytest-benchmark would save the benchmarks that passed, and a partial run (say, the floor alone when
+    the data is missing) would replace the committed results. Runs before pytest-benchmark's own
+    sessionfinish, which saves."""
+    bench = getattr(session.config, "_benchmarksession", None)
+    if exitstatus != 0 and bench is not None and bench.json:
+        session.config._vaebench_not_written = bench.json
+        bench.json = None  # the path pytest-benchmark reads when it saves
+    yield
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     summary = output_json["vaebench"] = summarize(output_json["benchmarks"], _command(config))
     config._vaebench_summary = summary
-    path = config.getoption("benchmark_json")
+    path = config.getoption("benchmark_json")  # a path (pytest-benchmark ≥ 5.3), None for --benchmark-save
     if path is not None:
-        if hasattr(path, "write"):  # pytest-benchmark < 5.3 gives the open file, later ones its path
-            path = path.name
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).with_suffix(".md").write_text(markdown(summary))
 
@@ -307,3 +318,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if summary["rows"] or summary.get("tracking_overhead"):
         terminalreporter.write_sep("=", "vaebench speed summary")
         terminalreporter.write_line(markdown(summary))
+    not_written = getattr(config, "_vaebench_not_written", None)
+    if not_written is not None:
+        terminalreporter.write_line(f"{not_written} and its .md NOT written: a test failed or the run was "
+                                    "interrupted; the results there are left as they were", red=True, bold=True)
