@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -192,22 +191,27 @@ def round_pixels(x: Tensor) -> Tensor:
 
 @pytest.fixture(scope="session")
 def torchvision_root(tmp_path_factory) -> Path:
-    """A torchvision MNIST root built from the shared 10k test files, copied as the train files too
-    (torchvision checks that the four uncompressed files exist; download=False)."""
+    """A torchvision MNIST root built from the shared 10k test files (torchvision checks that the four
+    uncompressed files exist; download=False). Its train files hold the 10k images six times over:
+    60,000, as MNIST's training set, so that an epoch is the tutorial's 469 batches and a DataLoader
+    worker (on a GPU) restarts as often as the tutorial's, not every 79 batches."""
     require_mnist()
     root = tmp_path_factory.mktemp("torchvision")
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for kind in ("images-idx3", "labels-idx1"):
-        with gzip.open(RAW / f"t10k-{kind}-ubyte.gz") as src, open(raw / f"t10k-{kind}-ubyte", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        shutil.copy(raw / f"t10k-{kind}-ubyte", raw / f"train-{kind}-ubyte")
+    for kind, header in (("images-idx3", 16), ("labels-idx1", 8)):  # IDX: magic, count, [rows, cols]
+        with gzip.open(RAW / f"t10k-{kind}-ubyte.gz") as src:
+            test = src.read()
+        (raw / f"t10k-{kind}-ubyte").write_bytes(test)
+        count = int.from_bytes(test[4:8], "big")
+        train = test[:4] + (6 * count).to_bytes(4, "big") + test[8:header] + 6 * test[header:]
+        (raw / f"train-{kind}-ubyte").write_bytes(train)
     return root
 
 
 def _forever(loader):
     """Batches across epochs, as the tutorial's epoch loop sees them (a new shuffle each epoch; its
-    last batch of 16 is counted as a full one, in the classic loop's favour)."""
+    last batch of 96 is counted as a full one, in the classic loop's favour)."""
     while True:
         yield from loader
 
