@@ -10,9 +10,11 @@ as large, relative to the epoch, as the epoch is short. EPOCHS[device] epochs a 
 span several of EpochLog's sending intervals:
 
 - off: no tracking; the epoch callback only reads the clock;
-- on: what the runner does (bench.study.run_trial): an MLflow child run in an SQLite store in a tmp
-  folder, started with `bench.tracking.start_child` (asynchronous logging; system metrics on, as users
-  get them), and `on_epoch=bench.tracking.EpochLog(run_id)`, then read the same clock.
+- on: the runner's MLflow logging (bench.study.run_trial's): an MLflow child run in an SQLite store in a
+  tmp folder, started with `bench.tracking.start_child` (asynchronous logging; system metrics on, as
+  users get them), and `on_epoch=bench.tracking.EpochLog(run_id)`, then read the same clock. The
+  runner's epoch callback also reports to Optuna and moves a progress bar; those are not MLflow's
+  cost and are left out.
 
 An epoch's time is the wall time from the end of the first epoch (which includes building the model)
 to the end of the run's epoch logging, over the epochs after the first: the training epochs, the
@@ -168,8 +170,6 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
     s["logged_over_benchmark_median"] = s["logged_median"] / s["benchmark_wall_median"]
     s["logged_over_benchmark_best"] = s["logged_best"] / s["benchmark_wall_best"]
     s["reported_over_wall_same_rounds"] = statistics.median(r / w for r, w in zip(reported, wall))
-    info["target_met_median"] = info["overhead_median"] < TARGET_OVERHEAD
-    info["target_met_best"] = info["overhead_best"] < TARGET_OVERHEAD
     benchmark.extra_info["tracking_overhead"] = info
     print(f"\nepoch ms off {info['epoch_ms_off']}, on {info['epoch_ms_on']}; overhead median "
           f"{100 * info['overhead_median']:+.2f} % (best rounds {100 * info['overhead_best']:+.2f} %; per round "
