@@ -1,5 +1,6 @@
-"""The benchmark command (README, Benchmarks) writes its JSON and Markdown only when every selected
-benchmark passed: a failed run leaves the committed results as they were."""
+"""The benchmark command (README, Benchmarks): it writes its JSON and Markdown only when every selected
+benchmark passed, so that a failed run leaves the committed results as they were; and its verdicts on
+the targets, by a confidence interval for the median over the rounds."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ def test_a_failed_benchmark_run_leaves_the_committed_results(tmp_path):
     assert passed.returncode == 0, passed.stdout[-3000:]
     assert '"vaebench"' in (results / "cpu.json").read_text()
     assert "GEMM floor" in (results / "cpu.md").read_text()
+
+
+def test_a_target_is_met_only_when_the_medians_interval_is_on_its_side():
+    from tests.benchmarks.conftest import median_interval, verdict
+
+    rounds = [0.01 * i for i in range(12)]  # 0.00 … 0.11, given in reverse: the order must not matter
+    low, high, coverage = median_interval(rounds[::-1])
+    # 12 rounds: the 3rd smallest and 3rd largest; coverage 1 − 2 P(Bin(12, ½) ≤ 2) = 1 − 2·79/4096
+    assert (low, high) == (rounds[2], rounds[9])
+    assert coverage == 1 - 2 * 79 / 4096
+    assert median_interval([1.0] * 5) is None  # 5 rounds reach at most 1 − 2/32 < 95 %
+
+    below = lambda x: x < 0.03
+    assert verdict([0.0, 0.02, 0.96], below, 0.01, 0.0) == "met"
+    assert verdict([0.04, 0.05, 0.96], below, 0.045, 0.04) == "not met"
+    assert verdict([-0.28, 0.31, 0.96], below, -0.04, -0.06).startswith("not resolved")
+    assert verdict(None, below, 0.01, 0.04) == "met on the median only"  # no rounds: median and best
