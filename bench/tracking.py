@@ -7,6 +7,7 @@ logging does not slow training. Models are logged as state dicts (`mlflow.pytorc
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import tempfile
 import time
@@ -25,6 +26,15 @@ from bench.train import TrainResult, build
 from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
+
+# A tracking server lost mid-study must end the command in seconds: MLflow's defaults (7 retries with
+# backoff factor 2, 120 s timeout) take some 4 minutes per request, and a run's pending batches kept a
+# command alive for 13 minutes, its trials looking alive to a re-run. 3 retries 1, 2 and 4 s apart ride
+# out a brief outage. Values set in the environment win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+for _key, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)  # read by MLflow at each request; spawned workers inherit them
 
 
 def sqlite_path(uri: str) -> Path | None:
