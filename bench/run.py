@@ -3,13 +3,14 @@
 Reads top to bottom: load and validate the config; check every input (data, stores) before writing
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
 variants that are missing; train them with one or more workers; print the summary.
-Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, or
-the tracking store was lost; 2 bad input (nothing written); 130 interrupted. After 1 or 130, or a
+Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
+worker died, trials are still running in other processes, or the tracking store was lost; 2 bad input (nothing written); 130 interrupted. After 1 or 130, or a
 killed process, re-running the same command resumes: finished trials are kept.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -52,10 +53,23 @@ def preflight(cfg: Config) -> None:
 LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
 
 
-def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> None:
+def _interrupt_when_orphaned(main_pid: int) -> None:
+    """Linux: the worker gets SIGINT, as on Ctrl-C, when the main process dies (SIGKILL, a lost
+    terminal), and ends its trial as interrupted instead of training on, orphaned, out of reach of the
+    terminal's Ctrl-C. Elsewhere it trains on, and the next command finds its trial."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != main_pid:  # the main process died before the line above
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main_pid: int) -> None:
     # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
     # once (a second SIGINT would interrupt a worker while it records the first).
     os.setpgrp()
+    _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
     try:
         outcomes = study.work(cfg, parent_id, experiment_id, position)
@@ -68,7 +82,8 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int) -> N
 
 
 def run(cfg: Config) -> bool:
-    """Runs the study; returns False when a trial failed for a reason other than divergence."""
+    """Runs the study; returns False when a trial failed for a reason other than divergence, a worker
+    died, or trials of the study have not ended (running in other processes, or still queued)."""
     experiment_id = tracking.setup(cfg)
     optuna_study = study.open_study(cfg, create=not cfg.study.worker)
     if not cfg.study.worker:
@@ -83,23 +98,37 @@ def run(cfg: Config) -> bool:
             ok = not any(o.state == states.FAILED for o in study.work(cfg, parent_id, experiment_id))
         else:
             ctx = mp.get_context("spawn")
-            workers = [ctx.Process(target=_worker, args=(cfg, parent_id, experiment_id, i))
+            workers = [ctx.Process(target=_worker, args=(cfg, parent_id, experiment_id, i, os.getpid()))
                        for i in range(cfg.study.n_workers)]
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
             ok = all(w.exitcode == 0 for w in workers)
+            for i, w in enumerate(workers):
+                if w.exitcode < 0:
+                    print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
+                          file=sys.stderr)
+            if study.fail_stale(optuna_study):  # a dead worker's trial: killed now, trained again on re-run
+                print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
     except KeyboardInterrupt:
-        for w in workers:  # each ends its trial as interrupted, then exits
-            if w.is_alive():
-                os.kill(w.pid, signal.SIGINT)
-        for w in workers:
-            w.join()
-        tracking.end_parent(parent_id, "KILLED")
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        try:
+            for w in workers:  # each ends its trial as interrupted, then exits
+                if w.is_alive():
+                    os.kill(w.pid, signal.SIGINT)
+            for w in workers:
+                w.join()
+            tracking.end_parent(parent_id, "KILLED")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         raise
-    tracking.end_parent(parent_id, "FINISHED" if ok else "FAILED")
-    return ok
+    pending = [] if cfg.study.worker else study.not_ended(optuna_study)  # a joining worker leaves that to the first command
+    if pending:
+        print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
+              "did not wait for them; re-run it once they have", file=sys.stderr)
+    tracking.end_parent(parent_id, "FINISHED" if ok and not pending else "FAILED")
+    return ok and not pending
 
 
 def summary(cfg: Config) -> pd.DataFrame:

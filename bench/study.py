@@ -121,7 +121,9 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(trial: optuna.trial.FrozenTrial) -> bool:
+def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the worker that claimed a RUNNING trial still lives: its process on this machine, or a
+    heartbeat within REMOTE_STALE_S from another."""
     owner = trial.user_attrs.get(OWNER)
     last_sign = trial.user_attrs.get(HEARTBEAT) or (trial.datetime_start or trial.datetime_complete).timestamp()
     if owner is None:  # claimed a moment ago, or killed before it could say who it is
@@ -143,7 +145,7 @@ def fail_stale(study: optuna.Study) -> int:
     (Optuna's public API can only fail trials from inside a worker, hence the storage calls.)"""
     n = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _alive(trial):
+        if worker_alive(trial):
             continue
         reason = f"worker {trial.user_attrs.get(OWNER, '?')} died while the trial was running"
         study._storage.set_trial_user_attr(trial._trial_id, STATUS, states.KILLED)
@@ -153,6 +155,16 @@ def fail_stale(study: optuna.Study) -> int:
             tracking.mark_run(trial.user_attrs[RUN_ID], "KILLED", reason)
         n += 1
     return n
+
+
+def not_ended(study: optuna.Study) -> list[str]:
+    """The trials that are still running (in another process, or with a live worker) or queued, one
+    line each."""
+    lines = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        where = f"running in {trial.user_attrs.get(OWNER, 'a worker')}" if trial.state == TrialState.RUNNING else "queued"
+        lines.append(f"trial {trial.number} {where}")
+    return lines
 
 
 def enqueue_missing(study: optuna.Study, cfg: Config) -> int:

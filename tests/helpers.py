@@ -45,16 +45,19 @@ def seed_study_args(tmp_path: Path) -> list[str]:
             "eval.figures=false", f"study.seeds={SEEDS}"]
 
 
-def _trials_now(tmp_path: Path) -> list[tuple[int, str, bool]]:
-    """(number, state, has an MLflow run) per trial, read from the Optuna SQLite file of the running
-    study without the Optuna API (which would create the file or its tables)."""
+def _trials_now(tmp_path: Path, *attrs: str) -> list[tuple]:
+    """(number, state, has an MLflow run, *the JSON of each of `attrs` or None) per trial, read from the
+    Optuna SQLite file of the running study without the Optuna API (which would create the file or its
+    tables)."""
     db = tmp_path / "optuna.db"
     if not db.exists():
         return []
+    values = "".join(f", (SELECT value_json FROM trial_user_attributes a WHERE a.trial_id = t.trial_id"
+                     f" AND a.key = '{attr}')" for attr in attrs)
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
         try:
             return conn.execute("SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE"
-                                " a.trial_id = t.trial_id AND a.key = 'mlflow_run_id') FROM trials t"
+                                f" a.trial_id = t.trial_id AND a.key = 'mlflow_run_id'){values} FROM trials t"
                                 " ORDER BY number").fetchall()
         except sqlite3.OperationalError:  # tables not made yet
             return []
@@ -70,6 +73,23 @@ def _sigint_handled() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def start_and_catch_a_worker(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
+    """Starts `python -m bench.run` with `args` (study.n_workers > 1; output in <tmp>/run.log) and returns
+    once a worker trains a trial with its MLflow run: the process, the trial's number and its worker's pid."""
+    with open(tmp_path / "run.log", "w") as log, _sigint_handled():
+        proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
+    deadline = time.monotonic() + 400
+    while True:
+        running = [(number, owner) for number, state, has_run, owner in _trials_now(tmp_path, "owner")
+                   if state == "RUNNING" and has_run and owner]
+        if running:
+            number, owner = running[0]
+            return proc, number, int(owner.strip('"').rpartition(":")[2])
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+        time.sleep(0.1)
 
 
 def start_and_catch_second_trial(args: list[str], tmp_path: Path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import mlflow
@@ -19,6 +20,7 @@ from tests.conftest import shrink_args
 from tests.helpers import (
     SEEDS,
     seed_study_args,
+    start_and_catch_a_worker,
     start_and_catch_second_trial,
 )
 
@@ -85,6 +87,43 @@ def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatc
     table = report.family_table(data.runs)
     assert (table.n_trials.sum(), table.n_complete.sum(), table.n_failed.sum()) == (len(SEEDS), len(SEEDS), 0)
     assert sorted(report.trial_table(data).state) == ["complete"] * len(SEEDS) + ["interrupted"]
+
+
+def test_a_killed_worker_is_named_and_its_trial_marked_killed_by_the_same_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "study.n_workers=2"]
+    proc, number, worker = start_and_catch_a_worker(args, tmp_path)
+    os.kill(worker, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1
+    log = (tmp_path / "run.log").read_text()
+    assert f"(pid {worker}) was killed by SIGKILL" in log and "its trial is marked killed" in log
+    trials, runs = _state(tmp_path, args)
+    killed = trials[number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["status"] == "killed"  # now, not on a re-run
+    assert runs.loc[killed.user_attrs["mlflow_run_id"], "status"] == "KILLED"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == len(SEEDS) - 1  # the other worker went on
+
+    assert run.main(args) == 0  # the same command trains the killed variant again
+    trials, _ = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+def test_workers_stop_when_the_main_process_is_killed(tmp_path, monkeypatch):
+    """Orphaned workers would train on out of reach of Ctrl-C; they end their trials as interrupted."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "study.n_workers=2"]
+    proc, number, _ = start_and_catch_a_worker(args, tmp_path)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 120
+    while True:  # both workers: no trial left running
+        trials, _ = _state(tmp_path, args)
+        if not any(t.state == TrialState.RUNNING for t in trials):
+            break
+        assert time.monotonic() < deadline, "a worker trained on for 2 minutes after the main process died"
+        time.sleep(0.5)
+    assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["status"] == "interrupted"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) < len(SEEDS)
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -160,3 +199,18 @@ def test_ctrl_c_while_a_trial_sets_up_is_an_interruption(tmp_path, monkeypatch, 
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
     assert trials[1].user_attrs["status"] == "interrupted"  # not relabelled a dead worker's
     assert (runs.status == "FINISHED").sum() == 3 and not (runs.status == "RUNNING").any()
+
+
+def test_a_command_that_leaves_trials_running_elsewhere_does_not_exit_0(tmp_path, monkeypatch, capsys):
+    """Exit 0 says every trial ended: not while another live process still trains one (a command still
+    ending, a worker of another command)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=1", "eval.figures=false"]
+    assert run.main(args) == 0
+    cfg = config.load(args)
+    optuna_study = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg))
+    elsewhere = optuna_study.ask()  # RUNNING, claimed by this (live) test process
+    elsewhere.set_user_attr(study.OWNER, study._owner())
+    capsys.readouterr()
+    assert run.main(args) == 1
+    assert f"trial {elsewhere.number} running in {study._owner()}" in capsys.readouterr().err
