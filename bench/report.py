@@ -202,7 +202,29 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
              "reason": t.user_attrs.get(study_mod.REASON, ""), "run_id": t.user_attrs.get(study_mod.RUN_ID),
              "variant": study_mod.variant_label(json.loads(t.user_attrs[study_mod.VARIANT]))
              if study_mod.VARIANT in t.user_attrs else ""} for t in trials]
+    for row, t in zip(rows, trials):
+        if t.state == optuna.trial.TrialState.RUNNING and not study_mod.worker_alive(t):
+            row["state"], row["reason"] = states.KILLED, (
+                f"its worker {t.user_attrs.get(study_mod.OWNER, '')} is gone (the next `python -m bench.run` of "
+                "this study marks the trial killed and trains the variant again)")
     return pd.DataFrame(rows, columns=columns), f"Optuna study {sel.optuna_study!r} in {url}"
+
+
+def unfinished_note(data: StudyData) -> str:
+    """A warning for a study with trials that have not ended ("" when all have): the tables then cover
+    only the trials ended so far. A grid variant counts by its last attempt; one cut short is trained
+    again by the next run of the study's command."""
+    trials = data.trials if len(data.trials) else data.runs[["trial", "state", "variant"]]
+    trials = trials.sort_values("trial")
+    variants = trials[trials.variant != ""].drop_duplicates("variant", keep="last")
+    latest = pd.concat([variants, trials[trials.variant == ""]])  # and the search's trials
+    counts = {"running": int((latest.state == "running").sum()), "queued": int((latest.state == "waiting").sum()),
+              "cut short (failed, killed or interrupted)": int(variants.state.isin(states.CUT_SHORT).sum())}
+    if not any(counts.values()):
+        return ""
+    return ("Not finished: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n) + ". The tables "
+            "cover the trials that have ended; re-running the study's command trains the rest (section 4 "
+            "lists every trial).")
 
 
 def _tag(frame: pd.DataFrame, key: str, default: object = "") -> pd.Series:
@@ -408,8 +430,10 @@ def _fmt(mean: float, ci: float = np.nan) -> str:
     """mean ± half-width, with the decimals the interval supports (two significant digits of it)."""
     if not np.isfinite(mean):
         return NONE
-    if not np.isfinite(ci) or ci <= 0:
-        return f"{mean:.4g}"
+    if not np.isfinite(ci) or ci <= 0:  # one seed: whole numbers as such, else five significant digits
+        if float(mean).is_integer():
+            return f"{int(mean)}"
+        return f"{mean:.{min(6, max(0, 4 - math.floor(math.log10(abs(mean)))))}f}"  # never in e-notation
     digits = min(6, max(0, 1 - math.floor(math.log10(ci))))
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
@@ -776,6 +800,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     description = str(sel.parent.get("tags.mlflow.note.content", "") or "").strip() or "(no description)"
     blocks: Blocks = [
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
+        *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials)]

@@ -58,9 +58,14 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.RUNNING  # as the dead process left it
     assert runs.loc[before[1].user_attrs["mlflow_run_id"], "status"] == "RUNNING"
+    # a report now: the dead worker's trial is killed, not running, and the study says it is not finished
+    data = report.load(args)
+    assert report.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "killed", 2: "waiting"}
+    assert report.unfinished_note(data).startswith("Not finished: 1 queued, 1 cut short")
 
     assert run.main(args) == 0
     _assert_resumed(tmp_path, args, before, gone="KILLED")
+    assert report.unfinished_note(report.load(args)) == ""
     trials, runs = _state(tmp_path, args)
     assert "died while the trial was running" in trials[1].user_attrs["reason"]
     assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"

@@ -339,3 +339,11 @@ def test_help_documents_the_selection(capsys):
     assert report.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "study=NAME" in out and "experiment=NAME" in out and "run=RUN_ID" in out and "likelihoods" in out
+
+
+@pytest.mark.parametrize("mean, ci, text", [
+    (416.954, np.nan, "416.95"), (5088.89, np.nan, "5088.9"), (115407.3, np.nan, "115407"), (3.0, np.nan, "3"),
+    (0.00123, np.nan, "0.001230"), (416.954, 0.5, "416.95 ± 0.50"), (5088.89, 12.3, "5089 ± 12")])
+def test_numbers_keep_their_digits_with_or_without_an_interval(mean, ci, text):
+    """One seed has no interval: five significant digits, never e-notation or 4-digit rounding."""
+    assert report._fmt(mean, ci) == text
