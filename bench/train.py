@@ -369,10 +369,14 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         kl_data = gaussian_kl(*model.encode(eval_tf(data.test)))
         kl_noise = gaussian_kl(*model.encode(eval_tf(noise)))
     n = len(log_px)
+    se = (log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    mc = (mc_se.pow(2).sum().sqrt() / n).item()
+    if result.measure.comparable:  # a log-likelihood of the data: its negative, the NLL
+        out.update({"test_iwae_nll": -log_px.mean().item(), "test_iwae_nll_se": se, "test_iwae_mc_se": mc})
+    else:  # the same bound of a training objective, which is no likelihood: never under the name NLL
+        out.update({"test_iwae_objective": log_px.mean().item(), "test_iwae_objective_se": se,
+                    "test_iwae_objective_mc_se": mc})
     out.update({
-        "test_iwae_nll": -log_px.mean().item(),
-        "test_iwae_nll_se": (log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
-        "test_iwae_mc_se": (mc_se.pow(2).sum().sqrt() / n).item(),
         "iwae_k": float(cfg.eval.iwae_k),
         "anomaly_kl_data": kl_data.mean().item(),
         "anomaly_kl_noise": kl_noise.mean().item(),

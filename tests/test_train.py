@@ -119,7 +119,9 @@ def test_a_training_objective_has_no_bits_per_dim():
     result = train.train(cfg)
     assert not result.measure.comparable
     out = train.final_metrics(result, cfg)
-    assert "test_bpd" not in out and math.isfinite(out["test_iwae_nll"])
+    assert not {"test_bpd", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se"} & set(out)  # no NLL of the data
+    assert math.isfinite(out["test_iwae_objective"]) and out["test_iwae_objective_se"] > 0
+    assert out["test_iwae_objective_mc_se"] >= 0
 
 
 def test_learned_gaussian_on_binary_data_diverges_without_raising():
