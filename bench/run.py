@@ -4,8 +4,9 @@ Reads top to bottom: load and validate the config; check every input (data, stor
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
 variants that are missing; train them with one or more workers; print the summary.
 Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
-worker died, trials are still running in other processes, or the tracking store was lost; 2 bad input (nothing written); 130 interrupted. After 1 or 130, or a
-killed process, re-running the same command resumes: finished trials are kept.
+worker died, trials are still running in other processes, or the tracking store was lost; 2 bad input
+(nothing written); 130 interrupted. After 1 or 130, or a killed process, re-running the same command
+resumes: finished trials are kept.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def run(cfg: Config) -> bool:
         finally:
             signal.signal(signal.SIGINT, previous)
         raise
-    pending = [] if cfg.study.worker else study.not_ended(optuna_study)  # a joining worker leaves that to the first command
+    # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command)
+    pending = [] if cfg.study.worker else study.not_ended(optuna_study)
     if pending:
         print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
               "did not wait for them; re-run it once they have", file=sys.stderr)
