@@ -20,11 +20,12 @@ import fcntl
 import json
 import math
 import os
+import random
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,15 +266,30 @@ class _DataCache:
         return self.cache[key]
 
 
+def _stored(write: Callable[[], object], tries: int = 20) -> None:
+    """Runs a write to the Optuna storage, trying again while SQLite says "database is locked": it says
+    so at once, without waiting out its timeout, when two connections both move from reading to writing,
+    as two workers recording their interruption at the same moment do. (A failed write is rolled back.)"""
+    for attempt in range(tries):
+        try:
+            write()
+            return
+        except optuna.exceptions.StorageInternalError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.5))  # random: two waiting workers must not collide again
+
+
 def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config) -> None:
     """Records a Ctrl-C: the trial FAIL (not diverged: the next run trains the variant again) with status
     interrupted, and its MLflow run, if it has one yet, ended with its epochs so far."""
     reason = "interrupted by the user (SIGINT)"
-    if epoch_log is not None:
-        tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
-    trial.set_user_attr(STATUS, states.INTERRUPTED)
-    trial.set_user_attr(REASON, reason)
-    study.tell(trial, state=TrialState.FAIL)
+    with _ctrl_c_deferred():  # a second SIGINT must not leave the interruption half-recorded
+        if epoch_log is not None:
+            tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
+        _stored(lambda: trial.set_user_attr(STATUS, states.INTERRUPTED))
+        _stored(lambda: trial.set_user_attr(REASON, reason))
+        _stored(lambda: study.tell(trial, state=TrialState.FAIL))
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
@@ -335,12 +351,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
         for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
                            "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
-            trial.set_user_attr(key, value)
+            _stored(lambda key=key, value=value: trial.set_user_attr(key, value))
         if state == states.COMPLETE:
-            study.tell(trial, val if math.isfinite(val) else None,
-                       state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL)
+            _stored(lambda: study.tell(trial, val if math.isfinite(val) else None,
+                                       state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL))
         else:
-            study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL)
+            _stored(lambda: study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL))
     return TrialOutcome(label, state, reason)
 
 
