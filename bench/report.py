@@ -203,7 +203,12 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
              "variant": study_mod.variant_label(json.loads(t.user_attrs[study_mod.VARIANT]))
              if study_mod.VARIANT in t.user_attrs else ""} for t in trials]
     for row, t in zip(rows, trials):
-        if t.state == optuna.trial.TrialState.RUNNING and not study_mod.worker_alive(t):
+        if t.state != optuna.trial.TrialState.RUNNING or study_mod.worker_alive(t):
+            continue
+        ended = tracking.ended_run(row["run_id"]) if row["run_id"] else None
+        if ended is not None:  # its worker died while recording the run's outcome, which the next run keeps
+            row["state"], row["reason"] = ended[:2]
+        else:
             row["state"], row["reason"] = states.KILLED, (
                 f"its worker {t.user_attrs.get(study_mod.OWNER, '')} is gone (the next `python -m bench.run` of "
                 "this study marks the trial killed and trains the variant again)")

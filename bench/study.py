@@ -10,7 +10,8 @@ Faults lose no finished work: a trial is COMPLETE in Optuna only once its MLflow
 Ctrl-C ends the trial in progress as FAIL (status interrupted, run KILLED). A SIGKILL, a lost machine
 or a lost tracking store leaves it RUNNING; the next run marks it FAIL (status killed, run KILLED) once
 its worker is gone — a local process that no longer exists, or no epoch for REMOTE_STALE_S from
-another machine — and trains that variant again.
+another machine — and trains that variant again; one whose MLflow run had already ended (the worker died
+while recording its outcome in Optuna) is given the run's outcome instead.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
 HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
+STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
@@ -122,6 +124,14 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _process_start(pid: int) -> str | None:
+    """When a process started, in clock ticks since boot (Linux; None elsewhere or when it is gone)."""
+    try:  # field 22 of /proc/PID/stat; the command name before it, in parentheses, may hold spaces
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the worker that claimed a RUNNING trial still lives: its process on this machine, or a
     heartbeat within REMOTE_STALE_S from another."""
@@ -134,19 +144,27 @@ def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
         return time.time() - last_sign < REMOTE_STALE_S
     try:
         os.kill(int(pid), 0)
-        return True
     except (ProcessLookupError, ValueError):
         return False
     except PermissionError:
-        return True
+        pass
+    started = trial.user_attrs.get(STARTED)  # after a reboot or many processes, the pid may be another's
+    return started is None or started == _process_start(int(pid))
 
 
 def fail_stale(study: optuna.Study) -> int:
-    """Trials left RUNNING by a dead local worker (SIGKILL): FAIL in Optuna, KILLED in MLflow.
+    """Trials left RUNNING by a dead worker (SIGKILL, lost machine): FAIL in Optuna, KILLED in MLflow,
+    and their number returned. One whose worker died after ending its MLflow run, while it recorded the
+    outcome in Optuna, is given that outcome: the trained variant is kept, not trained again.
     (Optuna's public API can only fail trials from inside a worker, hence the storage calls.)"""
     n = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial):
+            continue
+        ended = tracking.ended_run(trial.user_attrs[RUN_ID]) if RUN_ID in trial.user_attrs else None
+        if ended is not None:
+            state, reason, metrics = ended
+            _record(study, optuna.Trial(study, trial._trial_id), state, reason, metrics)
             continue
         reason = f"worker {trial.user_attrs.get(OWNER, '?')} died while the trial was running"
         study._storage.set_trial_user_attr(trial._trial_id, STATUS, states.KILLED)
@@ -295,6 +313,7 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
     trial.set_user_attr(OWNER, _owner())
+    trial.set_user_attr(STARTED, _process_start(os.getpid()))
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
@@ -345,19 +364,23 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
-    last = history[-1] if history else {}
-    val = last.get("val_elbo", float("nan"))
     with _ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
-        for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
-                           "samples_per_s": last.get("samples_per_s", float("nan"))}.items():
-            _stored(lambda key=key, value=value: trial.set_user_attr(key, value))
-        if state == states.COMPLETE:
-            _stored(lambda: study.tell(trial, val if math.isfinite(val) else None,
-                                       state=TrialState.COMPLETE if math.isfinite(val) else TrialState.FAIL))
-        else:
-            _stored(lambda: study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL))
+        _record(study, trial, state, reason, history[-1] if history else {})
     return TrialOutcome(label, state, reason)
+
+
+def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:
+    """A trial's outcome in Optuna, once its MLflow run has it: status, reason, the last epoch's validation
+    ELBO and samples/s, and the trial's end (COMPLETE only with a finite ELBO, the study's objective)."""
+    val = last.get("val_elbo", math.nan)
+    for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
+                       "samples_per_s": last.get("samples_per_s", math.nan)}.items():
+        _stored(lambda key=key, value=value: trial.set_user_attr(key, value))
+    if state == states.COMPLETE and math.isfinite(val):
+        _stored(lambda: study.tell(trial, val))
+    else:
+        _stored(lambda: study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL))
 
 
 @contextlib.contextmanager

@@ -203,11 +203,22 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
     mlflow.end_run(status)
 
 
+def _ended(run: mlflow.entities.Run) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(run.info.status))  # info.status is the name
+
+
+def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
+    """The state, reason and latest metrics of a run that `finish_child` ended; None while it runs."""
+    run = MlflowClient().get_run(run_id)
+    if not _ended(run) or "state" not in run.data.tags:
+        return None
+    return run.data.tags["state"], run.data.tags.get("reason", ""), run.data.metrics
+
+
 def mark_run(run_id: str, status: str, reason: str) -> None:
     """Ends a run left RUNNING by a process that died (SIGKILL, lost machine)."""
     client = MlflowClient()
-    run = client.get_run(run_id)
-    if RunStatus.is_terminated(run.info.status):
+    if _ended(client.get_run(run_id)):
         return
     client.set_tag(run_id, "state", states.KILLED)
     client.set_tag(run_id, "reason", reason)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from optuna.trial import TrialState
 from bench import config, report, run, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import (
+    ONE_THREAD_ENV,
     SEEDS,
     seed_study_args,
     start_and_catch_a_worker,
@@ -219,3 +222,53 @@ def test_a_command_that_leaves_trials_running_elsewhere_does_not_exit_0(tmp_path
     capsys.readouterr()
     assert run.main(args) == 1
     assert f"trial {elsewhere.number} running in {study._owner()}" in capsys.readouterr().err
+
+
+KILLED_WHILE_RECORDING = """
+import os, signal, sys
+from bench import run, study
+record = study._record
+def killed_while_recording(optuna_study, trial, *args):
+    if trial.number == 1:  # its MLflow run has ended; Optuna has not heard yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    record(optuna_study, trial, *args)
+study._record = killed_while_recording
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_after_its_run_ended_keeps_the_trained_variant(tmp_path, monkeypatch):
+    """SIGKILL between the end of a trial's MLflow run and its record in Optuna: the next command gives
+    the trial the run's outcome instead of training the variant again."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_RECORDING, *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=600, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    before, runs = _state(tmp_path, args)
+    assert before[1].state == TrialState.RUNNING and "status" not in before[1].user_attrs
+    run_id = before[1].user_attrs["mlflow_run_id"]
+    assert runs.loc[run_id, "status"] == "FINISHED"
+    data = report.load(args)  # a report now already shows the run's outcome
+    assert report.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "complete", 2: "waiting"}
+
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # no fourth trial: nothing trained twice
+    assert len(runs) == 3 and (runs.status == "FINISHED").all()
+    kept = trials[1]
+    assert kept.user_attrs["mlflow_run_id"] == run_id and kept.user_attrs["status"] == "complete"
+    assert kept.value == pytest.approx(runs.loc[run_id, "metrics.val_elbo"])
+    assert kept.user_attrs["samples_per_s"] == pytest.approx(runs.loc[run_id, "metrics.samples_per_s"])
+
+
+def test_a_reused_pid_is_not_the_worker_that_claimed_the_trial():
+    optuna_study = optuna.create_study()
+    trial = optuna_study.ask()
+    trial.set_user_attr(study.OWNER, study._owner())  # this process: alive
+    frozen = optuna_study.get_trials()[0]
+    assert study.worker_alive(frozen)
+    trial.set_user_attr(study.STARTED, study._process_start(os.getpid()))
+    assert study.worker_alive(optuna_study.get_trials()[0])
+    trial.set_user_attr(study.STARTED, "1")  # the same pid, started at another time: a different process
+    assert not study.worker_alive(optuna_study.get_trials()[0])
