@@ -166,7 +166,8 @@ def fail_stale(study: optuna.Study) -> int:
             state, reason, metrics = ended
             _record(study, optuna.Trial(study, trial._trial_id), state, reason, metrics)
             continue
-        reason = f"worker {trial.user_attrs.get(OWNER, '?')} died while the trial was running"
+        reason = (f"worker {trial.user_attrs.get(OWNER, '?')} ended while the trial was running (killed, or its "
+                  "tracking store was lost)")
         study._storage.set_trial_user_attr(trial._trial_id, STATUS, states.KILLED)
         study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -183,13 +183,14 @@ class EpochLog:
 
 def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float], state: str,
                  reason: str = "", epoch_log: EpochLog | None = None) -> None:
-    """The epochs not yet sent, final metrics, figures, config and state dict; the run ends FINISHED
-    only when COMPLETE."""
+    """The epochs not yet sent, final metrics, figures, config and state dict, then the state tag; the
+    run ends FINISHED only when COMPLETE. The state tag comes last, once the rest is stored: a process
+    that dies before it (a crash in a figure, a full disk; MLflow's exit handler then ends the run as
+    FINISHED) leaves a run that `ended_run` does not take for a finished trial."""
     if epoch_log is not None:
         epoch_log.flush()
     if final:
         mlflow.log_metrics(final, synchronous=False)
-    mlflow.set_tags({"state": state, "reason": reason[:5000]})
     if result is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -199,8 +200,8 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
             torch.save(result.model.state_dict(), folder / "model_state_dict.pt")
             mlflow.log_artifacts(str(folder))
     mlflow.flush_async_logging()
-    status = states.MLFLOW_STATUS.get(state, "FAILED")
-    mlflow.end_run(status)
+    mlflow.set_tags({"state": state, "reason": reason[:5000]}, synchronous=True)
+    mlflow.end_run(states.MLFLOW_STATUS.get(state, "FAILED"))
 
 
 def _ended(run: mlflow.entities.Run) -> bool:
@@ -208,7 +209,7 @@ def _ended(run: mlflow.entities.Run) -> bool:
 
 
 def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
-    """The state, reason and latest metrics of a run that `finish_child` ended; None while it runs."""
+    """The state, reason and latest metrics of a run that `finish_child` ended; None otherwise."""
     run = MlflowClient().get_run(run_id)
     if not _ended(run) or "state" not in run.data.tags:
         return None
@@ -216,9 +217,10 @@ def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
 
 
 def mark_run(run_id: str, status: str, reason: str) -> None:
-    """Ends a run left RUNNING by a process that died (SIGKILL, lost machine)."""
+    """Ends a run whose process died (SIGKILL, lost machine, a crash) before `finish_child` ended it: one
+    still RUNNING, or one MLflow's exit handler ended as FINISHED without its state tag."""
     client = MlflowClient()
-    if _ended(client.get_run(run_id)):
+    if ended_run(run_id) is not None:
         return
     client.set_tag(run_id, "state", states.KILLED)
     client.set_tag(run_id, "reason", reason)

@@ -70,7 +70,7 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     _assert_resumed(tmp_path, args, before, gone="KILLED")
     assert report.unfinished_note(report.load(args)) == ""
     trials, runs = _state(tmp_path, args)
-    assert "died while the trial was running" in trials[1].user_attrs["reason"]
+    assert "ended while the trial was running (killed, or its tracking store was lost)" in trials[1].user_attrs["reason"]
     assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"
 
 
@@ -272,3 +272,39 @@ def test_a_reused_pid_is_not_the_worker_that_claimed_the_trial():
     assert study.worker_alive(optuna_study.get_trials()[0])
     trial.set_user_attr(study.STARTED, "1")  # the same pid, started at another time: a different process
     assert not study.worker_alive(optuna_study.get_trials()[0])
+
+
+CRASHED_WHILE_LOGGING_ARTIFACTS = """
+import sys
+import mlflow
+from bench import run
+log_artifacts, calls = mlflow.log_artifacts, []
+def disk_full_at_the_second_trial(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 2:
+        raise OSError(28, "No space left on device")
+    return log_artifacts(*args, **kwargs)
+mlflow.log_artifacts = disk_full_at_the_second_trial
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_while_a_run_logs_its_artifacts_is_not_taken_for_a_finished_trial(tmp_path, monkeypatch):
+    """MLflow's exit handler ends the run of a crashed process as FINISHED: without its state tag, written
+    last, the next command takes it for what it is, cut short, and trains the variant again."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]
+    proc = subprocess.run([sys.executable, "-c", CRASHED_WHILE_LOGGING_ARTIFACTS, *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=600, check=False)
+    assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc.stderr[-3000:]
+    before, runs = _state(tmp_path, args)
+    assert before[1].state == TrialState.RUNNING
+    crashed = before[1].user_attrs["mlflow_run_id"]
+    assert runs.loc[crashed, "status"] == "FINISHED" and pd.isna(runs.loc[crashed].get("tags.state"))
+    assert report.trial_table(report.load(args)).set_index("trial").state[1] == "killed"
+
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["status"] == "killed"
+    assert (runs.loc[crashed, "status"], runs.loc[crashed, "tags.state"]) == ("KILLED", "killed")
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
