@@ -87,12 +87,13 @@ def run(cfg: Config) -> bool:
     died, or trials of the study have not ended (running in other processes, or still queued)."""
     experiment_id = tracking.setup(cfg)
     optuna_study = study.open_study(cfg, create=not cfg.study.worker)
-    if not cfg.study.worker:
-        stale = study.fail_stale(optuna_study)
-        added = study.enqueue_missing(optuna_study, cfg)
-        print(f"study {optuna_study.study_name}: {added} variants to run"
-              + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
-    parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg)
+    with study.study_lock(cfg):  # two commands started at once: each variant enqueued once, one parent run
+        if not cfg.study.worker:
+            stale = study.fail_stale(optuna_study)
+            added = study.enqueue_missing(optuna_study, cfg)
+            print(f"study {optuna_study.study_name}: {added} variants to run"
+                  + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
+        parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg)
     ok, workers = True, []
     try:
         if cfg.study.n_workers == 1:
@@ -110,7 +111,9 @@ def run(cfg: Config) -> bool:
                 if w.exitcode < 0:
                     print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
                           file=sys.stderr)
-            if study.fail_stale(optuna_study):  # a dead worker's trial: killed now, trained again on re-run
+            with study.study_lock(cfg):
+                stale = study.fail_stale(optuna_study)
+            if stale:  # a dead worker's trial: killed now, trained again on re-run
                 print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
     except KeyboardInterrupt:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import math
 import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -47,6 +51,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
 HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
 STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
+MACHINE = "owner_machine"  # boot and pid namespace of the owner: a container of the same hostname is not this machine
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
@@ -132,6 +137,15 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _machine() -> str | None:
+    """This boot of this kernel and this process's pid namespace (Linux; None elsewhere): where pids of
+    this process can be checked. Containers of one hostname differ in one or the other."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the worker that claimed a RUNNING trial still lives: its process on this machine, or a
     heartbeat within REMOTE_STALE_S from another."""
@@ -140,7 +154,7 @@ def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     if owner is None:  # claimed a moment ago, or killed before it could say who it is
         return time.time() - last_sign < 60
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
+    if host != socket.gethostname() or trial.user_attrs.get(MACHINE) != _machine():
         return time.time() - last_sign < REMOTE_STALE_S
     try:
         os.kill(int(pid), 0)
@@ -161,18 +175,22 @@ def fail_stale(study: optuna.Study) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial):
             continue
-        ended = tracking.ended_run(trial.user_attrs[RUN_ID]) if RUN_ID in trial.user_attrs else None
+        run_id = trial.user_attrs.get(RUN_ID) or tracking.run_of_trial(study.study_name, trial.number)
+        ended = tracking.ended_run(run_id) if run_id else None
         if ended is not None:
             state, reason, metrics = ended
             _record(study, optuna.Trial(study, trial._trial_id), state, reason, metrics)
             continue
         reason = (f"worker {trial.user_attrs.get(OWNER, '?')} ended while the trial was running (killed, or its "
                   "tracking store was lost)")
-        study._storage.set_trial_user_attr(trial._trial_id, STATUS, states.KILLED)
-        study._storage.set_trial_user_attr(trial._trial_id, REASON, reason)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        if RUN_ID in trial.user_attrs:
-            tracking.mark_run(trial.user_attrs[RUN_ID], "KILLED", reason)
+        try:
+            for key, value in ((STATUS, states.KILLED), (REASON, reason)):
+                _stored(functools.partial(study._storage.set_trial_user_attr, trial._trial_id, key, value))
+            _stored(functools.partial(study._storage.set_trial_state_values, trial._trial_id, TrialState.FAIL))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its worker's record came in after all (a remote one, thought dead)
+        if run_id:
+            tracking.mark_run(run_id, "KILLED", reason)
         n += 1
     return n
 
@@ -213,27 +231,42 @@ def _choices(cfg: Config) -> dict[str, list[Any]]:
 
 
 @contextlib.contextmanager
-def _claim_lock(url: str) -> Iterator[None]:
-    """Optuna claims a queued trial by reading its state and setting it to RUNNING in one transaction
-    with SELECT ... FOR UPDATE. A database server locks the row; SQLite ignores FOR UPDATE and Python's
-    sqlite3 reads outside the transaction, so two workers can claim the same trial (36 of 150 claims
-    were doubled with 4 processes). On SQLite, a file lock beside the database serializes the claims of
-    the workers of this machine, the only ones that can share an SQLite file."""
+def study_lock(cfg: Config) -> Iterator[None]:
+    """Serializes what reads the study's trials and then changes them: a worker claiming a trial, a
+    command marking dead workers' trials and enqueuing the missing variants (two commands started at
+    once would each enqueue them all). Optuna claims a queued trial with SELECT ... FOR UPDATE, which
+    SQLite ignores (36 of 150 claims were doubled with 4 processes): there, a file lock beside the
+    database, which only the processes of one machine can share; on PostgreSQL an advisory lock of the
+    study, released with its transaction or connection. (MySQL: claims are row-locked; enqueuing is not.)"""
+    url = storage_url(cfg)
     path = tracking.sqlite_path(url)
-    if path is None:
+    if path is not None:
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+    elif url.startswith("postgresql"):
+        key = int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big", signed=True)
+        with _engine(url).begin() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            yield
+    else:
         yield
-        return
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        yield
+
+
+@functools.cache
+def _engine(url: str) -> sqlalchemy.engine.Engine:
+    return sqlalchemy.create_engine(url, pool_size=1)
 
 
 def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
-    # Atomically moves one queued trial to RUNNING. `study.ask()` would create a new, unqueued trial
-    # when the queue is empty — which is how GridSampler repeats points under parallel workers.
-    with _claim_lock(storage_url(cfg)):
+    # Atomically moves one queued trial to RUNNING, or starts a search trial. `study.ask()` would create
+    # a new, unqueued trial when the queue is empty — how GridSampler repeats points under parallel
+    # workers — and pops a queued one outside the lock.
+    with study_lock(cfg):
         trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
+        if trial_id is not None:
+            return optuna.Trial(study, trial_id)
+        return _search_trial(study, cfg) if cfg.study.search_space else None
 
 
 def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
@@ -315,9 +348,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
               cache: _DataCache, position: int = 0) -> TrialOutcome:
     trial.set_user_attr(OWNER, _owner())
     trial.set_user_attr(STARTED, _process_start(os.getpid()))
+    trial.set_user_attr(MACHINE, _machine())
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
+    epoch_log: tracking.EpochLog | None = None
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
         data = cache.get(cfg)
         lik = config.likelihood_of(cfg)
@@ -327,13 +362,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
-        run_id = tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}", tags)
+        epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}",
+                                                           tags))
+        trial.set_user_attr(RUN_ID, epoch_log.run_id)
         trial.set_user_attr(COMPARABLE, measure.comparable)
     except KeyboardInterrupt:
-        _interrupted(study, trial, None, cfg)
+        _interrupted(study, trial, epoch_log, cfg)  # ends the run, once there is one
         raise
-    trial.set_user_attr(RUN_ID, run_id)
-    epoch_log = tracking.EpochLog(run_id)
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
 
@@ -354,6 +389,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     try:
         result = train(cfg, data, on_epoch)
         history = result.history
+        trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
         final = final_metrics(result, cfg)
         state, reason = result.status, result.reason
     except optuna.TrialPruned as e:
@@ -375,13 +411,17 @@ def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, l
     """A trial's outcome in Optuna, once its MLflow run has it: status, reason, the last epoch's validation
     ELBO and samples/s, and the trial's end (COMPLETE only with a finite ELBO, the study's objective)."""
     val = last.get("val_elbo", math.nan)
-    for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
-                       "samples_per_s": last.get("samples_per_s", math.nan)}.items():
-        _stored(lambda key=key, value=value: trial.set_user_attr(key, value))
-    if state == states.COMPLETE and math.isfinite(val):
-        _stored(lambda: study.tell(trial, val))
-    else:
-        _stored(lambda: study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL))
+    try:
+        for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
+                           "samples_per_s": last.get("samples_per_s", math.nan)}.items():
+            _stored(lambda key=key, value=value: trial.set_user_attr(key, value))
+        if state == states.COMPLETE and math.isfinite(val):
+            _stored(lambda: study.tell(trial, val))
+        else:
+            _stored(lambda: study.tell(trial, state=TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:  # a worker of another machine, thought dead too soon
+        print(f"warning: trial {trial.number} was marked killed by another command while this worker trained it "
+              f"(no sign of life for {REMOTE_STALE_S} s); its run here ended {state}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -414,7 +454,7 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     total = len(variants(cfg)) if not cfg.study.search_space else len(variants(cfg)) + cfg.study.n_trials
     with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
         while True:
-            trial = _claim(study, cfg) or (_search_trial(study, cfg) if cfg.study.search_space else None)
+            trial = _claim(study, cfg)
             if trial is None:
                 return outcomes
             outcome = run_trial(study, trial, cfg, parent_id, experiment_id, cache, position)

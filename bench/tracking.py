@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bench import config, figures, states
@@ -108,7 +109,13 @@ def setup(cfg: Config) -> str:
         location = location if "://" in location else Path(location).resolve().as_uri()
     else:  # a tracking server keeps them where its --artifacts-destination says
         location = None
-    return client.create_experiment(cfg.study.name, artifact_location=location)
+    try:
+        return client.create_experiment(cfg.study.name, artifact_location=location)
+    except MlflowException:  # another command created it a moment ago
+        experiment = client.get_experiment_by_name(cfg.study.name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def parent_run(experiment_id: str, study_name: str, cfg: Config) -> str:
@@ -214,6 +221,13 @@ def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
     if not _ended(run) or "state" not in run.data.tags:
         return None
     return run.data.tags["state"], run.data.tags.get("reason", ""), run.data.metrics
+
+
+def run_of_trial(optuna_study: str, trial_number: int) -> str | None:
+    """The run of a trial whose worker died before it could name the run to Optuna."""
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1, filter_string=(
+        f"tags.optuna_study = '{optuna_study}' and tags.trial_number = '{trial_number}'"))
+    return found[0].info.run_id if found else None
 
 
 def mark_run(run_id: str, status: str, reason: str) -> None:

@@ -22,6 +22,7 @@ from tests.conftest import shrink_args
 from tests.helpers import (
     ONE_THREAD_ENV,
     SEEDS,
+    _sigint_handled,
     seed_study_args,
     start_and_catch_a_worker,
     start_and_catch_second_trial,
@@ -262,16 +263,53 @@ def test_a_worker_killed_after_its_run_ended_keeps_the_trained_variant(tmp_path,
     assert kept.user_attrs["samples_per_s"] == pytest.approx(runs.loc[run_id, "metrics.samples_per_s"])
 
 
-def test_a_reused_pid_is_not_the_worker_that_claimed_the_trial():
+def test_a_worker_is_known_by_its_pid_start_time_and_machine():
     optuna_study = optuna.create_study()
     trial = optuna_study.ask()
-    trial.set_user_attr(study.OWNER, study._owner())  # this process: alive
-    frozen = optuna_study.get_trials()[0]
-    assert study.worker_alive(frozen)
-    trial.set_user_attr(study.STARTED, study._process_start(os.getpid()))
-    assert study.worker_alive(optuna_study.get_trials()[0])
-    trial.set_user_attr(study.STARTED, "1")  # the same pid, started at another time: a different process
-    assert not study.worker_alive(optuna_study.get_trials()[0])
+
+    def alive(**attrs) -> bool:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return study.worker_alive(optuna_study.get_trials()[0])
+
+    assert alive(**{study.OWNER: study._owner(), study.MACHINE: study._machine()})  # this process
+    assert alive(**{study.STARTED: study._process_start(os.getpid())})
+    assert not alive(**{study.STARTED: "1"})  # the same pid, started at another time: another process
+    # a container of the same hostname: its pids cannot be checked from here, its heartbeats tell
+    assert alive(**{study.MACHINE: "another-boot pid:[1]", study.HEARTBEAT: time.time()})
+    assert not alive(**{study.HEARTBEAT: time.time() - study.REMOTE_STALE_S - 1})
+
+
+SLOW_ENQUEUE = """
+import sys, time
+import optuna
+from bench import run
+enqueue = optuna.Study.enqueue_trial
+def slow_enqueue(*args, **kwargs):  # widens the moment between reading the trials and adding the missing
+    time.sleep(1)
+    return enqueue(*args, **kwargs)
+optuna.Study.enqueue_trial = slow_enqueue
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_two_commands_started_at_once_train_each_variant_once(tmp_path, monkeypatch):
+    """Each enqueues what is missing, under the study's lock: not every variant twice."""
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["study=smoke", *shrink_args(tmp_path), "train.epochs=1", "eval.figures=false"]) == 0
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]  # the stores exist: only the study is new
+    with _sigint_handled():
+        procs = [subprocess.Popen([sys.executable, "-c", SLOW_ENQUEUE, *args], cwd=tmp_path, env=ONE_THREAD_ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    # 1: a command whose trials ended while the other still trained one says so
+    assert all(p.returncode in (0, 1) and "Traceback" not in e for p, e in zip(procs, errors)), errors
+    trials, runs = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials) == SEEDS
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(runs) == 3
+    cfg = config.load(args)
+    parents = mlflow.search_runs(experiment_names=[cfg.study.name], filter_string="tags.`mlflow.parentRunId` IS NULL")
+    assert len(parents) == 1
 
 
 CRASHED_WHILE_LOGGING_ARTIFACTS = """
