@@ -85,9 +85,11 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
 def run(cfg: Config) -> bool:
     """Runs the study; returns False when a trial failed for a reason other than divergence, a worker
     died, or trials of the study have not ended (running in other processes, or still queued)."""
-    experiment_id = tracking.setup(cfg)
-    optuna_study = study.open_study(cfg, create=not cfg.study.worker)
-    with study.study_lock(cfg):  # two commands started at once: each variant enqueued once, one parent run
+    # Two commands started at once: the stores created once (two processes creating one SQLite file crash
+    # MLflow and Optuna), each variant enqueued once, one parent run.
+    with study.study_lock(cfg):
+        experiment_id = tracking.setup(cfg)
+        optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study)
             added = study.enqueue_missing(optuna_study, cfg)

@@ -294,10 +294,10 @@ sys.exit(run.main(sys.argv[1:]))
 
 
 def test_two_commands_started_at_once_train_each_variant_once(tmp_path, monkeypatch):
-    """Each enqueues what is missing, under the study's lock: not every variant twice."""
+    """On fresh stores, each creates them or waits for the other to, then enqueues what is missing, under
+    the study's lock: not every variant twice."""
     monkeypatch.chdir(tmp_path)
-    assert run.main(["study=smoke", *shrink_args(tmp_path), "train.epochs=1", "eval.figures=false"]) == 0
-    args = [*seed_study_args(tmp_path), "train.epochs=2"]  # the stores exist: only the study is new
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]
     with _sigint_handled():
         procs = [subprocess.Popen([sys.executable, "-c", SLOW_ENQUEUE, *args], cwd=tmp_path, env=ONE_THREAD_ENV,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
