@@ -91,7 +91,7 @@ def run(cfg: Config) -> bool:
         experiment_id = tracking.setup(cfg)
         optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
-            stale = study.fail_stale(optuna_study)
+            stale = study.fail_stale(optuna_study, experiment_id)
             added = study.enqueue_missing(optuna_study, cfg)
             print(f"study {optuna_study.study_name}: {added} variants to run"
                   + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
@@ -114,7 +114,7 @@ def run(cfg: Config) -> bool:
                     print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
                           file=sys.stderr)
             with study.study_lock(cfg):
-                stale = study.fail_stale(optuna_study)
+                stale = study.fail_stale(optuna_study, experiment_id)
             if stale:  # a dead worker's trial: killed now, trained again on re-run
                 print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
     except KeyboardInterrupt:

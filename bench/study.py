@@ -154,7 +154,8 @@ def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     if owner is None:  # claimed a moment ago, or killed before it could say who it is
         return time.time() - last_sign < 60
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or trial.user_attrs.get(MACHINE) != _machine():
+    machine = trial.user_attrs.get(MACHINE)
+    if host != socket.gethostname() or machine not in (None, _machine()):
         return time.time() - last_sign < REMOTE_STALE_S
     try:
         os.kill(int(pid), 0)
@@ -162,20 +163,21 @@ def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
         return False
     except PermissionError:
         pass
-    started = trial.user_attrs.get(STARTED)  # after a reboot or many processes, the pid may be another's
-    return started is None or started == _process_start(int(pid))
+    started, now = trial.user_attrs.get(STARTED), _process_start(int(pid))  # a pid may be reused
+    return started is None or now is None or started == now  # None: /proc hides it (hidepid)
 
 
-def fail_stale(study: optuna.Study) -> int:
+def fail_stale(study: optuna.Study, experiment_id: str) -> int:
     """Trials left RUNNING by a dead worker (SIGKILL, lost machine): FAIL in Optuna, KILLED in MLflow,
     and their number returned. One whose worker died after ending its MLflow run, while it recorded the
     outcome in Optuna, is given that outcome: the trained variant is kept, not trained again.
-    (Optuna's public API can only fail trials from inside a worker, hence the storage calls.)"""
+    Under `study_lock`, as a worker's record of its trial is. (Optuna's public API can only fail trials
+    from inside a worker, hence the storage calls.)"""
     n = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(trial):
             continue
-        run_id = trial.user_attrs.get(RUN_ID) or tracking.run_of_trial(study.study_name, trial.number)
+        run_id = trial.user_attrs.get(RUN_ID) or tracking.run_of_trial(experiment_id, study.study_name, trial.number)
         ended = tracking.ended_run(run_id) if run_id else None
         if ended is not None:
             state, reason, metrics = ended
@@ -232,12 +234,14 @@ def _choices(cfg: Config) -> dict[str, list[Any]]:
 
 @contextlib.contextmanager
 def study_lock(cfg: Config) -> Iterator[None]:
-    """Serializes what reads the study's trials and then changes them: a worker claiming a trial, a
-    command marking dead workers' trials and enqueuing the missing variants (two commands started at
-    once would each enqueue them all). Optuna claims a queued trial with SELECT ... FOR UPDATE, which
-    SQLite ignores (36 of 150 claims were doubled with 4 processes): there, a file lock beside the
-    database, which only the processes of one machine can share; on PostgreSQL an advisory lock of the
-    study, released with its transaction or connection. (MySQL: claims are row-locked; enqueuing is not.)"""
+    """Serializes what reads the study's trials and then changes them: a worker claiming a trial or
+    recording its end, a command creating the stores, marking dead workers' trials and enqueuing the
+    missing variants (two commands started at once would each enqueue them all). Optuna claims a queued
+    trial with SELECT ... FOR UPDATE, which SQLite ignores (36 of 150 claims were doubled with 4
+    processes): there, a file lock beside the database, which only the processes of one machine can
+    share; on PostgreSQL an advisory lock of the study, released at the end or with its connection.
+    (MySQL: claims are row-locked; the rest is not.) Not reentrant; `cfg` is the study's, not a trial's
+    (whose config names another study)."""
     url = storage_url(cfg)
     path = tracking.sqlite_path(url)
     if path is not None:
@@ -245,17 +249,24 @@ def study_lock(cfg: Config) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             yield
     elif url.startswith("postgresql"):
-        key = int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big", signed=True)
-        with _engine(url).begin() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-            yield
+        key = {"key": int.from_bytes(hashlib.sha256(study_name(cfg).encode()).digest()[:8], "big", signed=True)}
+        # a session lock, no transaction left open meanwhile (a server may end idle ones)
+        with _engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                try:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
+                except sqlalchemy.exc.DBAPIError:  # the connection is gone, and the lock with it
+                    connection.invalidate()
     else:
         yield
 
 
 @functools.cache
 def _engine(url: str) -> sqlalchemy.engine.Engine:
-    return sqlalchemy.create_engine(url, pool_size=1)
+    return sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True)
 
 
 def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
@@ -332,23 +343,26 @@ def _stored(write: Callable[[], object], tries: int = 20) -> None:
             time.sleep(random.uniform(0.05, 0.5))  # random: two waiting workers must not collide again
 
 
-def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config) -> None:
+def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config,
+                 base: Config) -> None:
     """Records a Ctrl-C: the trial FAIL (not diverged: the next run trains the variant again) with status
-    interrupted, and its MLflow run, if it has one yet, ended with its epochs so far."""
+    interrupted, and its MLflow run, if it has one yet, ended with its epochs so far. `cfg` is the trial's,
+    `base` the study's."""
     reason = "interrupted by the user (SIGINT)"
     with _ctrl_c_deferred():  # a second SIGINT must not leave the interruption half-recorded
         if epoch_log is not None:
             tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
-        _stored(lambda: trial.set_user_attr(STATUS, states.INTERRUPTED))
-        _stored(lambda: trial.set_user_attr(REASON, reason))
-        _stored(lambda: study.tell(trial, state=TrialState.FAIL))
+        with study_lock(base):
+            _stored(lambda: trial.set_user_attr(STATUS, states.INTERRUPTED))
+            _stored(lambda: trial.set_user_attr(REASON, reason))
+            _stored(lambda: study.tell(trial, state=TrialState.FAIL))
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
-    trial.set_user_attr(OWNER, _owner())
+    trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
     trial.set_user_attr(STARTED, _process_start(os.getpid()))
-    trial.set_user_attr(MACHINE, _machine())
+    trial.set_user_attr(OWNER, _owner())
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
@@ -367,7 +381,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         trial.set_user_attr(RUN_ID, epoch_log.run_id)
         trial.set_user_attr(COMPARABLE, measure.comparable)
     except KeyboardInterrupt:
-        _interrupted(study, trial, epoch_log, cfg)  # ends the run, once there is one
+        _interrupted(study, trial, epoch_log, cfg, base)  # ends the run, once there is one
         raise
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
@@ -395,7 +409,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt:
-        _interrupted(study, trial, epoch_log, cfg)
+        _interrupted(study, trial, epoch_log, cfg, base)
         raise
     except Exception as e:  # noqa: BLE001  the study goes on; the run and trial keep the reason
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
@@ -403,7 +417,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         epochs.close()
     with _ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
-        _record(study, trial, state, reason, history[-1] if history else {})
+        with study_lock(base):  # not while a command marks this trial killed
+            _record(study, trial, state, reason, history[-1] if history else {})
     return TrialOutcome(label, state, reason)
 
 

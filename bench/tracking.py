@@ -223,9 +223,9 @@ def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
     return run.data.tags["state"], run.data.tags.get("reason", ""), run.data.metrics
 
 
-def run_of_trial(optuna_study: str, trial_number: int) -> str | None:
+def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:
     """The run of a trial whose worker died before it could name the run to Optuna."""
-    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1, filter_string=(
+    found = MlflowClient().search_runs([experiment_id], max_results=1, filter_string=(
         f"tags.optuna_study = '{optuna_study}' and tags.trial_number = '{trial_number}'"))
     return found[0].info.run_id if found else None
 

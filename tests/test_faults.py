@@ -278,6 +278,18 @@ def test_a_worker_is_known_by_its_pid_start_time_and_machine():
     # a container of the same hostname: its pids cannot be checked from here, its heartbeats tell
     assert alive(**{study.MACHINE: "another-boot pid:[1]", study.HEARTBEAT: time.time()})
     assert not alive(**{study.HEARTBEAT: time.time() - study.REMOTE_STALE_S - 1})
+    assert alive(**{study.MACHINE: None, study.STARTED: None})  # written before they were recorded
+
+
+def test_a_record_refused_because_another_command_marked_the_trial_killed_warns(capsys):
+    """A worker of another machine, silent for REMOTE_STALE_S and marked killed, ends its trial with a
+    warning instead of a traceback that would abandon the rest of its queue."""
+    optuna_study = optuna.create_study()
+    trial = optuna_study.ask()
+    optuna_study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # by fail_stale elsewhere
+    study._record(optuna_study, trial, "complete", "", {"val_elbo": -90.0, "samples_per_s": 1e4})
+    assert f"trial {trial.number} was marked killed by another command" in capsys.readouterr().err
+    assert optuna_study.get_trials()[0].state == TrialState.FAIL
 
 
 SLOW_ENQUEUE = """
