@@ -225,6 +225,12 @@ def test_a_command_that_leaves_trials_running_elsewhere_does_not_exit_0(tmp_path
     assert f"trial {elsewhere.number} running in {study._owner()}" in capsys.readouterr().err
 
 
+def _run_patched(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """The command run by `script`, which patches bench or a library to fail at one point, then runs it."""
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=ONE_THREAD_ENV, timeout=600, check=False)
+
+
 KILLED_WHILE_RECORDING = """
 import os, signal, sys
 from bench import run, study
@@ -243,8 +249,7 @@ def test_a_worker_killed_after_its_run_ended_keeps_the_trained_variant(tmp_path,
     the trial the run's outcome instead of training the variant again."""
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=2"]
-    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_RECORDING, *args], cwd=tmp_path,
-                          capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=600, check=False)
+    proc = _run_patched(KILLED_WHILE_RECORDING, args, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.RUNNING and "status" not in before[1].user_attrs
@@ -344,8 +349,7 @@ def test_a_crash_while_a_run_logs_its_artifacts_is_not_taken_for_a_finished_tria
     last, the next command takes it for what it is, cut short, and trains the variant again."""
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=2"]
-    proc = subprocess.run([sys.executable, "-c", CRASHED_WHILE_LOGGING_ARTIFACTS, *args], cwd=tmp_path,
-                          capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=600, check=False)
+    proc = _run_patched(CRASHED_WHILE_LOGGING_ARTIFACTS, args, tmp_path)
     assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc.stderr[-3000:]
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.RUNNING
