@@ -58,14 +58,15 @@ from models import likelihoods
 # Per-run numbers of the family table: (column, label). Likelihood-valued ones are listed in
 # LIKELIHOOD_VALUED: they mean something only on a comparable measure, and a row on another measure shows
 # its test ELBO in a column of its own, OBJECTIVE, never beside a likelihood.
+IWAE_GAIN = "IWAE − ELBO, same images"  # the IWAE's images only: the test ELBO column is the whole split
 METRICS = [
     ("val_elbo", "val ELBO"), ("test_elbo", "test ELBO"), ("test_recon", "test recon"), ("test_kl", "test KL"),
     ("test_iwae_nll", "IWAE NLL"), ("test_iwae_nll_se", "IWAE s.e."), ("test_iwae_mc_se", "IWAE MC s.e."),
-    ("test_bpd", "bits/dim"), ("min_scale", "min scale"), ("active_units", "active units"),
+    ("test_iwae_gain", IWAE_GAIN), ("test_bpd", "bits/dim"), ("min_scale", "min scale"), ("active_units", "active units"),
     ("samples_per_s", "samples/s"), ("ms_per_step", "ms/step"),
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
-                     "test_bpd")
+                     "test_iwae_gain", "test_bpd")
 OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
 # Params that are not factors: the seed is what the statistics run over, the family and the
@@ -374,7 +375,7 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     keys = factor_columns(family)
     t = family[["protocol", "measure", "comparable", "bounded", "family", *keys, "supremum", "iwae_k", "n_complete",
                 "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
-                "test_bpd", "test_bpd_ci"]].copy()
+                "test_iwae_gain", "test_iwae_gain_ci", "test_bpd", "test_bpd_ci"]].copy()
     t = likelihoods_where_comparable(t)
     t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
     # rows on other data (a data.* factor: another dataset, split or subset) share no number either
@@ -411,7 +412,8 @@ def factor_tables(family: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for key in keys:
         others = [k for k in keys if k != key]
-        t = family[["protocol", "family", *others, key, "comparable", "n_trials", "n_complete", *metric_cols]]
+        t = family[["protocol", "family", *others, key, "measure", "comparable", "n_trials", "n_complete",
+                    *metric_cols]]
         t = t.assign(_order=t.family.map(_family_order)).sort_values(["protocol", "_order", *others, key])
         out[key] = t.drop(columns="_order").reset_index(drop=True)
     return out
@@ -435,7 +437,9 @@ def _fmt(mean: float, ci: float = np.nan) -> str:
     """mean ± half-width, with the decimals the interval supports (two significant digits of it)."""
     if not np.isfinite(mean):
         return NONE
-    if not np.isfinite(ci) or ci <= 0:  # one seed: whole numbers as such, else five significant digits
+    if ci == 0:  # seeds that all agree: an interval of width 0, not one seed
+        return f"{_fmt(mean)} ± 0"
+    if not np.isfinite(ci):  # one seed: whole numbers as such, else five significant digits
         if float(mean).is_integer():
             return f"{int(mean)}"
         return f"{mean:.{min(6, max(0, 4 - math.floor(math.log10(abs(mean)))))}f}"  # never in e-notation
@@ -490,6 +494,7 @@ def display_measure(table: pd.DataFrame) -> pd.DataFrame:
         row.update({
             "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
             "test ELBO": _fmt(r.test_elbo, r.test_elbo_ci), iwae: _fmt(r.test_iwae_nll, r.test_iwae_nll_ci),
+            IWAE_GAIN: _fmt(r.test_iwae_gain, r.test_iwae_gain_ci),
             "bits/dim": _fmt(r.test_bpd, r.test_bpd_ci),
             OBJECTIVE: _fmt(r.training_objective, r.training_objective_ci),
             "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
@@ -532,9 +537,14 @@ def _color(family: str):
     return plt.get_cmap("tab10")(_family_order(family) % 10)
 
 
-def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
-    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False, layout="constrained")
-    return fig, axes[0]
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row: int = 4):
+    """A figure of n_panels panels, at most most_per_row a row; returns it and its n_panels axes."""
+    cols = min(n_panels, most_per_row)
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n_panels:]:
+        ax.remove()
+    return fig, list(axes.flat[:n_panels])
 
 
 def _save(fig, path: Path) -> Path:
@@ -619,9 +629,18 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     others = [k for k in factor_columns(table) if k != key]
     numeric = pd.api.types.is_numeric_dtype(table[key])
     values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
-    # (panel title, metric, rows): likelihoods only where they are likelihoods of the data
-    panels = [(dict(METRICS)[m], m, table[table.comparable] if m in LIKELIHOOD_VALUED else table)
-              for m in FACTOR_METRICS if m not in LIKELIHOOD_VALUED or table.comparable.any()]
+    # (panel title, metric, rows): likelihoods only where they are likelihoods of the data, one panel per
+    # protocol and scale, so that no axis holds two measures
+    scale = pd.Series([likelihoods.comparable_scale(m, c) for m, c in zip(table.measure, table.comparable)],
+                      index=table.index)
+    measures = sorted({(p, s) for p, s, c in zip(table.protocol, scale, table.comparable) if c})
+    panels = []
+    for m in FACTOR_METRICS:
+        if m not in LIKELIHOOD_VALUED:
+            panels.append((dict(METRICS)[m], m, table))
+            continue
+        panels += [(f"{dict(METRICS)[m]}\n{p}: {s}", m, table[table.comparable & (table.protocol == p) & (scale == s)])
+                   for p, s in measures]
     if not table.comparable.all():
         panels.append((OBJECTIVE, "test_elbo", table[~table.comparable]))
     fig, axes = _figure(len(panels), width=3.6, height=3.8)
@@ -635,7 +654,8 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
         ax.set_xticks(values if numeric else range(len(values)), [_value(v) for v in values], fontsize=7)
         ax.minorticks_off()
-        ax.set(xlabel=key, title=title)
+        ax.set_xlabel(key)
+        ax.set_title(title, fontsize=8)
     legend = {}  # label -> line, over all panels: the likelihood panels lack the objectives' lines
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -673,7 +693,9 @@ BOUNDEDNESS = (
     "Bounded: the family's log p(x|z) per pixel has a finite supremum (sup/pixel: 0 for a pmf, "
     "−½·log(2πσ²) for a Gaussian and −log(2b) for a Laplace with fixed or floored scale; the family's own, "
     "so for a density on [0,1] before the −log 256 per pixel of the 8-bit scale). Unbounded families can "
-    "raise it without limit, which is how their runs diverge.")
+    "raise it without limit, which is how their runs diverge. As in section 1, the test ELBO is over the "
+    "whole test split and the IWAE NLL over its first eval.iwae_examples images; \"IWAE − ELBO, same images\" "
+    "compares the two bounds.")
 
 
 def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
@@ -712,13 +734,19 @@ def _provenance(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame({"": list(fields), "value": [NONE if pd.isna(v) else str(v) for v in fields.values()]})
 
 
+# An 8-bit pmf (the discretized logistic) is evaluated at the pixel values themselves in a dequantized
+# protocol too: its block compares it with the densities on the 8-bit scale.
+DEQUANTIZED_PROTOCOL = {"True": "densities see (k+u)/256, u ~ U(0,1); 8-bit pmfs see the pixel values k"}
+
+
 def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
     def param(key: str) -> pd.Series:
         return runs.get(f"params.{key}", pd.Series(NONE, index=runs.index)).fillna(NONE)
 
     binarize = param("data.binarize")
     t = pd.DataFrame({"protocol": runs.protocol, "dataset": runs.dataset, "binarization": binarize,
-                      "dequantization": param("data.dequantize").where(binarize == "none", "n/a (binary pixels)"),
+                      "dequantization": param("data.dequantize").replace(DEQUANTIZED_PROTOCOL)
+                      .where(binarize == "none", "n/a (binary pixels)"),
                       "data source and split": runs.data_source})
     return t.drop_duplicates().sort_values("protocol").reset_index(drop=True)
 
@@ -735,7 +763,9 @@ FAMILY_COLUMNS = (
     "mean over datapoints, IWAE MC s.e. the Monte-Carlo standard error of that mean from the k importance "
     "samples (delta method), each averaged over seeds; bits/dim from the IWAE NLL. The test ELBO and "
     "reconstruction are over the whole test split, the IWAE numbers over its first eval.iwae_examples images "
-    "(a run param; all when 0). min scale is the "
+    "(a run param; all when 0): compare them through \"IWAE − ELBO, same images\", the IWAE bound's gain "
+    "over the ELBO of its own images and samples (≥ 0 for every image), not through the two columns, whose "
+    "images differ. min scale is the "
     "smallest learned scale reached in training (— for families without a learned scale). A row whose "
     "numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
     "objective.")

@@ -385,11 +385,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         raise
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
+    value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_beat
         epochs.update()
-        epochs.set_postfix_str(f"val ELBO {metrics['val_elbo']:.2f}")
+        epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
         if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
             last_beat = time.time()

@@ -176,6 +176,7 @@ def test_chunked_iwae_equals_unchunked_on_the_same_samples(correlated_model, mon
     chunked, whole = results
     torch.testing.assert_close(chunked.log_px, whole.log_px, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked.mc_se, whole.mc_se, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(chunked.elbo, whole.elbo, rtol=1e-12, atol=1e-12)
 
     # and both are the textbook logsumexp_k log w_k − log K
     fake, _ = _pooled_sample_z(pool)
@@ -183,6 +184,9 @@ def test_chunked_iwae_equals_unchunked_on_the_same_samples(correlated_model, mon
     mu, logvar = model.encode(x)
     log_w = log_weights(model, x, mu, logvar, k)
     torch.testing.assert_close(whole.log_px, log_w.logsumexp(0) - math.log(k), rtol=1e-12, atol=1e-12)
+    # the ELBO of the same samples, mean_k log w_k: below the IWAE bound for every image (Jensen)
+    torch.testing.assert_close(whole.elbo, log_w.mean(0), rtol=1e-12, atol=1e-12)
+    assert torch.all(whole.log_px > whole.elbo)
     # delta-method s.e.: sqrt(Var(w) / (K mean(w)²)), with the population variance
     w = (log_w - log_w.max(0).values).exp()
     torch.testing.assert_close(whole.mc_se, (w.var(0, unbiased=False) / (k * w.mean(0) ** 2)).sqrt(),

@@ -128,7 +128,8 @@ def test_confidence_intervals_equal_a_hand_computation(done):
     for family, runs in complete.groupby("tags.family"):
         assert table.loc[family, "test_elbo_n"] == len(runs) == 2
         # an NLL and bits/dim only where log p(x|z) is a likelihood of the data (MLflow has no other)
-        nll = ("test_iwae_nll", "test_iwae_mc_se", "test_bpd") if table.loc[family, "comparable"] else ()
+        nll = (("test_iwae_nll", "test_iwae_mc_se", "test_iwae_gain", "test_bpd") if table.loc[family, "comparable"]
+               else ())
         if not nll:
             assert not runs.filter(like="metrics.test_iwae_nll").notna().any().any()
             assert runs["metrics.test_iwae_objective"].notna().all()
@@ -168,7 +169,7 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
     shown = report.display_family(table).set_index("family")
     objective, likelihood = shown.loc["laplace"], shown.loc["bernoulli"]  # both on binarized pixels
     for column in ("val ELBO", "test ELBO", "test recon", report._iwae_label(table), "IWAE s.e.", "IWAE MC s.e.",
-                   "bits/dim"):
+                   report.IWAE_GAIN, "bits/dim"):
         assert objective[column] == report.NONE and likelihood[column] != report.NONE, column
     assert objective[report.OBJECTIVE] != report.NONE and likelihood[report.OBJECTIVE] == report.NONE
     assert objective["test KL"] != report.NONE  # a KL is a KL on any measure
@@ -196,8 +197,25 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     table = report.family_table(data.runs)
     assert len(table) == 2 * len(ROWS) and set(table["train.beta"]) == {0.5, 2.0}
     assert list(report.factor_tables(table)) == ["train.beta"]
-    report.write(data, tmp_path)
+    panels = {}  # each factor panel's title -> its lines' labels, which end with "(protocol)"
+    save = report._save
+
+    def keep_panels(fig, path):
+        if path.name.startswith("factor_"):
+            panels.update({ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes})
+        return save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "_save", keep_panels)
+        report.write(data, tmp_path)
     assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
+    # a likelihood panel holds one protocol's measure: the Bernoulli's binarized pmf and the 8-bit
+    # families never share an axis
+    likelihood_panels = {t: labels for t, labels in panels.items() if t.startswith(("test ELBO", "IWAE NLL"))}
+    assert len(likelihood_panels) == 4, panels  # 2 metrics × 2 protocols
+    for title, labels in likelihood_panels.items():
+        protocol = title.split("\n")[1].split(":")[0]
+        assert labels and all(label.endswith(f"({protocol})") for label in labels), (title, labels)
     assert "### Factor train.beta" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
@@ -346,7 +364,9 @@ def test_help_documents_the_selection(capsys):
 
 @pytest.mark.parametrize("mean, ci, text", [
     (416.954, np.nan, "416.95"), (5088.89, np.nan, "5088.9"), (115407.3, np.nan, "115407"), (3.0, np.nan, "3"),
-    (0.00123, np.nan, "0.001230"), (416.954, 0.5, "416.95 ± 0.50"), (5088.89, 12.3, "5089 ± 12")])
+    (0.00123, np.nan, "0.001230"), (416.954, 0.5, "416.95 ± 0.50"), (5088.89, 12.3, "5089 ± 12"),
+    (0.98896, 0.0, "0.98896 ± 0")])
 def test_numbers_keep_their_digits_with_or_without_an_interval(mean, ci, text):
-    """One seed has no interval: five significant digits, never e-notation or 4-digit rounding."""
+    """One seed has no interval: five significant digits, never e-notation or 4-digit rounding. Seeds that
+    agree have one of width 0, which must not read as one seed."""
     assert report._fmt(mean, ci) == text

@@ -119,6 +119,7 @@ def test_final_metrics(short_runs, name):
     assert out["anomaly_kl_train"] == pytest.approx(kl_train.mean().item(), rel=0.05)
     assert 0 <= out["anomaly_false_alarm_rate"] <= 1 and 0 <= out["anomaly_detection_rate"] <= 1
     assert out["iwae_k"] == cfg.eval.iwae_k
+    assert out["test_iwae_gain"] > 0  # IWAE-k over the ELBO of the same images and samples
 
 
 def test_a_training_objective_has_no_bits_per_dim():
