@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -271,7 +272,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"last {t['timed_epochs_per_run']} timed: from the end of the first epoch to the end of the run's epoch "
              "logging (on: its last batch of epochs sent and written), per epoch. "
              "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` (asynchronous "
-             f"logging, system metrics {'on' if t['system_metrics'] else 'off'}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
+             f"logging, system metrics {_system_metrics(t)}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
              f"off: no tracking. {t['rounds']} timed rounds of on, each between two of off; the overhead is the "
              "median of the per-round (on − off) / off (in brackets: fastest round against fastest round), "
              "with a distribution-free confidence interval for that median; the target is met when all of "
@@ -301,6 +302,18 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
     return lines
 
 
+def _system_metrics(t: dict) -> str:
+    """How the runs' system metrics were sampled. Runs from before test_tracking_overhead.SYSTEM_METRICS_S
+    sampled none: MLflow's 10 s interval was longer than each run."""
+    if not t["system_metrics"]:
+        return "off"
+    if "system_metrics_sampling_s" in t:
+        return (f"on, sampled every {t['system_metrics_sampling_s']:g} s instead of MLflow's 10 s, "
+                f"{t['system_metric_samples_per_run']:g} samples a run: an upper bound on their cost")
+    return ("on, but at MLflow's 10 s sampling interval, longer than these runs: no system metric was "
+            "sampled, so their cost is not in these figures")
+
+
 def _tracking_interval(t: dict) -> str:
     i = t["overhead_interval"]
     return "—" if i is None else f"{100 * i[0]:+.2f} % to {100 * i[1]:+.2f} % ({100 * i[2]:.0f} %)"
@@ -328,7 +341,7 @@ def _command(config) -> str:
     """The command line of this run, as a reader would type it again."""
     venv = Path(__file__).resolve().parents[2] / ".venv"
     python = ".venv/bin/python" if Path(sys.executable).is_relative_to(venv) else "python"
-    return " ".join([python, "-m pytest", *config.invocation_params.args])
+    return " ".join([python, "-m pytest", shlex.join(config.invocation_params.args)])
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
