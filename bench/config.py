@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,55 @@ class Config:
     report_dir: str = "reports"  # reports are written to <report_dir>/<study>/
 
 
+SEED_RANGE = 2**32  # seeds are integers in [0, 2³²): what Optuna's samplers and NumPy accept
+# Keys whose values are nested mappings of their own, not sections of the config
+OPEN_MAPPINGS = ("study.grids", "study.search_space")
+
+
+def _bool_keys(cls: type, prefix: str = "") -> set[str]:
+    """Dotted keys of the bool fields of a config dataclass and of its nested sections."""
+    keys = set()
+    for f in fields(cls):
+        if f.type == "bool":
+            keys.add(prefix + f.name)
+        elif is_dataclass(f.default_factory) if f.default_factory is not MISSING else False:
+            keys |= _bool_keys(f.default_factory, f"{prefix}{f.name}.")
+    return keys
+
+
+BOOL_KEYS = _bool_keys(Config)
+
+
+def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping's (dotted key, value) pairs, down to the config's keys."""
+    if not isinstance(d, dict):
+        return [(prefix.rstrip("."), d)] if prefix else []
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _leaves(v, key + ".") if isinstance(v, dict) and key not in OPEN_MAPPINGS else [(key, v)]
+    return out
+
+
+def _check_bools(content: dict[str, Any], where: str) -> None:
+    """OmegaConf reads 2, -1 or "yes" given to a bool as true: only true and false are accepted, in the
+    config and in the grids."""
+    values = []
+    for key, value in _leaves(content):
+        if key == "study.grids" and isinstance(value, list):
+            values += [(k, v) for grid in value if isinstance(grid, dict) for k, vs in grid.items()
+                       for v in (vs if isinstance(vs, list) else [vs])]
+        else:
+            values.append((key, value))
+    for key, value in values:
+        if key in BOOL_KEYS and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}={value!r} is invalid: expected true or false")
+
+
+def _article(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
 def check_writable(key: str, value: str, folder: Path, create: bool = False) -> None:
     """Raises ConfigError unless `folder` is a directory this process can write in; with `create`, the
     nearest existing folder above it must be (the rest is made when results are written)."""
@@ -165,7 +214,9 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         if (e.full_key or "").startswith("study.search_space."):  # its keys hold dots themselves
-            raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; give study.search_space in a study file, e.g. "
+            hint = ("give study.search_space in a study file" if where.startswith("override") else
+                    "study.search_space maps a dotted config key to its range")
+            raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; {hint}, e.g. "
                               "`train.lr: {kind: float, low: 1.0e-4, high: 1.0e-2, log: true}`") from None
         parent = e.full_key.rsplit(".", 1)[0] if "." in (e.full_key or "") else ""
         section = OmegaConf.select(base, parent) if parent else base
@@ -177,9 +228,13 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         current = OmegaConf.select(base, key) if key else None
         if OmegaConf.is_list(current):
             current = OmegaConf.to_container(current)
-        expected = f"{key} expects a {type(current).__name__} like {current!r}: " if key and current is not None \
-            else ""
+        expected = f"{key} expects {_article(type(current).__name__)} like {current!r}: " \
+            if key and current is not None else ""
         raise ConfigError(f"{where}: {expected}{str(e).splitlines()[0]}") from None
+    except TypeError as e:  # OmegaConf's: a mapping given where a list goes, or the reverse
+        raise ConfigError(f"{where}: a value of the wrong shape ({e}): a mapping where the config holds a list "
+                          "or a value, or a list where it holds a mapping; see --help for each key's "
+                          "default") from None
 
 
 def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -204,14 +259,16 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
     if study:
         path = study_path(study)
         try:
-            content = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"study file {path} is not valid YAML: {e}") from None
+            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"study file {path} is not valid YAML in UTF-8: {e}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
+        _check_bools(content, str(path))
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem
+    given: dict[str, list[str]] = {}  # each override -> the dotted keys it sets
     for arg in overrides:
         if arg.endswith("="):  # `key=` sets an empty string (YAML would read it as null)
             arg += "''"
@@ -219,19 +276,28 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             dot = OmegaConf.from_dotlist([arg])
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
+        _check_bools(OmegaConf.to_container(dot), f"override {arg!r}")
         cfg = _merge(cfg, dot, f"override {arg!r}")
-    config: Config = OmegaConf.to_object(cfg)
+        given[arg] = [key for key, _ in _leaves(OmegaConf.to_container(dot))]  # `train={seed: 1}`: train.seed
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # an interpolation that cannot be resolved: ${oc.env:UNSET}
+        raise ConfigError(f"cannot resolve the config: {' '.join(str(e).split())}") from None
     varied = {key for grid in config.study.grids for key in grid}
-    for arg in overrides:
-        key = arg.split("=", 1)[0]
-        if key in varied:
-            raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
-                              f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
-        if key == "train.seed":  # grid variants run once per seed; search trials use the first
-            raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
-                              f"({config.study.seeds}); set study.seeds=[...] instead")
+    for arg, keys in given.items():
+        for key in keys:
+            if key in varied:
+                raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
+                                  f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
+            if key == "train.seed":  # grid variants run once per seed; search trials use the first
+                raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
+                                  f"({config.study.seeds}); set study.seeds=[...] instead")
     validate(config)
     return config
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -247,7 +313,8 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     _check(d.binarize in BINARIZE, "data.binarize", d.binarize, f"one of {', '.join(BINARIZE)}")
     _check(d.n_val >= 1, "data.n_val", d.n_val, "an integer ≥ 1")
     _check(d.limit >= 0, "data.limit", d.limit, "an integer ≥ 0 (0: all)")
-    _check(len(m.hidden) >= 1 and all(h >= 1 for h in m.hidden), "model.hidden", m.hidden,
+    _check(0 <= d.seed < SEED_RANGE, "data.seed", d.seed, f"an integer from 0 to {SEED_RANGE - 1}")
+    _check(len(m.hidden) >= 1 and all(_is_int(h) and h >= 1 for h in m.hidden), "model.hidden", m.hidden,
            "a non-empty list of layer sizes ≥ 1")
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "an integer ≥ 1")
     _check(lk.name in likelihoods.FAMILIES, "likelihood.name", lk.name,
@@ -281,7 +348,8 @@ def validate(cfg: Config) -> None:
     s = cfg.study
     _check(s.pruner in PRUNERS, "study.pruner", s.pruner, f"one of {', '.join(PRUNERS)}")
     _check(s.n_workers >= 1, "study.n_workers", s.n_workers, "an integer ≥ 1")
-    _check(len(s.seeds) >= 1, "study.seeds", s.seeds, "a non-empty list of integers")
+    _check(len(s.seeds) >= 1 and all(_is_int(x) and 0 <= x < SEED_RANGE for x in s.seeds), "study.seeds", s.seeds,
+           f"a non-empty list of integers from 0 to {SEED_RANGE - 1}")
     _check(len(set(s.seeds)) == len(s.seeds), "study.seeds", s.seeds,
            "distinct integers (a repeated seed trains the same run twice, and its interval would be 0)")
     _check(s.n_trials >= 0, "study.n_trials", s.n_trials, "an integer ≥ 0")
@@ -289,7 +357,8 @@ def validate(cfg: Config) -> None:
            "an integer ≥ 1 when study.search_space is given")
     if s.storage:
         _check(s.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"),
-               "study.storage", s.storage, "an URL sqlite:///FILE or postgresql://USER@HOST/DB")
+               "study.storage", s.storage,
+               "a URL sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
     for key, dim in s.search_space.items():
         _check(dim.kind in SEARCH_KINDS, f"study.search_space.{key}.kind", dim.kind,
                f"one of {', '.join(SEARCH_KINDS)}")

@@ -9,6 +9,7 @@ densities, or k/255 for the 8-bit pmf. No per-item PIL conversion happens anywhe
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,10 +86,16 @@ def _dequantize(k: Tensor) -> Tensor:
 
 def read_idx(path: Path) -> Tensor:
     """An IDX file (MNIST's format), gzipped or not, as a uint8 tensor."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    n_dims = raw[3]
-    dims = struct.unpack(f">{n_dims}I", raw[4 : 4 + 4 * n_dims])
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+        n_dims = raw[3]
+        dims = struct.unpack(f">{n_dims}I", raw[4 : 4 + 4 * n_dims])
+        if raw[:3] != b"\x00\x00\x08" or len(raw) != 4 + 4 * n_dims + math.prod(dims):
+            raise ValueError("no IDX header of unsigned bytes matching the file's length")
+    except (OSError, EOFError, IndexError, struct.error, ValueError) as e:  # gzip's errors are OSErrors
+        raise DataError(f"{path} is not a readable IDX file of MNIST's format ({e}); replace it with the "
+                        "original file, or remove it to download it again") from None
     return torch.frombuffer(bytearray(raw[4 + 4 * n_dims :]), dtype=torch.uint8).view(*dims)
 
 

@@ -94,6 +94,9 @@ def _check_store(uri: str) -> None:
     if path is not None and not path.is_file():
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
                           "study=NAME` first, or pass the tracking.uri it used")
+    if path is not None and not tracking.is_sqlite_file(path):
+        raise ConfigError(f"tracking.uri={uri!r}: {path} is not an SQLite database; pass the tracking.uri "
+                          "that `python -m bench.run` used")
     if path is None:
         tracking.check_reachable(uri)
 
@@ -195,6 +198,9 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
     path = tracking.sqlite_path(url)
     if path is not None and not path.is_file():  # load_study would create an empty file
         return pd.DataFrame(columns=columns), f"no Optuna storage at {path}: trial states from the MLflow runs"
+    if path is not None and not tracking.is_sqlite_file(path):
+        raise ConfigError(f"study.storage={url!r}: {path} is not an SQLite database; pass the study.storage "
+                          "that `python -m bench.run` used")
     try:
         trials = optuna.load_study(study_name=sel.optuna_study, storage=url).get_trials(deepcopy=False)
     except KeyError:
@@ -878,7 +884,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    folder = write(data)
+    try:
+        folder = write(data)
+    except OSError as e:  # a report_dir the checks let through (e.g. under /proc as root), or a full disk
+        print(f"error: report_dir={report_dir!r}: cannot write the report ({e})", file=sys.stderr)
+        return 2
     print(f"report of {data.selection.optuna_study} ({len(data.runs)} runs): {folder / 'report.html'}, "
           f"report.md, tables.csv, tables.tex")
     return 0

@@ -51,6 +51,9 @@ def check_sql_store(key: str, url: str) -> None:
     path = sqlite_path(url)
     if path is not None:
         config.check_writable(key, url, path.parent)  # SQLite creates the file, not its folder
+        if path.exists() and not is_sqlite_file(path):
+            raise ConfigError(f"{key}={url!r}: {path} exists and is not an SQLite database; expected a new "
+                              "file's path, or a store made by MLflow or Optuna")
         return
     import sqlalchemy
 
@@ -61,9 +64,19 @@ def check_sql_store(key: str, url: str) -> None:
         engine.dispose()
     except Exception as e:  # noqa: BLE001  no driver, bad URL, refused, timed out, no such database or user
         reason = str(e).strip().splitlines()[0][:200]
+        server, driver = (("mysql://USER@HOST:PORT/DB", "pip install mysqlclient") if url.startswith("mysql") else
+                          ("postgresql://USER@HOST:PORT/DB", "pip install 'psycopg[binary]'"))
         raise ConfigError(f"{key}={url!r}: cannot connect ({reason}); expected sqlite:///FILE or a reachable "
-                          "postgresql://USER@HOST:PORT/DB (an existing database; driver: pip install "
-                          "'psycopg[binary]')") from None
+                          f"{server} (an existing database; driver: {driver})") from None
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """A file SQLite can open as a database: empty (it becomes one), or with SQLite's header."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(16)
+    return head in (b"", b"SQLite format 3\x00")
 
 
 def check_reachable(uri: str) -> None:
@@ -76,7 +89,11 @@ def check_reachable(uri: str) -> None:
                               "`mlflow server --host 127.0.0.1`, or use sqlite:///mlflow.db") from None
     elif uri.startswith(("sqlite:///", *DATABASES)):
         check_sql_store("tracking.uri", uri)
-    elif not uri.startswith("file:"):
+    elif uri.startswith("file:"):  # MLflow 3 keeps its file store (mlruns/) for reading old runs only
+        raise ConfigError(f"tracking.uri={uri!r}: MLflow {mlflow.__version__} does not track new runs in a "
+                          "file store (a folder of mlruns); use sqlite:///mlflow.db, http://HOST:PORT or "
+                          "postgresql://USER@HOST:PORT/DB")
+    else:
         raise ConfigError(f"tracking.uri={uri!r}: expected sqlite:///FILE, http://HOST:PORT or "
                           "postgresql://USER@HOST:PORT/DB")
 

@@ -33,7 +33,13 @@ FILES = {
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "afile": "a file where a folder is needed\n",
+    "grid_dict.yaml": "study:\n  grids:\n    likelihood.name: [bernoulli]\n",  # a mapping, not a list of them
+    "bool_grid.yaml": "study:\n  grids:\n    - data.dequantize: [true, 2]\n",
+    "interpolation.yaml": "data:\n  root: ${oc.env:VAEBENCH_UNSET_VARIABLE}\n",
+    "search_dim.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {kind: float, lo: 0.0001, high: 0.01}\n",
+    "MNIST/raw/t10k-images-idx3-ubyte": "garbage, not an IDX file\n",
 }
+BINARY_FILES = {"latin1.yaml": b"data:\n  root: \xff\xfe\n"}
 PLAIN = "study={tmp}/in/plain.yaml"
 
 # (id, arguments after the shrunk defaults, what the error must say: the problem and the valid choices)
@@ -44,8 +50,31 @@ CASES = [
     ("not key=value", ["study=smoke", "epochs"], ["'epochs' is not of the form key=value"]),
     ("unknown section", ["study=smoke", "trainn.epochs=1"], ["Key 'trainn'", "valid keys: data, model"]),
     ("unknown key", ["study=smoke", "train.epochz=1"], ["train.epochz", "valid keys in train: epochs"]),
-    ("wrong type", ["study=smoke", "train.epochs=abc"], ["'abc'", "train.epochs expects a int"]),
-    ("wrong type in YAML", ["study={tmp}/in/yaml_type.yaml"], ["'many'", "train.epochs expects a int"]),
+    ("wrong type", ["study=smoke", "train.epochs=abc"], ["'abc'", "train.epochs expects an int"]),
+    ("wrong type in YAML", ["study={tmp}/in/yaml_type.yaml"], ["'many'", "train.epochs expects an int"]),
+    ("mapping for a list", ["study=smoke", "model.hidden={{a: 1}}"],
+     ["override 'model.hidden={a: 1}'", "a value of the wrong shape", "see --help"]),
+    ("grids as a mapping", ["study={tmp}/in/grid_dict.yaml"], ["grid_dict.yaml: a value of the wrong shape"]),
+    ("nested list of layer sizes", ["study=smoke", "model.hidden=[[64]]"],
+     ["model.hidden=[[64]] is invalid", "list of layer sizes"]),
+    ("negative seed", ["study=smoke", "study.seeds=[-1]"],
+     ["study.seeds=[-1] is invalid", "integers from 0 to 4294967295"]),
+    ("huge data seed", ["study=smoke", "data.seed=100000000000000000000000"],
+     ["data.seed=100000000000000000000000 is invalid", "from 0 to 4294967295"]),
+    ("integer for a bool", ["study=smoke", "eval.figures=2"], ["eval.figures=2 is invalid", "true or false"]),
+    ("integer for a bool in a grid", ["study={tmp}/in/bool_grid.yaml"],
+     ["data.dequantize=2 is invalid", "true or false"]),
+    ("section override sets a grid key", ["study=smoke", "likelihood={{name: gaussian}}"],
+     ["likelihood.name is varied by the study's grids"]),
+    ("section override sets the seed", ["study=smoke", "train={{seed: 5}}"],
+     ["train.seed comes from study.seeds"]),
+    ("unresolvable interpolation", ["study={tmp}/in/interpolation.yaml"],
+     ["cannot resolve the config", "VAEBENCH_UNSET_VARIABLE"]),
+    ("study file not UTF-8", ["study={tmp}/in/latin1.yaml"], ["latin1.yaml is not valid YAML in UTF-8"]),
+    ("unknown field of a search range", ["study={tmp}/in/search_dim.yaml"],
+     ["Key 'lo' not in 'SearchDim'", "maps a dotted config key to its range"]),
+    ("corrupt MNIST file", ["study=smoke", "data.name=mnist_t10k", "data.root={tmp}/in"],
+     ["t10k-images-idx3-ubyte is not a readable IDX file", "replace it with the original file"]),
     ("malformed YAML", ["study={tmp}/in/malformed.yaml"], ["malformed.yaml is not valid YAML"]),
     ("YAML not a mapping", ["study={tmp}/in/list.yaml"], ["must hold a mapping of sections, not list"]),
     ("unknown likelihood", [PLAIN, "likelihood.name=gausian"],
@@ -101,7 +130,7 @@ CASES = [
     ("data missing offline", ["study=smoke", "data.name=mnist", "data.download=false", "data.root={tmp}/in"],
      ["files missing and data.download=false", "train-images-idx3-ubyte.gz", "offline alternatives"]),
     ("bad storage URL", ["study=smoke", "study.storage=redis://127.0.0.1/0"],
-     ["study.storage='redis://127.0.0.1/0' is invalid", "sqlite:///FILE or postgresql://"]),
+     ["study.storage='redis://127.0.0.1/0' is invalid", "sqlite:///FILE, postgresql://", "mysql://"]),
     ("unreachable PostgreSQL storage", ["study=smoke", "study.storage=postgresql://postgres@127.0.0.1:{port}/vb"],
      ["study.storage='postgresql://", "cannot connect", "expected sqlite:///FILE or a reachable postgresql://"]),
     ("unreachable tracking server", ["study=smoke", "tracking.uri=http://127.0.0.1:{port}"],
@@ -111,6 +140,12 @@ CASES = [
      ["tracking.uri='postgresql://", "cannot connect"]),
     ("database tracking without artifacts", ["study=smoke", "tracking.uri=postgresql://postgres@127.0.0.1:{port}/vb"],
      ["is a database: set tracking.artifact_location", "tracking.uri=http://127.0.0.1:5000"]),
+    ("file tracking store", ["study=smoke", "tracking.uri=file://{tmp}/in/mlruns"],
+     ["does not track new runs in a file store", "sqlite:///mlflow.db"]),
+    ("tracking store not SQLite", ["study=smoke", "tracking.uri=sqlite:///{tmp}/in/afile"],
+     ["in/afile exists and is not an SQLite database"]),
+    ("Optuna storage a folder", ["study=smoke", "study.storage=sqlite:///{tmp}/in/MNIST"],
+     ["in/MNIST exists and is not an SQLite database"]),
     ("bad tracking URI", ["study=smoke", "tracking.uri=ftp://127.0.0.1/x"],
      ["tracking.uri='ftp://127.0.0.1/x'", "expected sqlite:///FILE, http://HOST:PORT or postgresql://"]),
     ("unwritable report_dir", ["study=smoke", "report_dir={tmp}/in/afile/reports"],
@@ -130,7 +165,10 @@ CASES = [
 def _inputs(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     for name, text in FILES.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / name).write_text(text)
+    for name, content in BINARY_FILES.items():
+        (tmp_path / "in" / name).write_bytes(content)
 
 
 def _args(args: list[str], tmp_path: Path) -> list[str]:

@@ -356,6 +356,16 @@ def test_missing_store_exits_2_and_creates_none(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("key", ["tracking.uri", "study.storage"])
+def test_a_store_that_is_no_sqlite_database_exits_2(key, done, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    args = [*done.args, f"{key}=sqlite:///{text}"]
+    assert report.main(args) == 2
+    assert f"{key}='sqlite:///{text}': {text} is not an SQLite database" in capsys.readouterr().err
+    assert text.read_text() == "not a database\n" and sorted(tmp_path.iterdir()) == [text]
+
+
 def test_help_documents_the_selection(capsys):
     assert report.main(["--help"]) == 0
     out = capsys.readouterr().out
