@@ -377,6 +377,9 @@ def validate(cfg: Config) -> None:
     for key in s.search_space:  # trials are ranked by their val ELBO: all must see the same data
         _check(not key.startswith("data."), "study.search_space key", key,
                "a key that leaves the data as it is (vary data.* with study.grids)")
+        _check(not key.startswith(NOT_VARIED), "study.search_space key", key,
+               "a key of the model, likelihood, training or evaluation (not of the study itself, nor where "
+               "results go)")
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
     validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
     resolved: dict[str, dict[str, Any]] = {}  # each variant's whole config -> the grid point that gives it
@@ -430,10 +433,14 @@ def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[st
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
+# Keys no variant may vary: the study's own, and where results go (not what they are)
+NOT_VARIED = ("study.", "tracking.", "report_dir")
+
+
 def grid_points(cfg: Config) -> list[dict[str, Any]]:
     """The product of each grid's factor lists, concatenated; [{}] when the study has no grid."""
     points: list[dict[str, Any]] = []
-    valid = [k for k in flatten(to_dict(Config())) if not k.startswith("study.")]
+    valid = [k for k in flatten(to_dict(Config())) if not k.startswith(NOT_VARIED)]
     for i, grid in enumerate(cfg.study.grids):
         for key, values in grid.items():
             _check(key in valid, f"study.grids[{i}] key", key, f"a dotted config key: one of {', '.join(valid)}")
