@@ -33,7 +33,7 @@ FILES = {
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "afile": "a file where a folder is needed\n",
-    "grid_placement.yaml": "study:\n  grids:\n    - report_dir: [a, b]\n",
+    "grid_placement.yaml": "study:\n  grids:\n    - tracking.artifact_location: [a, b]\n",
     "search_study_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    study.n_workers: {kind: int, low: 1, high: 2}\n",
     "grid_dict.yaml": "study:\n  grids:\n    likelihood.name: [bernoulli]\n",  # a mapping, not a list of them
     "bool_grid.yaml": "study:\n  grids:\n    - data.dequantize: [true, 2]\n",
@@ -57,7 +57,7 @@ CASES = [
     ("mapping for a list", ["study=smoke", "model.hidden={{a: 1}}"],
      ["override 'model.hidden={a: 1}'", "a value of the wrong shape", "see --help"]),
     ("grid over where results go", ["study={tmp}/in/grid_placement.yaml"],
-     ["study.grids[0] key='report_dir' is invalid", "one of data.name"]),
+     ["study.grids[0] key='tracking.artifact_location' is invalid", "one of data.name"]),
     ("search over a study setting", ["study={tmp}/in/search_study_key.yaml"],
      ["study.search_space key='study.n_workers' is invalid", "not of the study itself"]),
     ("grids as a mapping", ["study={tmp}/in/grid_dict.yaml"], ["grid_dict.yaml: a value of the wrong shape"]),
