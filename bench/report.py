@@ -121,10 +121,11 @@ def _parent_list(parents: pd.DataFrame) -> str:
 def select(argv: list[str]) -> Selection:
     """The study named on the command line; raises ConfigError (naming the valid choices) when it does
     not exist. Reads only: nothing is created in the stores."""
-    picks = dict(a.split("=", 1) for a in argv if a.startswith(("experiment=", "run=")))
+    given = [a.split("=", 1) for a in argv if a.startswith(("experiment=", "run="))]
+    picks = dict(given)
     rest = [a for a in argv if not a.startswith(("experiment=", "run="))]
     by_study = any(a.startswith("study=") for a in rest)
-    if len(picks) + by_study != 1:
+    if len(given) + by_study != 1:
         raise ConfigError("choose the study with exactly one of study=NAME (valid choices: "
                           f"{', '.join(config.available_studies())}), experiment=NAME or run=RUN_ID; see --help")
     cfg = config.load(rest)

@@ -324,6 +324,7 @@ def test_study_selected_by_experiment_or_run(done):
     ("run=0123456789abcdef", "valid parent runs: run="),
     ("the study with train.lr=0.5", "select one of its parent runs: run="),  # another config hash
     ("", "exactly one of study=NAME"),
+    ("run=0123456789abcdef run=fedcba9876543210", "exactly one of study=NAME"),  # the last would win
 ])
 def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, needle, done, tmp_path, capsys,
                                                                        monkeypatch):
@@ -332,7 +333,7 @@ def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, 
     if selection.startswith("the study"):
         args = [*done.args, "train.lr=0.5"]
     else:
-        args = [selection] if selection else []
+        args = selection.split()
         args.append(f"tracking.uri=sqlite:///{done.tmp / 'mlflow.db'}")
     assert report.main([*args, f"report_dir={tmp_path / 'reports'}"]) == 2
     assert needle in capsys.readouterr().err
