@@ -143,7 +143,7 @@ def _bool_keys(cls: type, prefix: str = "") -> set[str]:
     for f in fields(cls):
         if f.type == "bool":
             keys.add(prefix + f.name)
-        elif is_dataclass(f.default_factory) if f.default_factory is not MISSING else False:
+        elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
             keys |= _bool_keys(f.default_factory, f"{prefix}{f.name}.")
     return keys
 
@@ -151,10 +151,8 @@ def _bool_keys(cls: type, prefix: str = "") -> set[str]:
 BOOL_KEYS = _bool_keys(Config)
 
 
-def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def _leaves(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """A nested mapping's (dotted key, value) pairs, down to the config's keys."""
-    if not isinstance(d, dict):
-        return [(prefix.rstrip("."), d)] if prefix else []
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -163,8 +161,8 @@ def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _check_bools(content: dict[str, Any], where: str) -> None:
-    """OmegaConf reads 2, -1 or "yes" given to a bool as true: only true and false are accepted, in the
-    config and in the grids."""
+    """OmegaConf reads 2 or -1 given to a bool as true: only booleans (YAML's true/false, yes/no) are
+    accepted, in the config and in the grids."""
     values = []
     for key, value in _leaves(content):
         if key == "study.grids" and isinstance(value, list):
@@ -276,9 +274,10 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             dot = OmegaConf.from_dotlist([arg])
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
-        _check_bools(OmegaConf.to_container(dot), f"override {arg!r}")
+        content = OmegaConf.to_container(dot)
+        _check_bools(content, f"override {arg!r}")
         cfg = _merge(cfg, dot, f"override {arg!r}")
-        given[arg] = [key for key, _ in _leaves(OmegaConf.to_container(dot))]  # `train={seed: 1}`: train.seed
+        given[arg] = [key for key, _ in _leaves(content)]  # `train={seed: 1}` sets train.seed
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # an interpolation that cannot be resolved: ${oc.env:UNSET}
