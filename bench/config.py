@@ -175,6 +175,21 @@ def _check_bools(content: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: {key}={value!r} is invalid: expected true or false")
 
 
+class _StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML would keep the last
+    silently, and a study file's second `data:` section would replace its first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _article(word: str) -> str:
     return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
@@ -257,9 +272,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
     if study:
         path = study_path(study)
         try:
-            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            content = yaml.load(path.read_text(encoding="utf-8"), Loader=_StudyLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"study file {path} is not valid YAML in UTF-8: {e}") from None
+            raise ConfigError(f"study file {path} is not valid YAML in UTF-8: {' '.join(str(e).split())}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
         _check_bools(content, str(path))

@@ -35,6 +35,7 @@ FILES = {
     "afile": "a file where a folder is needed\n",
     "grid_placement.yaml": "study:\n  grids:\n    - tracking.artifact_location: [a, b]\n",
     "search_study_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    study.n_workers: {kind: int, low: 1, high: 2}\n",
+    "twice.yaml": "data:\n  binarize: static\ntrain:\n  epochs: 2\ndata:\n  name: digits\n",
     "grid_dict.yaml": "study:\n  grids:\n    likelihood.name: [bernoulli]\n",  # a mapping, not a list of them
     "bool_grid.yaml": "study:\n  grids:\n    - data.dequantize: [true, 2]\n",
     "interpolation.yaml": "data:\n  root: ${oc.env:VAEBENCH_UNSET_VARIABLE}\n",
@@ -60,6 +61,8 @@ CASES = [
      ["study.grids[0] key='tracking.artifact_location' is invalid", "one of data.name"]),
     ("search over a study setting", ["study={tmp}/in/search_study_key.yaml"],
      ["study.search_space key='study.n_workers' is invalid", "not of the study itself"]),
+    ("section given twice in a study file", ["study={tmp}/in/twice.yaml"],
+     ["twice.yaml is not valid YAML", "key 'data' is given twice", "line 5"]),
     ("grids as a mapping", ["study={tmp}/in/grid_dict.yaml"], ["grid_dict.yaml: a value of the wrong shape"]),
     ("nested list of layer sizes", ["study=smoke", "model.hidden=[[64]]"],
      ["model.hidden=[[64]] is invalid", "list of layer sizes"]),
