@@ -91,14 +91,20 @@ class Selection:
 def _check_store(uri: str) -> None:
     # An SQLite URI that does not exist would be created empty by MLflow: refuse instead.
     path = tracking.sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
-                          "study=NAME` first, or pass the tracking.uri it used")
-    if path is not None and not tracking.is_sqlite_file(path):
-        raise ConfigError(f"tracking.uri={uri!r}: {path} is not an SQLite database; pass the tracking.uri "
-                          "that `python -m bench.run` used")
     if path is None:
         tracking.check_reachable(uri)
+        return
+    if not path.is_file():
+        raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
+                          "study=NAME` first, or pass the tracking.uri it used")
+    _require_sqlite("tracking.uri", uri, path)
+
+
+def _require_sqlite(key: str, url: str, path: Path) -> None:
+    """An existing file that SQLite cannot open would fail deep inside MLflow or Optuna: refuse it here."""
+    if not tracking.is_sqlite_file(path):
+        raise ConfigError(f"{key}={url!r}: {path} is not an SQLite database; pass the {key} that "
+                          "`python -m bench.run` used")
 
 
 def _parents(frame: pd.DataFrame) -> pd.DataFrame:
@@ -199,9 +205,8 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
     path = tracking.sqlite_path(url)
     if path is not None and not path.is_file():  # load_study would create an empty file
         return pd.DataFrame(columns=columns), f"no Optuna storage at {path}: trial states from the MLflow runs"
-    if path is not None and not tracking.is_sqlite_file(path):
-        raise ConfigError(f"study.storage={url!r}: {path} is not an SQLite database; pass the study.storage "
-                          "that `python -m bench.run` used")
+    if path is not None:
+        _require_sqlite("study.storage", url, path)
     try:
         trials = optuna.load_study(study_name=sel.optuna_study, storage=url).get_trials(deepcopy=False)
     except KeyError:
