@@ -10,8 +10,8 @@ Which study — exactly one of:
                               MLflow parent run (NAME may be a path to a .yaml file, as for bench.run)
   experiment=NAME             the latest parent run of the MLflow experiment NAME (one per study name)
   run=RUN_ID                  an MLflow parent run (a child run's id selects its parent)
-With experiment= or run=, key=value overrides still say where to look and write: tracking.uri,
-study.storage, report_dir.
+With experiment= or run=, only the overrides that say where to look and write apply: tracking.uri,
+study.storage, report_dir; any other key is an error.
 
 Statistics: each metric is the mean over the seeds of the completed trials of a row, with a 95 %
 confidence interval mean ± t(0.975, n−1)·s/√n (none for n = 1). Diverged, pruned and failed trials are
@@ -67,6 +67,7 @@ METRICS = [
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
                      "test_iwae_gain", "test_bpd")
+WHERE_KEYS = ("tracking.uri", "study.storage", "report_dir")  # the overrides experiment= and run= take
 OBJECTIVE = "training objective (not a likelihood)"
 FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
 # Params that are not factors: the seed is what the statistics run over, the family and the
@@ -135,6 +136,11 @@ def select(argv: list[str]) -> Selection:
         raise ConfigError("choose the study with exactly one of study=NAME (valid choices: "
                           f"{', '.join(config.available_studies())}), experiment=NAME or run=RUN_ID; see --help")
     cfg = config.load(rest)
+    ignored = [a for a in rest if not by_study and a.split("=", 1)[0] not in WHERE_KEYS]
+    if ignored:  # the run's own params decide what it was: an override here would silently change nothing
+        raise ConfigError(f"{ignored[0]!r} does not apply with experiment= or run=, which take the study as it "
+                          f"ran; only {', '.join(WHERE_KEYS)} (where to look and write) do. To pick a study by "
+                          "its overrides, pass study=NAME with the same key=value arguments as to bench.run")
     uri = config.tracking_uri(cfg)
     _check_store(uri)
     mlflow.set_tracking_uri(uri)

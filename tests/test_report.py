@@ -325,6 +325,7 @@ def test_study_selected_by_experiment_or_run(done):
     ("the study with train.lr=0.5", "select one of its parent runs: run="),  # another config hash
     ("", "exactly one of study=NAME"),
     ("run=0123456789abcdef run=fedcba9876543210", "exactly one of study=NAME"),  # the last would win
+    ("experiment=rep train.lr=0.5", "'train.lr=0.5' does not apply with experiment= or run="),  # else ignored
 ])
 def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, needle, done, tmp_path, capsys,
                                                                        monkeypatch):
