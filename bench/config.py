@@ -388,6 +388,10 @@ def validate(cfg: Config) -> None:
     for where, keys in varied_by:
         _check("train.seed" not in keys, f"{where} key", "train.seed",
                f"another key: every variant runs once per seed of study.seeds ({s.seeds})")
+        _check("train.device" not in keys, f"{where} key", "train.device",
+               "another key: the device is where a study runs, not part of a variant (the report would pool "
+               "both devices' runs in one row); compare devices with the speed benchmarks, or run the study "
+               "once per device, each with its own tracking.uri")
     for key in s.search_space:  # trials are ranked by their val ELBO: all must see the same data
         _check(not key.startswith("data."), "study.search_space key", key,
                "a key that leaves the data as it is (vary data.* with study.grids)")
@@ -447,8 +451,8 @@ def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[st
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
-# Keys no variant may vary: the study's own, and where results go (not what they are)
-NOT_VARIED = ("study.", "tracking.", "report_dir")
+# Keys no variant may vary: the study's own, and where results go or run (not what they are)
+NOT_VARIED = ("study.", "tracking.", "report_dir", "train.device")
 
 
 def grid_points(cfg: Config) -> list[dict[str, Any]]:

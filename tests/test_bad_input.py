@@ -229,3 +229,13 @@ def test_a_search_over_families_on_one_measure_is_valid(tmp_path):
                      "{kind: categorical, choices: [gaussian, laplace, discretized_logistic]}\n")
     cfg = config.load(study=str(study))
     assert cfg.study.search_space["likelihood.name"].choices == ["gaussian", "laplace", "discretized_logistic"]
+
+
+@pytest.mark.parametrize("varied", ["grids:\n    - train.device: [cpu, auto]",
+                                    "n_trials: 2\n  search_space:\n    train.device: {kind: categorical, choices: [cpu, auto]}"])
+def test_the_device_is_not_a_variant(varied, tmp_path):
+    # the report would pool the devices' runs in one row (and their samples/s in one mean)
+    study = tmp_path / "devices.yaml"
+    study.write_text(f"study:\n  {varied}\n")
+    with pytest.raises(config.ConfigError, match="key='train.device' is invalid.*compare devices with the speed"):
+        config.validate(config.load(study=str(study)))
