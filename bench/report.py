@@ -237,13 +237,22 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
 def unfinished_note(data: StudyData) -> str:
     """A warning for a study with trials that have not ended ("" when all have): the tables then cover
     only the trials ended so far. A grid variant counts by its last attempt; one cut short is trained
-    again by the next run of the study's command."""
+    again by the next run of the study's command. A search trial cut short is not: the next run draws
+    new trials until study.n_trials have ended for good (complete, pruned or diverged)."""
     trials = data.trials if len(data.trials) else data.runs[["trial", "state", "variant"]]
     trials = trials.sort_values("trial")
-    variants = trials[trials.variant != ""].drop_duplicates("variant", keep="last")
-    latest = pd.concat([variants, trials[trials.variant == ""]])  # and the search's trials
-    counts = {"running": int((latest.state == "running").sum()), "queued": int((latest.state == "waiting").sum()),
-              "cut short (failed, killed or interrupted)": int(variants.state.isin(states.CUT_SHORT).sum())}
+    cfg = data.selection.cfg
+    grid = {study_mod.variant_label(json.loads(study_mod.variant_key(p))) for p in study_mod.variants(cfg)}
+    variants = trials[trials.variant.isin(grid)].drop_duplicates("variant", keep="last")
+    search = trials[~trials.variant.isin(grid)]
+    latest = pd.concat([variants, search])
+    running, queued = int((latest.state == "running").sum()), int((latest.state == "waiting").sum())
+    ended = int(search.state.isin([states.COMPLETE, states.PRUNED, states.DIVERGED]).sum())
+    search_running = int(search.state.isin(["running", "waiting"]).sum())
+    counts = {"running": running, "queued": queued,
+              "cut short (failed, killed or interrupted)": int(variants.state.isin(states.CUT_SHORT).sum()),
+              "search trial(s) still to draw": max(0, cfg.study.n_trials - ended - search_running)
+              if cfg.study.search_space else 0}
     if not any(counts.values()):
         return ""
     return ("Not finished: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n) + ". The tables "

@@ -382,3 +382,20 @@ def test_numbers_keep_their_digits_with_or_without_an_interval(mean, ci, text):
     """One seed has no interval: five significant digits, never e-notation or 4-digit rounding. Seeds that
     agree have one of width 0, which must not read as one seed."""
     assert report._fmt(mean, ci) == text
+
+
+SEARCH_STUDY = "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.0001, high: 0.01, log: true}\n"
+
+
+@pytest.mark.parametrize("states, note", [
+    (["failed", "complete", "complete"], ""),  # the failed trial was replaced: nothing left to train
+    (["failed", "complete"], "Not finished: 1 search trial(s) still to draw"),
+    (["complete", "running"], "Not finished: 1 running."),
+])
+def test_a_search_trial_cut_short_is_replaced_not_trained_again(states, note, tmp_path):
+    (tmp_path / "search.yaml").write_text(SEARCH_STUDY)
+    cfg = config.load(study=str(tmp_path / "search.yaml"))
+    trials = pd.DataFrame({"trial": range(len(states)), "state": states,
+                           "variant": [f"lr={0.001 * (i + 1)} seed=0" for i in range(len(states))]})
+    data = SimpleNamespace(trials=trials, runs=None, selection=SimpleNamespace(cfg=cfg))
+    assert report.unfinished_note(data).startswith(note) if note else report.unfinished_note(data) == ""
