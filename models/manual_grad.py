@@ -161,6 +161,9 @@ class ManualGradient:
         return _gradient(model, x, eps, beta, self.grads)
 
     def step(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
+        if self.adam is None:
+            raise RuntimeError("ManualGradient(model) without lr computes gradients only (`grad`): pass lr to "
+                               "make it train (`step`)")
         terms = self.grad(x, n_samples, beta)
         self.adam.step()
         return terms

@@ -64,7 +64,7 @@ class StackedVAE(nn.Module):
 
     def _mlp(self, name: str, h: Tensor) -> Tensor:
         """h (N, R, n_in) through every variant's `encoder` or `decoder` -> (N, R, n_out)."""
-        linears = [m for m, layer in getattr(self.variants[0], name).named_children()
+        linears = [index for index, layer in getattr(self.variants[0], name).named_children()
                    if isinstance(layer, nn.Linear)]  # indices of the Linear layers, e.g. "0", "2"
         for j, index in enumerate(linears):
             weight = self._param(f"{name}.{index}.weight")  # (N, in, out)

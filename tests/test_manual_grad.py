@@ -122,3 +122,9 @@ def test_a_model_moved_after_its_manual_gradient_is_refused():
     model.double()
     with pytest.raises(RuntimeError, match="moved or cast after its ManualGradient was made"):
         manual.step(_inputs("bernoulli"), 1, 1.0)
+
+
+def test_a_step_without_a_learning_rate_is_refused():
+    manual = ManualGradient(VAE(D, [7], Z, likelihoods.get("bernoulli")).double())
+    with pytest.raises(RuntimeError, match="without lr computes gradients only"):
+        manual.step(_inputs("bernoulli"), 1, 1.0)
