@@ -59,6 +59,10 @@ class LikelihoodConfig:
     min_scale: float = 0.0  # floor on a learned scale (0: off); > 0 makes the family bounded
 
 
+# a family that does not read a key (models.likelihoods.Family.reads) trains the same model at any value
+LIKELIHOOD_DEFAULTS = {"likelihood.scale": LikelihoodConfig.scale, "likelihood.min_scale": LikelihoodConfig.min_scale}
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -408,9 +412,13 @@ def validate(cfg: Config) -> None:
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
-        same = resolved.setdefault(repr(variant), point)
+        family = likelihoods.FAMILIES[variant.likelihood.name]
+        unread = [f"likelihood.{key}" for key in ("scale", "min_scale") if key not in family.reads]
+        same = resolved.setdefault(repr(apply(variant, {key: LIKELIHOOD_DEFAULTS[key] for key in unread})), point)
         _check(same is point, "study.grids", f"{same} and {point}",
-               "distinct variants: these give the same config, which would be trained twice")
+               "distinct variants: these give the same config, which would be trained twice" +
+               (f" ({family.name} does not read {' or '.join(unread)}: give {'it' if len(unread) == 1 else 'them'} "
+                "only in a grid of families that do)" if unread else ""))
     scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
     for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
         try:

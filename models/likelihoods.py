@@ -118,15 +118,23 @@ class Family:
     name: str
     n_params: int  # decoder outputs per pixel
     support: str  # data the family is a likelihood of: BINARY, UNIT_INTERVAL or EIGHT_BIT
-    is_pmf: bool  # a probability mass function (log p ≤ 0) rather than a density
-    learned_scale: str | None  # None (fixed or none), PER_PIXEL, SHARED or OPTIMAL
-    fixed_supremum: Callable[[float], float] | None  # sup of log p per pixel given the fixed scale
-    floored_supremum: Callable[[float], float] | None  # sup given a min_scale floor on a learned scale
     make: Callable[..., Distribution]  # (raw (..., P, D), scale, min_scale, shared, x) -> per-pixel dist
     summary: str
+    is_pmf: bool = False  # a probability mass function (log p ≤ 0, so bounded) rather than a density
+    learned_scale: str | None = None  # None (fixed or none), PER_PIXEL, SHARED or OPTIMAL
+    # a density's sup of log p per pixel, given its fixed scale (likelihood.scale; None: no fixed scale)
+    fixed_supremum: Callable[[float], float] | None = None
+    # a learned scale's sup given a floor min_scale > 0 on it (None: no learned scale, or pmf)
+    floored_supremum: Callable[[float], float] | None = None
     # (raw (..., P, D), scale, x) -> d log p(x|z) / d raw (..., P, D) in closed form, for the manual
     # backward; None: autograd differentiates `make`'s log_prob. Tested against autograd.
     score: Callable[[Tensor, float, Tensor], Tensor] | None = None
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The likelihood.* parameters beside the name that change this family's distribution."""
+        return (("scale",) if self.fixed_supremum is not None else ()) + (
+            ("min_scale",) if self.learned_scale is not None else ())
 
 
 def _learned(raw: Tensor, min_scale: float) -> Tensor:
@@ -199,52 +207,54 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
         Family(
-            "bernoulli", 1, BINARY, True, None, lambda s: 0.0, None,
-            lambda raw, scale, ms, shared, x: Bernoulli(logits=_only(raw), **_V),
-            "Bernoulli(logits): the pmf of binary pixels", _bernoulli_score,
+            name="bernoulli", n_params=1, support=BINARY, is_pmf=True,
+            make=lambda raw, scale, ms, shared, x: Bernoulli(logits=_only(raw), **_V),
+            summary="Bernoulli(logits): the pmf of binary pixels", score=_bernoulli_score,
         ),
         Family(
-            "continuous_bernoulli", 1, UNIT_INTERVAL, False, None, None, None,
-            lambda raw, scale, ms, shared, x: ContinuousBernoulliLogits(logits=_only(raw), **_V),
-            "continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): normalised density on [0,1]",
-            _continuous_bernoulli_score,
+            name="continuous_bernoulli", n_params=1, support=UNIT_INTERVAL,
+            make=lambda raw, scale, ms, shared, x: ContinuousBernoulliLogits(logits=_only(raw), **_V),
+            summary="continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): normalised density on [0,1]",
+            score=_continuous_bernoulli_score,
         ),
         Family(
-            "gaussian", 1, UNIT_INTERVAL, False, None, _gaussian_sup, None,
-            lambda raw, scale, ms, shared, x: Normal(_only(raw), _fixed(scale, raw), **_V),
-            "Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)", _gaussian_score,
+            name="gaussian", n_params=1, support=UNIT_INTERVAL, fixed_supremum=_gaussian_sup,
+            make=lambda raw, scale, ms, shared, x: Normal(_only(raw), _fixed(scale, raw), **_V),
+            summary="Gaussian with fixed σ (σ = 1: the identity-covariance Gaussian)", score=_gaussian_score,
         ),
         Family(
-            "gaussian_learned", 2, UNIT_INTERVAL, False, PER_PIXEL, None, _gaussian_sup,
-            lambda raw, scale, ms, shared, x: Normal(*_loc_scale(raw, ms), **_V),
-            "Gaussian with a per-pixel σ from the decoder",
+            name="gaussian_learned", n_params=2, support=UNIT_INTERVAL, learned_scale=PER_PIXEL,
+            floored_supremum=_gaussian_sup,
+            make=lambda raw, scale, ms, shared, x: Normal(*_loc_scale(raw, ms), **_V),
+            summary="Gaussian with a per-pixel σ from the decoder",
         ),
         Family(
-            "gaussian_shared", 1, UNIT_INTERVAL, False, SHARED, None, _gaussian_sup,
-            lambda raw, scale, ms, shared, x: Normal(_only(raw), _learned(shared, ms), **_V),
-            "Gaussian with one learned σ for all pixels",
+            name="gaussian_shared", n_params=1, support=UNIT_INTERVAL, learned_scale=SHARED,
+            floored_supremum=_gaussian_sup,
+            make=lambda raw, scale, ms, shared, x: Normal(_only(raw), _learned(shared, ms), **_V),
+            summary="Gaussian with one learned σ for all pixels",
         ),
         Family(
-            "gaussian_optimal", 1, UNIT_INTERVAL, False, OPTIMAL, None, _gaussian_sup,
-            lambda raw, scale, ms, shared, x: Normal(
-                _only(raw), _optimal_scale(_only(raw), x, ms), **_V
-            ),
-            "Gaussian with the analytic per-image optimal σ² = MSE (σ-VAE)",
+            name="gaussian_optimal", n_params=1, support=UNIT_INTERVAL, learned_scale=OPTIMAL,
+            floored_supremum=_gaussian_sup,
+            make=lambda raw, scale, ms, shared, x: Normal(_only(raw), _optimal_scale(_only(raw), x, ms), **_V),
+            summary="Gaussian with the analytic per-image optimal σ² = MSE (σ-VAE)",
         ),
         Family(
-            "laplace", 1, UNIT_INTERVAL, False, None, _laplace_sup, None,
-            lambda raw, scale, ms, shared, x: Laplace(_only(raw), _fixed(scale, raw), **_V),
-            "Laplace with fixed scale b", _laplace_score,
+            name="laplace", n_params=1, support=UNIT_INTERVAL, fixed_supremum=_laplace_sup,
+            make=lambda raw, scale, ms, shared, x: Laplace(_only(raw), _fixed(scale, raw), **_V),
+            summary="Laplace with fixed scale b", score=_laplace_score,
         ),
         Family(
-            "laplace_learned", 2, UNIT_INTERVAL, False, PER_PIXEL, None, _laplace_sup,
-            lambda raw, scale, ms, shared, x: Laplace(*_loc_scale(raw, ms), **_V),
-            "Laplace with a per-pixel scale b from the decoder",
+            name="laplace_learned", n_params=2, support=UNIT_INTERVAL, learned_scale=PER_PIXEL,
+            floored_supremum=_laplace_sup,
+            make=lambda raw, scale, ms, shared, x: Laplace(*_loc_scale(raw, ms), **_V),
+            summary="Laplace with a per-pixel scale b from the decoder",
         ),
         Family(
-            "discretized_logistic", 2, EIGHT_BIT, True, PER_PIXEL, lambda s: 0.0, lambda s: 0.0,
-            lambda raw, scale, ms, shared, x: DiscretizedLogistic(*_loc_scale(raw, ms)),
-            "logistic integrated over the 256 bins of 8-bit pixels: the pmf of 8-bit data",
+            name="discretized_logistic", n_params=2, support=EIGHT_BIT, is_pmf=True, learned_scale=PER_PIXEL,
+            make=lambda raw, scale, ms, shared, x: DiscretizedLogistic(*_loc_scale(raw, ms)),
+            summary="logistic integrated over the 256 bins of 8-bit pixels: the pmf of 8-bit data",
         ),
     ]
 }

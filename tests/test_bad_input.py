@@ -32,6 +32,8 @@ FILES = {
                         "    data.binarize: {kind: categorical, choices: [threshold, static]}\n",
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
+    "grid_unread.yaml": "study:\n  grids:\n    - likelihood.name: [gaussian, bernoulli]\n"
+                        "      likelihood.scale: [0.5, 1.0]\n",
     "afile": "a file where a folder is needed\n",
     "grid_placement.yaml": "study:\n  grids:\n    - tracking.artifact_location: [a, b]\n",
     "search_study_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    study.n_workers: {kind: int, low: 1, high: 2}\n",
@@ -124,6 +126,9 @@ CASES = [
      ["study.grids[0] key='train.seed' is invalid", "once per seed of study.seeds ([0])"]),
     ("grid repeats a variant", ["study={tmp}/in/grid_repeat.yaml"],
      ["study.grids=\"{'train.beta': 1} and {'train.beta': 1.0}\" is invalid", "trained twice"]),
+    ("grid over a key the family ignores", ["study={tmp}/in/grid_unread.yaml"],  # bernoulli: no fixed scale
+     ["'likelihood.name': 'bernoulli', 'likelihood.scale': 0.5} and", "trained twice",
+      "bernoulli does not read likelihood.scale or likelihood.min_scale"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),

@@ -486,3 +486,16 @@ def test_measures_say_which_numbers_are_comparable():
 def test_unknown_family_names_the_choices():
     with pytest.raises(ValueError, match="valid choices: bernoulli"):
         likelihoods.get("poisson")
+
+
+@pytest.mark.parametrize("name", likelihoods.NAMES)
+def test_a_family_reads_exactly_the_keys_it_declares(name):
+    # config.validate treats variants that differ only in unread keys as the same variant
+    family = likelihoods.FAMILIES[name]
+    rng = np.random.default_rng(likelihoods.NAMES.index(name))
+    raw, x = random_raw(family, rng, 3), random_x(family.support, rng, (3, D))
+    shared = torch.tensor([-0.5], dtype=torch.float64)
+    base = log_p(likelihoods.get(name), raw, shared, x)
+    for key, value in (("scale", 0.3), ("min_scale", 2.0)):  # a floor above any σ fitted to x here
+        changed = log_p(likelihoods.get(name, **{key: value}), raw, shared, x)
+        assert (not torch.equal(changed, base)) == (key in family.reads), key
