@@ -557,7 +557,8 @@ def display_trials(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _row_label(row: pd.Series, keys: list[str]) -> str:
-    return " ".join([row.family, *(f"{k.split('.')[-1]}={_value(row[k])}" for k in keys)])
+    short = study_mod.short_keys(keys)
+    return " ".join([row.family, *(f"{short[k]}={_value(row[k])}" for k in keys)])
 
 
 def _color(family: str):

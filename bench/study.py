@@ -68,8 +68,16 @@ def variant_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key by its last part ("likelihood.name" -> "name"), unless another key shares that
+    part (data.seed and train.seed): those stay whole."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: part if last.count(part) == 1 else k for k, part in zip(keys, last)}
+
+
 def variant_label(params: dict[str, Any]) -> str:
-    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    short = short_keys(list(params))
+    return " ".join(f"{short[k]}={v}" for k, v in params.items())
 
 
 def study_name(cfg: Config) -> str:

@@ -115,6 +115,14 @@ def test_changed_config_makes_a_new_study(tmp_path, monkeypatch):
     assert a == study.study_name(config.load([*base, "study.n_workers=2"]))
 
 
+def test_variant_labels_shorten_keys_only_where_unambiguous():
+    params = {"data.name": "digits", "likelihood.name": "bernoulli", "data.seed": 1, "train.seed": 0,
+              "train.beta": 2.0}
+    assert study.variant_label(params) == \
+        "data.name=digits likelihood.name=bernoulli data.seed=1 train.seed=0 beta=2.0"
+    assert study.variant_label({"likelihood.name": "bernoulli", "train.seed": 0}) == "name=bernoulli seed=0"
+
+
 def test_diverging_variant_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "diverge.yaml"
