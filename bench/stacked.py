@@ -4,7 +4,10 @@ Each variant starts from the initialisation `train(cfg)` would draw (its seed), 
 of the training set, its own β in the objective and its own lr (`StackedAdam`).
 One random stream serves all variants, so results agree with N separate `train` runs in
 distribution, not bit for bit. Validation, divergence checks and everything after training use the
-single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`.
+single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`. The gradient is autograd's
+through the batched matrix products (train.backward, a setting of the single-variant step, is not read).
+The study runner trains variants one at a time; this path is for several variants on one GPU, benchmarked
+by tests/benchmarks (test_stacked_step).
 """
 
 from __future__ import annotations
