@@ -21,3 +21,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q -e '.[dev]'
+# the MNIST tests read MNIST's official 10k test files beside the clone (no download): say so now, not
+# when those tests fail minutes into the run
+mnist=../shared/data/MNIST/raw
+for f in t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz; do
+  [ -f "$mnist/$f" ] || echo "warning: $mnist/$f is missing: the MNIST tests will fail (see README, Two commands)" >&2
+done
