@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from bench import config, report, run, study, tracking
+from bench import config, report_data, report_tables, run, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import (
     ONE_THREAD_ENV,
@@ -63,13 +63,13 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     assert before[1].state == TrialState.RUNNING  # as the dead process left it
     assert runs.loc[before[1].user_attrs["mlflow_run_id"], "status"] == "RUNNING"
     # a report now: the dead worker's trial is killed, not running, and the study says it is not finished
-    data = report.load(args)
-    assert report.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "killed", 2: "waiting"}
-    assert report.unfinished_note(data).startswith("Not finished: 1 queued, 1 cut short")
+    data = report_data.load(args)
+    assert report_tables.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "killed", 2: "waiting"}
+    assert report_data.unfinished_note(data).startswith("Not finished: 1 queued, 1 cut short")
 
     assert run.main(args) == 0
     _assert_resumed(tmp_path, args, before, gone="KILLED")
-    assert report.unfinished_note(report.load(args)) == ""
+    assert report_data.unfinished_note(report_data.load(args)) == ""
     trials, runs = _state(tmp_path, args)
     assert "ended while the trial was running (killed, or its tracking store was lost)" in trials[1].user_attrs["reason"]
     assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"
@@ -92,10 +92,10 @@ def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatc
     assert run.main(args) == 0
     _assert_resumed(tmp_path, args, before, gone="KILLED")
     # the report counts each variant once, as its last attempt, and still lists the interrupted one
-    data = report.load(args)
-    table = report.family_table(data.runs)
+    data = report_data.load(args)
+    table = report_tables.family_table(data.runs)
     assert (table.n_trials.sum(), table.n_complete.sum(), table.n_failed.sum()) == (len(SEEDS), len(SEEDS), 0)
-    assert sorted(report.trial_table(data).state) == ["complete"] * len(SEEDS) + ["interrupted"]
+    assert sorted(report_tables.trial_table(data).state) == ["complete"] * len(SEEDS) + ["interrupted"]
 
 
 def test_a_killed_worker_is_named_and_its_trial_marked_killed_by_the_same_command(tmp_path, monkeypatch):
@@ -255,8 +255,8 @@ def test_a_worker_killed_after_its_run_ended_keeps_the_trained_variant(tmp_path,
     assert before[1].state == TrialState.RUNNING and "status" not in before[1].user_attrs
     run_id = before[1].user_attrs["mlflow_run_id"]
     assert runs.loc[run_id, "status"] == "FINISHED"
-    data = report.load(args)  # a report now already shows the run's outcome
-    assert report.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "complete", 2: "waiting"}
+    data = report_data.load(args)  # a report now already shows the run's outcome
+    assert report_tables.trial_table(data).set_index("trial").state.to_dict() == {0: "complete", 1: "complete", 2: "waiting"}
 
     assert run.main(args) == 0
     trials, runs = _state(tmp_path, args)
@@ -355,7 +355,7 @@ def test_a_crash_while_a_run_logs_its_artifacts_is_not_taken_for_a_finished_tria
     assert before[1].state == TrialState.RUNNING
     crashed = before[1].user_attrs["mlflow_run_id"]
     assert runs.loc[crashed, "status"] == "FINISHED" and pd.isna(runs.loc[crashed].get("tags.state"))
-    assert report.trial_table(report.load(args)).set_index("trial").state[1] == "killed"
+    assert report_tables.trial_table(report_data.load(args)).set_index("trial").state[1] == "killed"
 
     assert run.main(args) == 0
     trials, runs = _state(tmp_path, args)

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from bench import config, report, run, study
+from bench import config, report, report_data, report_plots, report_tables, run, study
 from models import likelihoods
 from tests.conftest import shrink_args
 
@@ -91,7 +91,7 @@ def test_report_writes_every_file(done):
 
 
 def test_one_row_per_family_and_protocol_with_its_counts(done):
-    table = report.family_table(report.load(done.args).runs)
+    table = report_tables.family_table(report_data.load(done.args).runs)
     assert len(table) == len(ROWS)
     for (protocol, family), (n_trials, n_complete, n_diverged) in ROWS.items():
         row = table[(table.protocol == protocol) & (table.family == family)].iloc[0]
@@ -105,11 +105,11 @@ def test_one_row_per_family_and_protocol_with_its_counts(done):
 
 
 def test_diverged_trials_are_counted_not_dropped(done):
-    table = report.family_table(report.load(done.args).runs)
+    table = report_tables.family_table(report_data.load(done.args).runs)
     row = table[table.family == "gaussian_learned"].iloc[0]
     assert row.n_trials == 2 and row.n_diverged == 2 and row.divergence_rate == 1.0
     assert row.test_elbo_n == 0 and math.isnan(row.test_elbo)  # their metrics do not enter the means
-    shown = report.display_family(table).set_index("family").loc["gaussian_learned"]
+    shown = report_tables.display_family(table).set_index("family").loc["gaussian_learned"]
     assert list(shown[["", "trials", "complete", "diverged", "divergence"]]) == ["unbounded", 2, 0, 2, "100%"]
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     failed = md.split("### Trials that did not complete")[1].split("###")[0]
@@ -122,7 +122,7 @@ def _hand_ci(values) -> tuple[float, float]:
 
 
 def test_confidence_intervals_equal_a_hand_computation(done):
-    table = report.family_table(report.load(done.args).runs).set_index("family")
+    table = report_tables.family_table(report_data.load(done.args).runs).set_index("family")
     complete = done.children[done.children["tags.state"] == "complete"]
     client = MlflowClient()
     for family, runs in complete.groupby("tags.family"):
@@ -145,12 +145,12 @@ def test_confidence_intervals_equal_a_hand_computation(done):
     assert table.loc["discretized_logistic", "min_scale_ci"] == pytest.approx(half)
     assert math.isnan(table.loc["bernoulli", "min_scale"])  # no learned scale: shown as —
     # n = 1: a mean, no interval
-    mean, half, n = report.mean_ci([3.0, float("nan")])
+    mean, half, n = report_tables.mean_ci([3.0, float("nan")])
     assert (mean, n) == (3.0, 1) and math.isnan(half)
 
 
 def test_bounded_vs_unbounded_table_states_every_measure(done):
-    measure = report.measure_table(report.family_table(report.load(done.args).runs)).set_index("family")
+    measure = report_tables.measure_table(report_tables.family_table(report_data.load(done.args).runs)).set_index("family")
     assert measure.loc["gaussian", "measure"] == "pmf of 8-bit pixels (dequantized lower bound)"
     assert measure.loc["gaussian", "compare_with"] == "discretized_logistic"  # the same 8-bit scale
     assert measure.loc["discretized_logistic", "compare_with"] == "gaussian"
@@ -165,17 +165,17 @@ def test_bounded_vs_unbounded_table_states_every_measure(done):
 
 
 def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
-    table = report.family_table(report.load(done.args).runs)
-    shown = report.display_family(table).set_index("family")
+    table = report_tables.family_table(report_data.load(done.args).runs)
+    shown = report_tables.display_family(table).set_index("family")
     objective, likelihood = shown.loc["laplace"], shown.loc["bernoulli"]  # both on binarized pixels
-    for column in ("val ELBO", "test ELBO", "test recon", report._iwae_label(table), "IWAE s.e.", "IWAE MC s.e.",
-                   report.IWAE_GAIN, "bits/dim"):
+    for column in ("val ELBO", "test ELBO", "test recon", report_tables._iwae_label(table), "IWAE s.e.", "IWAE MC s.e.",
+                   report_data.IWAE_GAIN, "bits/dim"):
         assert objective[column] == report.NONE and likelihood[column] != report.NONE, column
-    assert objective[report.OBJECTIVE] != report.NONE and likelihood[report.OBJECTIVE] == report.NONE
+    assert objective[report_tables.OBJECTIVE] != report.NONE and likelihood[report_tables.OBJECTIVE] == report.NONE
     assert objective["test KL"] != report.NONE  # a KL is a KL on any measure
     assert math.isnan(table.set_index("family").loc["laplace", "test_bpd"])  # never logged for it
-    likelihoods_only = report.display_family(table[table.protocol == "8bit-dequantized"])
-    assert report.OBJECTIVE not in likelihoods_only.columns  # no column of dashes
+    likelihoods_only = report_tables.display_family(table[table.protocol == "8bit-dequantized"])
+    assert report_tables.OBJECTIVE not in likelihoods_only.columns  # no column of dashes
     # the curves: binarized likelihoods, binarized objectives and 8-bit likelihoods, a 5-inch panel each
     assert Image.open(done.folder / "val_elbo.png").width == 3 * 5 * 100
     md = (done.folder / "report.md").read_text(encoding="utf-8")
@@ -184,21 +184,21 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
     csv = pd.read_csv(done.folder / "tables.csv")
     rows = csv[csv.table == "1 family"].set_index("family")
     assert rows.loc["laplace", "training_objective"] == pytest.approx(table.set_index("family").loc["laplace", "test_elbo"])
-    assert rows.loc["laplace", list(report.LIKELIHOOD_VALUED)].isna().all()
-    assert rows.loc["bernoulli", list(report.LIKELIHOOD_VALUED)].notna().all()
+    assert rows.loc["laplace", list(report_data.LIKELIHOOD_VALUED)].isna().all()
+    assert rows.loc["bernoulli", list(report_data.LIKELIHOOD_VALUED)].notna().all()
     assert math.isnan(rows.loc["bernoulli", "training_objective"])
 
 
 def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
-    data = report.load(done.args)
+    data = report_data.load(done.args)
     beta = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")  # as if train.beta were a grid key
     data.runs["params.train.beta"] = beta
-    assert report.factors(data.runs) == ["train.beta"]  # not the seed, family or protocol
-    table = report.family_table(data.runs)
+    assert report_tables.factors(data.runs) == ["train.beta"]  # not the seed, family or protocol
+    table = report_tables.family_table(data.runs)
     assert len(table) == 2 * len(ROWS) and set(table["train.beta"]) == {0.5, 2.0}
-    assert list(report.factor_tables(table)) == ["train.beta"]
+    assert list(report_tables.factor_tables(table)) == ["train.beta"]
     panels = {}  # each factor panel's title -> its lines' labels, which end with "(protocol)"
-    save = report._save
+    save = report_plots._save
 
     def keep_panels(fig, path):
         if path.name.startswith("factor_"):
@@ -206,7 +206,7 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
         return save(fig, path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "_save", keep_panels)
+        mp.setattr(report_plots, "_save", keep_panels)
         report.write(data, tmp_path)
     assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
     # a likelihood panel holds one protocol's measure: the Bernoulli's binarized pmf and the 8-bit
@@ -221,9 +221,9 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
 
 def test_rows_on_other_data_are_not_comparable(done):
     # as if data.name were a grid key: the gaussian's runs on one dataset, the discretized logistic's on another
-    data = report.load(done.args)
+    data = report_data.load(done.args)
     data.runs["params.data.name"] = np.where(data.runs.family == "gaussian", "fashion_mnist", "digits")
-    measure = report.measure_table(report.family_table(data.runs)).set_index("family")
+    measure = report_tables.measure_table(report_tables.family_table(data.runs)).set_index("family")
     assert measure.loc["gaussian", "compare_with"] == "(no other family here)"
     assert measure.loc["discretized_logistic", "compare_with"] == "(no other family here)"
     sentences = " ".join(report._protocol_sentences(measure.reset_index()))
@@ -301,9 +301,9 @@ def test_run_data_is_escaped(done, tmp_path):
 
 def test_without_the_optuna_storage_states_come_from_the_mlflow_runs(done, tmp_path):
     shutil.copy(done.tmp / "mlflow.db", tmp_path / "mlflow.db")  # no optuna.db beside it
-    data = report.load(["experiment=rep", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    data = report_data.load(["experiment=rep", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     assert data.trials.empty and "no Optuna storage" in data.optuna_note
-    table = report.family_table(data.runs).set_index(["protocol", "family"])
+    table = report_tables.family_table(data.runs).set_index(["protocol", "family"])
     for row, counts in ROWS.items():
         assert tuple(table.loc[row, ["n_trials", "n_complete", "n_diverged"]]) == counts
     assert not (tmp_path / "optuna.db").exists()
@@ -312,10 +312,10 @@ def test_without_the_optuna_storage_states_come_from_the_mlflow_runs(done, tmp_p
 def test_study_selected_by_experiment_or_run(done):
     uri = f"tracking.uri=sqlite:///{done.tmp / 'mlflow.db'}"
     expected = study.study_name(config.load(done.args))
-    assert report.select(["experiment=rep", uri]).optuna_study == expected
-    assert report.select([f"run={done.parent}", uri]).parent.run_id == done.parent
+    assert report_data.select(["experiment=rep", uri]).optuna_study == expected
+    assert report_data.select([f"run={done.parent}", uri]).parent.run_id == done.parent
     child = done.children.run_id.iloc[0]
-    assert report.select([f"run={child}", uri]).parent.run_id == done.parent  # a child selects its parent
+    assert report_data.select([f"run={child}", uri]).parent.run_id == done.parent  # a child selects its parent
 
 
 @pytest.mark.parametrize("selection, needle", [
@@ -381,7 +381,7 @@ def test_help_documents_the_selection(capsys):
 def test_numbers_keep_their_digits_with_or_without_an_interval(mean, ci, text):
     """One seed has no interval: five significant digits, never e-notation or 4-digit rounding. Seeds that
     agree have one of width 0, which must not read as one seed."""
-    assert report._fmt(mean, ci) == text
+    assert report_tables._fmt(mean, ci) == text
 
 
 SEARCH_STUDY = "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.0001, high: 0.01, log: true}\n"
@@ -398,4 +398,4 @@ def test_a_search_trial_cut_short_is_replaced_not_trained_again(states, note, tm
     trials = pd.DataFrame({"trial": range(len(states)), "state": states,
                            "variant": [f"lr={0.001 * (i + 1)} seed=0" for i in range(len(states))]})
     data = SimpleNamespace(trials=trials, runs=None, selection=SimpleNamespace(cfg=cfg))
-    assert report.unfinished_note(data).startswith(note) if note else report.unfinished_note(data) == ""
+    assert report_data.unfinished_note(data).startswith(note) if note else report_data.unfinished_note(data) == ""

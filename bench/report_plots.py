@@ -1,0 +1,164 @@
+"""The report's plots (matplotlib, Agg): validation curves, reconstructions, throughput, factor studies."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from bench import states
+from bench import study as study_mod
+from bench.report_data import LIKELIHOOD_VALUED, METRICS
+from bench.report_tables import FACTOR_METRICS, OBJECTIVE, factor_columns, family_order, format_value
+from models import likelihoods
+
+# ---------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def _row_label(row: pd.Series, keys: list[str]) -> str:
+    short = study_mod.short_keys(keys)
+    return " ".join([row.family, *(f"{short[k]}={format_value(row[k])}" for k in keys)])
+
+
+def _color(family: str):
+    return plt.get_cmap("tab10")(family_order(family) % 10)
+
+
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row: int = 4):
+    """A figure of n_panels panels, at most most_per_row a row; returns it and its n_panels axes."""
+    cols = min(n_panels, most_per_row)
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n_panels:]:
+        ax.remove()
+    return fig, list(axes.flat[:n_panels])
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
+    """Validation ELBO per epoch, one line per run, one panel per protocol, and a panel of their own for
+    the runs whose ELBO is not a likelihood of the data (training objectives); bounded families solid,
+    unbounded dashed; × marks where a diverged run stopped."""
+    panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
+    fig, axes = _figure(len(panels))
+    for ax, (protocol, objective) in zip(axes, panels):
+        seen = set()
+        for _, run in runs[(runs.protocol == protocol) & (runs.comparable != objective)].iterrows():
+            c = curves[curves.run_id == run.run_id].sort_values("epoch")
+            if c.empty:
+                continue
+            label = None if run.family in seen else run.family
+            seen.add(run.family)
+            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=_color(run.family),
+                    label=label)
+            if run.state == states.DIVERGED:
+                ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
+        title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
+                       (protocol, "validation ELBO"))
+        ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
+        ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
+    return _save(fig, path)
+
+
+def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
+    """Each row's reconstructions.png (test inputs above their reconstructions) side by side, one line
+    of panels per protocol."""
+    client, protocols = MlflowClient(), sorted(family.protocol.unique())
+    width = max((family.protocol == p).sum() for p in protocols)
+    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, 1.8 * len(protocols)), squeeze=False,
+                             layout="constrained")
+    found = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, protocol in enumerate(protocols):
+            block = family[family.protocol == protocol].reset_index(drop=True)
+            for j in range(width):
+                ax = axes[i, j]
+                ax.axis("off")
+                if j >= len(block):
+                    continue
+                r = block.iloc[j]
+                try:
+                    with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+                        local = client.download_artifacts(r.example_run, "reconstructions.png", tmp)
+                except (MlflowException, OSError):
+                    continue  # figures off (eval.figures=false), or the run died before logging them
+                ax.imshow(plt.imread(local), cmap="gray", interpolation="nearest")
+                state = "" if r.example_state == states.COMPLETE else f" ({r.example_state})"
+                ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=8)
+                found += 1
+    if not found:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
+    """Training samples/s per row (mean ± 95 % CI over completed seeds)."""
+    t = family[np.isfinite(family.samples_per_s)]
+    labels = [f"{_row_label(r, factor_columns(family))} ({r.protocol})" for _, r in t.iterrows()]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(t) + 1.2), layout="constrained")
+    y = np.arange(len(t))
+    ax.barh(y, t.samples_per_s, xerr=t.samples_per_s_ci.fillna(0), color=[_color(f) for f in t.family])
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(left=0)
+    ax.set(xlabel="training samples/s (mean ± 95 % CI over completed seeds)", title="throughput")
+    return _save(fig, path)
+
+
+def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
+    """The main metrics against one factor: a line per protocol × family (× other factors)."""
+    others = [k for k in factor_columns(table) if k != key]
+    numeric = pd.api.types.is_numeric_dtype(table[key])
+    values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
+    # (panel title, metric, rows): likelihoods only where they are likelihoods of the data, one panel per
+    # protocol and scale, so that no axis holds two measures
+    scale = pd.Series([likelihoods.comparable_scale(m, c) for m, c in zip(table.measure, table.comparable)],
+                      index=table.index)
+    measures = sorted({(p, s) for p, s, c in zip(table.protocol, scale, table.comparable) if c})
+    panels = []
+    for m in FACTOR_METRICS:
+        if m not in LIKELIHOOD_VALUED:
+            panels.append((dict(METRICS)[m], m, table))
+            continue
+        panels += [(f"{dict(METRICS)[m]}\n{p}: {s}", m, table[table.comparable & (table.protocol == p) & (scale == s)])
+                   for p, s in measures]
+    if not table.comparable.all():
+        panels.append((OBJECTIVE, "test_elbo", table[~table.comparable]))
+    fig, axes = _figure(len(panels), width=3.6, height=3.8)
+    for ax, (title, metric, rows) in zip(axes, panels):
+        for group, g in rows.groupby(["protocol", "family", *others], sort=False):
+            x = g[key] if numeric else g[key].map(values.index)
+            label = " ".join(str(v) for v in group[1:]) + f" ({group[0]})"
+            ax.errorbar(x, g[metric], yerr=g[f"{metric}_ci"].fillna(0), marker="o", capsize=3,
+                        linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
+        ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel(key)
+        ax.set_title(title, fontsize=8)
+    legend = {}  # label -> line, over all panels: the likelihood panels lack the objectives' lines
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,259 @@
+"""The report's tables, as numbers (one row per data protocol × family × factor values; mean and 95 %
+confidence interval over seeds), and their text for display."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from bench import config, states
+from bench.render import NONE
+from bench.report_data import IWAE_GAIN, LIKELIHOOD_VALUED, METRICS, StudyData
+from models import likelihoods
+
+OBJECTIVE = "training objective (not a likelihood)"
+FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_kl", "active_units", "samples_per_s")
+# Params that are not factors: the seed is what the statistics run over, the family and the
+# binarization are the rows and blocks already, and the rest changes where results go, not what they are.
+NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", *config.PLACEMENT)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables (numbers; `display` turns them into text)
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean, half-width of the 95 % t-interval (NaN for n < 2) and n of the finite values."""
+    x = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return np.nan, np.nan, 0
+    if n == 1:
+        return float(x[0]), np.nan, 1
+    return float(x.mean()), float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+
+
+def factors(runs: pd.DataFrame) -> list[str]:
+    """Config keys that vary across the runs, other than the seed, family and data protocol."""
+    keys = []
+    for col in sorted(c for c in runs.columns if c.startswith("params.")):
+        key = col[len("params."):]
+        if not key.startswith(NOT_FACTORS) and runs[col].fillna(NONE).nunique() > 1:
+            keys.append(key)
+    return keys
+
+
+def _factor_values(runs: pd.DataFrame, key: str) -> pd.Series:
+    # MLflow params are strings: numbers become numbers so that 2 < 10 when sorting and plotting.
+    raw = runs[f"params.{key}"].fillna(NONE).astype(str)
+    numbers = pd.to_numeric(raw, errors="coerce")
+    return numbers if numbers.notna().all() else raw
+
+
+def family_order(name: str) -> int:
+    return likelihoods.NAMES.index(name) if name in likelihoods.NAMES else len(likelihoods.NAMES)
+
+
+def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs less the attempts that were cut short (states.CUT_SHORT) and then tried again: a variant counts
+    once, as its last attempt (the trial table still lists every attempt)."""
+    retried = runs.sort_values("start_time").duplicated("variant", keep="last") & (runs.variant != "")
+    return runs[~(retried & runs.state.isin(states.CUT_SHORT))]
+
+
+def family_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: one row per data protocol × family (× factor values), bounded families first.
+
+    Counts cover every finished trial (a variant's last attempt: `last_attempts`); metric columns
+    (`<metric>`, `<metric>_ci`, `<metric>_n`) the completed ones only."""
+    runs = last_attempts(runs)
+    keys = factors(runs)
+    df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
+    rows = []
+    for group, g in df.groupby(["protocol", "family", *keys], sort=False, dropna=False):
+        done, finished = g[g.state == states.COMPLETE], g[g.state.isin(states.FINISHED)]
+        # the run whose reconstructions stand for the row: the completed one of the lowest seed
+        example = g.assign(_late=g.state != states.COMPLETE).sort_values(["_late", "seed"]).iloc[0]
+        row = dict(zip(["protocol", "family", *keys], group))
+        n_trials, n_diverged = len(finished), int((g.state == states.DIVERGED).sum())
+        row.update({
+            "bounded": bool(g.bounded.iloc[0]), "measure": g.measure.iloc[0], "comparable": bool(g.comparable.iloc[0]),
+            "supremum": g.supremum.iloc[0], "n_trials": n_trials, "n_complete": len(done), "n_diverged": n_diverged,
+            "n_pruned": int((g.state == states.PRUNED).sum()),
+            "n_failed": int(g.state.isin(states.CUT_SHORT).sum()),
+            "divergence_rate": n_diverged / n_trials if n_trials else np.nan,
+            "iwae_k": g.iwae_k.max(),
+            "example_run": example.run_id, "example_state": example.state,
+        })
+        for key, _ in METRICS:
+            row[key], row[f"{key}_ci"], row[f"{key}_n"] = mean_ci(done[key])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["_order"] = table.family.map(family_order)
+    table = table.sort_values(["protocol", "bounded", "_order", *keys], ascending=[True, False, *[True] * (1 + len(keys))])
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def factor_columns(table: pd.DataFrame) -> list[str]:
+    """The factor columns of a table: dotted config keys (no other column name has a dot)."""
+    return [c for c in table.columns if "." in c and not c.endswith(("_ci", "_n"))]
+
+
+def measure_table(family: pd.DataFrame) -> pd.DataFrame:
+    """Table 2: bounded vs unbounded, with the measure of every number and what each row may be compared
+    with. Likelihood columns are kept only for comparable rows; the others' ELBO is a training objective."""
+    keys = factor_columns(family)
+    t = family[["protocol", "measure", "comparable", "bounded", "family", *keys, "supremum", "iwae_k", "n_complete",
+                "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
+                "test_iwae_gain", "test_iwae_gain_ci", "test_bpd", "test_bpd_ci"]].copy()
+    t = likelihoods_where_comparable(t)
+    t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
+    # rows on other data (a data.* factor: another dataset, split or subset) share no number either
+    data_keys = [k for k in keys if k.startswith("data.")]
+    t["data"] = [", ".join(f"{k}={format_value(r[k])}" for k in data_keys) for _, r in t.iterrows()]
+    t["compare_with"] = [
+        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.data == d) & (t.scale == s)]) - {f}))
+        or "(no other family here)" if s else "nothing: not a likelihood of the data"
+        for p, d, s, f in zip(t.protocol, t.data, t.scale, t.family)]
+    t["_order"] = t.family.map(family_order)
+    t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
+                      ascending=[True, False, True, False, True])
+    return t.drop(columns="_order").reset_index(drop=True)
+
+
+def likelihoods_where_comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its likelihood-valued numbers (LIKELIHOOD_VALUED) kept only on rows whose measure is
+    a likelihood of the data; another row's test ELBO goes to training_objective(_ci) instead, as the
+    report's text shows it (for tables.csv, whose readers must not find them beside likelihoods)."""
+    t = table.copy()
+    if "test_elbo" in t:
+        t["training_objective"] = t.test_elbo.where(~t.comparable)
+        t["training_objective_ci"] = t.test_elbo_ci.where(~t.comparable)
+    for col in (c for key in LIKELIHOOD_VALUED for c in (key, f"{key}_ci")):
+        if col in t:
+            t[col] = t[col].where(t.comparable)
+    return t
+
+
+def factor_tables(family: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Table 3: for each factor, the main metrics against it, per protocol × family (× other factors)."""
+    keys = factor_columns(family)
+    metric_cols = [c for m in FACTOR_METRICS for c in (m, f"{m}_ci", f"{m}_n")]
+    out = {}
+    for key in keys:
+        others = [k for k in keys if k != key]
+        t = family[["protocol", "family", *others, key, "measure", "comparable", "n_trials", "n_complete",
+                    *metric_cols]]
+        t = t.assign(_order=t.family.map(family_order)).sort_values(["protocol", "_order", *others, key])
+        out[key] = t.drop(columns="_order").reset_index(drop=True)
+    return out
+
+
+def trial_table(data: StudyData) -> pd.DataFrame:
+    """Every trial: its run, variant and state, with the reason of those that did not complete. Optuna
+    trials without a run (never started, or lost before the run was created) are listed too."""
+    runs = data.runs[["trial", "run_id", "family", "protocol", "seed", "variant", "state", "reason"]]
+    orphans = data.trials[~data.trials.run_id.isin(runs.run_id)]
+    orphans = orphans.assign(family="", protocol="", seed=np.nan)[runs.columns]
+    table = pd.concat([runs, orphans], ignore_index=True) if len(orphans) else runs
+    return table.sort_values("trial").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Display: numbers → text
+
+
+def _fmt(mean: float, ci: float = np.nan) -> str:
+    """mean ± half-width, with the decimals the interval supports (two significant digits of it)."""
+    if not np.isfinite(mean):
+        return NONE
+    if ci == 0:  # seeds that all agree: an interval of width 0, not one seed
+        return f"{_fmt(mean)} ± 0"
+    if not np.isfinite(ci):  # one seed: whole numbers as such, else five significant digits
+        if float(mean).is_integer():
+            return f"{int(mean)}"
+        return f"{mean:.{min(6, max(0, 4 - math.floor(math.log10(abs(mean)))))}f}"  # never in e-notation
+    digits = min(6, max(0, 1 - math.floor(math.log10(ci))))
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def format_value(v: object) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)
+
+
+def _iwae_label(table: pd.DataFrame) -> str:
+    ks = table.iwae_k.dropna().unique() if "iwae_k" in table else []
+    return f"IWAE-{int(ks[0])} NLL" if len(ks) == 1 else "IWAE-k NLL"
+
+
+def _metric_text(r: pd.Series, key: str) -> str:
+    """mean ± 95 % CI of a metric; likelihood-valued ones only on a comparable measure."""
+    return _fmt(r[key], r[f"{key}_ci"]) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
+
+
+def _objective_text(r: pd.Series) -> str:
+    """A row's test ELBO when it is not a likelihood of the data (a training objective), else —."""
+    return NONE if r.comparable else _fmt(r.test_elbo, r.test_elbo_ci)
+
+
+def display_family(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as text: mean ± 95 % CI. A row whose numbers are not likelihoods of the data (a density at
+    discrete values, a σ fitted to each image) shows its test ELBO as a training objective only."""
+    labels = dict(METRICS, test_iwae_nll=_iwae_label(table))
+    rows = []
+    for _, r in table.iterrows():
+        row = {"": "bounded" if r.bounded else "unbounded", "family": r.family}
+        row.update({k: format_value(r[k]) for k in factor_columns(table)})
+        row.update({"trials": r.n_trials, "complete": r.n_complete, "diverged": r.n_diverged,
+                    "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
+                    "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞"})
+        row.update({labels[key]: _metric_text(r, key) for key, _ in METRICS})
+        if not table.comparable.all():
+            row[OBJECTIVE] = _objective_text(r)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def display_measure(table: pd.DataFrame) -> pd.DataFrame:
+    iwae = _iwae_label(table)
+    rows = []
+    for _, r in table.iterrows():
+        row = {"measure (nats per image)": r.measure, "comparable": "yes" if r.comparable else "no",
+               "": "bounded" if r.bounded else "unbounded", "family": r.family}
+        row.update({k: format_value(r[k]) for k in factor_columns(table)})
+        row.update({
+            "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
+            "test ELBO": _fmt(r.test_elbo, r.test_elbo_ci), iwae: _fmt(r.test_iwae_nll, r.test_iwae_nll_ci),
+            IWAE_GAIN: _fmt(r.test_iwae_gain, r.test_iwae_gain_ci),
+            "bits/dim": _fmt(r.test_bpd, r.test_bpd_ci),
+            OBJECTIVE: _fmt(r.training_objective, r.training_objective_ci),
+            "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
+            "complete/trials": f"{r.n_complete}/{r.n_trials}", "may be compared with": r.compare_with})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def display_factor(table: pd.DataFrame) -> pd.DataFrame:
+    labels = dict(METRICS, test_iwae_nll="IWAE NLL")
+    rows = []
+    for _, r in table.iterrows():
+        row = {"protocol": r.protocol, "family": r.family}
+        row.update({k: format_value(r[k]) for k in factor_columns(table)})
+        row["n"] = f"{r.n_complete}/{r.n_trials}"
+        row.update({labels[key]: _metric_text(r, key) for key in FACTOR_METRICS})
+        if not table.comparable.all():
+            row[OBJECTIVE] = _objective_text(r)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def display_trials(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "trial": [NONE if pd.isna(t) else str(int(t)) for t in table.trial], "run id": table.run_id.fillna(NONE),
+        "family": table.family, "protocol": table.protocol,
+        "seed": [NONE if pd.isna(s) else str(int(s)) for s in table.seed],
+        "variant": table.variant, "state": table.state, "reason": table.reason.fillna("")})
