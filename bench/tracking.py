@@ -20,6 +20,7 @@ import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 
 from bench import config, figures, states
 from bench.config import Config, ConfigError
@@ -190,6 +191,7 @@ class EpochLog:
     def __init__(self, run_id: str, every_s: float = 2.0):
         self.run_id, self.every_s = run_id, every_s
         self.pending: list[Metric] = []
+        self.sent: list[RunOperations] = []  # batches on their way: `wait` raises if one failed
         self.sent_at = -math.inf
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -200,9 +202,16 @@ class EpochLog:
 
     def flush(self) -> None:
         if self.pending:
-            MlflowClient().log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.sent.append(MlflowClient().log_batch(self.run_id, metrics=self.pending, synchronous=False))
             self.pending = []
         self.sent_at = time.time()
+
+    def wait(self) -> None:
+        """Returns once every batch is stored; raises MlflowException if one was not (MLflow's own
+        flush_async_logging only logs such a failure)."""
+        sent, self.sent = self.sent, []
+        for batch in sent:
+            batch.wait()
 
 
 def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float], state: str,
@@ -210,11 +219,14 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
     """The epochs not yet sent, final metrics, figures, config and state dict, then the state tag; the
     run ends FINISHED only when COMPLETE. The state tag comes last, once the rest is stored: a process
     that dies before it (a crash in a figure, a full disk; MLflow's exit handler then ends the run as
-    FINISHED) leaves a run that `ended_run` does not take for a finished trial."""
+    FINISHED) leaves a run that `ended_run` does not take for a finished trial. So does a metric that
+    could not be stored: the error propagates before the tag (the command exits 1, the next trains the
+    variant again), never a run tagged complete without its test metrics."""
     if epoch_log is not None:
         epoch_log.flush()
+        epoch_log.wait()
     if final:
-        mlflow.log_metrics(final, synchronous=False)
+        mlflow.log_metrics(final, synchronous=True)
     if result is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

@@ -362,3 +362,43 @@ def test_a_crash_while_a_run_logs_its_artifacts_is_not_taken_for_a_finished_tria
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["status"] == "killed"
     assert (runs.loc[crashed, "status"], runs.loc[crashed, "tags.state"]) == ("KILLED", "killed")
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+A_WRITE_FAILS_ONCE = """
+import sys
+from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from bench import run
+key = sys.argv.pop(1)
+log_batch, runs, failed = SqlAlchemyStore.log_batch, [], []
+def fails_once(self, run_id, metrics, params, tags):  # a busy store, a server gone for a moment
+    if any(m.key == key for m in metrics):
+        if run_id not in runs:
+            runs.append(run_id)
+        if runs.index(run_id) == 1 and not failed:  # the second trial's first such write
+            failed.append(run_id)
+            raise MlflowException("database is locked")
+    return log_batch(self, run_id, metrics, params, tags)
+SqlAlchemyStore.log_batch = fails_once
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("key", ["train_elbo", "test_elbo"])  # an epoch's batch (asynchronous); the final metrics
+def test_a_metric_the_store_did_not_take_is_never_a_complete_run(key, tmp_path, monkeypatch):
+    """A write that fails (MLflow's asynchronous logging only logs the error): the command stops with
+    exit 1 before the run is tagged complete, and the next one trains the variant again, so that no run
+    counts as complete without its metrics."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]
+    proc = _run_patched(A_WRITE_FAILS_ONCE, [key, *args], tmp_path)
+    assert proc.returncode == 1 and "database is locked" in proc.stderr, proc.stderr[-3000:]
+    before, runs = _state(tmp_path, args)
+    assert before[1].state == TrialState.RUNNING and pd.isna(runs.loc[before[1].user_attrs["mlflow_run_id"]].get("tags.state"))
+
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["train.seed"] for t in complete) == SEEDS
+    assert runs.loc[[t.user_attrs["mlflow_run_id"] for t in complete], "metrics.test_elbo"].notna().all()
+    assert trials[1].user_attrs["status"] == "killed"
