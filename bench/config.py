@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -518,8 +519,20 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+# the password of a URL's user (postgresql://USER:PASSWORD@HOST/DB, https://USER:PASSWORD@HOST)
+_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^\s:/@'\"]*):[^\s@/'\"]*@")
+
+
+def redact(text: str) -> str:
+    """text with every URL password replaced by ***: a store's address is printed, logged to MLflow and
+    written into reports, and none of these may hold a secret (pass one through PGPASSWORD, ~/.pgpass or
+    MLFLOW_TRACKING_PASSWORD instead)."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config, as printed and logged (passwords redacted)."""
+    return redact(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def help_text() -> str:

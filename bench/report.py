@@ -122,7 +122,8 @@ def _provenance(data: StudyData) -> pd.DataFrame:
         "first run started": str(runs.start_time.min())[:19], "last run ended": str(runs.end_time.max())[:19],
         "report generated": data.generated,
     }
-    return pd.DataFrame({"": list(fields), "value": [NONE if pd.isna(v) else str(v) for v in fields.values()]})
+    return pd.DataFrame({"": list(fields), "value": [NONE if pd.isna(v) else config.redact(str(v))
+                                                     for v in fields.values()]})
 
 
 # An 8-bit pmf (the discretized logistic) is evaluated at the pixel values themselves in a dequantized
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         report_dir = data.selection.cfg.report_dir
         config.check_writable("report_dir", report_dir, Path(report_dir) / _safe(data.selection.name), create=True)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2
     try:
         folder = write(data)

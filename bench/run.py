@@ -77,7 +77,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     except KeyboardInterrupt:  # its trial is recorded as interrupted; no traceback
         sys.exit(130)
     except MlflowException as e:
-        print(f"error: worker {position}: MLflow tracking failed ({e}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: worker {position}: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(argv)
         preflight(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2
     print(config.to_yaml(cfg))
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
@@ -175,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished trials are kept; re-run the same command to resume", file=sys.stderr)
         return 130
     except MlflowException as e:
-        print(f"error: MLflow tracking failed ({e}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
         return 1
     table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(table) else "no trials")
-    print(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: {study.storage_url(cfg)}")
+    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
+                       f"{study.storage_url(cfg)}"))
     return 0 if ok else 1
 
 

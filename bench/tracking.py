@@ -174,7 +174,7 @@ def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags
                            tags={k: str(v) for k, v in tags.items()},
                            log_system_metrics=cfg.tracking.system_metrics)
     try:
-        mlflow.log_params({k: str(v)[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()})
+        mlflow.log_params({k: config.redact(str(v))[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()})
     except KeyboardInterrupt:  # the trial is recorded as interrupted; its run must not stay RUNNING
         mlflow.end_run("KILLED")
         raise
