@@ -380,7 +380,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         lik = config.likelihood_of(cfg)
         measure = data.measure(lik)
         tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
-                "measure": measure.name, "comparable": measure.comparable, "dataset": cfg.data.name,
+                "measure": measure.name, "comparable": measure.comparable, "comparable_scale": measure.scale or
+                "none (not a likelihood of the data)", "dataset": cfg.data.name,
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}

@@ -86,6 +86,10 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
                    "tags.device", "tags.torch_version", "tags.git_commit", "tags.trial_number"]:
         assert children[column].notna().all(), column
     assert children["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}(-dirty)?").all()  # -dirty: edited code
+    # the 8-bit pmf and the densities' dequantized bounds: two measures, one scale to compare them on
+    scale = children.set_index("tags.family")["tags.comparable_scale"].to_dict()
+    assert scale == {"bernoulli": "pmf of binarized pixels", "gaussian": "pmf of 8-bit pixels",
+                     "laplace": "pmf of 8-bit pixels", "discretized_logistic": "pmf of 8-bit pixels"}
     client = MlflowClient()
     child = children.iloc[0]
     assert len(client.get_metric_history(child.run_id, "val_elbo")) == 2  # one point per epoch
