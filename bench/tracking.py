@@ -244,10 +244,22 @@ def _ended(run: mlflow.entities.Run) -> bool:
     return RunStatus.is_terminated(RunStatus.from_string(run.info.status))  # info.status is the name
 
 
+def _live_run(run_id: str) -> mlflow.entities.Run | None:
+    """The run, or None when this store has none by that id (a lost or replaced store) or it was deleted."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
 def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
-    """The state, reason and latest metrics of a run that `finish_child` ended; None otherwise."""
-    run = MlflowClient().get_run(run_id)
-    if not _ended(run) or "state" not in run.data.tags:
+    """The state, reason and latest metrics of a run that `finish_child` ended; None otherwise (also when
+    the run is not in this store, or was deleted: its trial is then trained again)."""
+    run = _live_run(run_id)
+    if run is None or not _ended(run) or "state" not in run.data.tags:
         return None
     return run.data.tags["state"], run.data.tags.get("reason", ""), run.data.metrics
 
@@ -263,7 +275,7 @@ def mark_run(run_id: str, status: str, reason: str) -> None:
     """Ends a run whose process died (SIGKILL, lost machine, a crash) before `finish_child` ended it: one
     still RUNNING, or one MLflow's exit handler ended as FINISHED without its state tag."""
     client = MlflowClient()
-    if ended_run(run_id) is not None:
+    if _live_run(run_id) is None or ended_run(run_id) is not None:
         return
     client.set_tag(run_id, "state", states.KILLED)
     client.set_tag(run_id, "reason", reason)

@@ -402,3 +402,26 @@ def test_a_metric_the_store_did_not_take_is_never_a_complete_run(key, tmp_path, 
     assert sorted(t.params["train.seed"] for t in complete) == SEEDS
     assert runs.loc[[t.user_attrs["mlflow_run_id"] for t in complete], "metrics.test_elbo"].notna().all()
     assert trials[1].user_attrs["status"] == "killed"
+
+
+@pytest.mark.parametrize("lost", ["deleted in the UI", "another tracking store"])
+def test_a_stale_trial_whose_run_is_gone_is_trained_again(lost, tmp_path, monkeypatch):
+    """The dead worker's run is not in the tracking store (deleted, or the study resumed with another
+    store, which the config hash leaves out): the trial is marked killed and trained again, not a
+    command that fails every time."""
+    monkeypatch.chdir(tmp_path)
+    args = seed_study_args(tmp_path)
+    proc = start_and_catch_second_trial(args, tmp_path)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    before, _ = _state(tmp_path, args)  # points MLflow at the study's store
+    if lost == "deleted in the UI":
+        mlflow.tracking.MlflowClient().delete_run(before[1].user_attrs["mlflow_run_id"])
+    else:
+        (tmp_path / "new").mkdir()
+        args = [*args, f"study.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'new' / 'mlflow.db'}"]
+    assert run.main(args) == 0
+    trials, _ = _state(tmp_path, args)
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["status"] == "killed"
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
