@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
@@ -106,17 +107,20 @@ def run(cfg: Config) -> bool:
                        for i in range(cfg.study.n_workers)]
             for w in workers:
                 w.start()
-            for w in workers:
-                w.join()
+            running = {w.sentinel: (i, w) for i, w in enumerate(workers)}
+            while running:  # as each worker ends: one killed is named, and its trial marked, at once
+                for sentinel in mp_connection.wait(list(running)):
+                    i, w = running.pop(sentinel)
+                    w.join()
+                    if w.exitcode < 0:
+                        print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
+                              file=sys.stderr)
+                    if w.exitcode != 0:  # killed, or stopped by a lost store: its trial may be left running
+                        with study.study_lock(cfg):
+                            stale = study.fail_stale(optuna_study, experiment_id)
+                        if stale:  # trained again by the next command
+                            print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
             ok = all(w.exitcode == 0 for w in workers)
-            for i, w in enumerate(workers):
-                if w.exitcode < 0:
-                    print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
-                          file=sys.stderr)
-            with study.study_lock(cfg):
-                stale = study.fail_stale(optuna_study, experiment_id)
-            if stale:  # a dead worker's trial: killed now, trained again on re-run
-                print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
     except KeyboardInterrupt:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
         try:
