@@ -53,6 +53,12 @@ def preflight(cfg: Config) -> None:
 # A tracking store lost mid-study ends the run; the trial in progress is left RUNNING, and the next run
 # marks it failed (its owner is gone) and trains that variant again.
 LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
+LOST_STORAGE = "the Optuna storage failed"
+
+
+def _first_line(error: Exception) -> str:
+    """A database error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
+    return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
 
 def _interrupt_when_orphaned(main_pid: int) -> None:
@@ -79,6 +85,9 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
         sys.exit(130)
     except MlflowException as e:
         print(f"error: worker {position}: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
+        sys.exit(1)
+    except study.STORAGE_ERRORS as e:
+        print(f"error: worker {position}: {LOST_STORAGE} ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
@@ -180,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MlflowException as e:
         print(f"error: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
+        return 1
+    except study.STORAGE_ERRORS as e:
+        print(f"error: {LOST_STORAGE} ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         return 1
     table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(table) else "no trials")

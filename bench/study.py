@@ -48,6 +48,8 @@ from bench.train import final_metrics, resolve_device, train
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Trial user attributes
+# The Optuna storage (or the study lock's database) gone: the command stops, as for a lost tracking store
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
 HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
 STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
@@ -420,6 +422,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt:
         _interrupted(study, trial, epoch_log, cfg, base)
+        raise
+    except STORAGE_ERRORS:  # not the variant's failure: the next command trains it again
         raise
     except Exception as e:  # noqa: BLE001  the study goes on; the run and trial keep the reason
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}

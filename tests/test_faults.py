@@ -431,3 +431,35 @@ def test_a_stale_trial_whose_run_is_gone_is_trained_again(lost, tmp_path, monkey
     trials, _ = _state(tmp_path, args)
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["status"] == "killed"
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+STORAGE_LOST_IN_THE_SECOND_TRIAL = """
+import sys
+import optuna
+from bench import run
+report = optuna.trial.Trial.report
+def storage_gone(trial, value, step):
+    if trial.number == 1:
+        raise optuna.exceptions.StorageInternalError("could not connect to server: Connection refused")
+    return report(trial, value, step)
+optuna.trial.Trial.report = storage_gone
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_lost_optuna_storage_stops_the_command_and_the_next_resumes(tmp_path, monkeypatch):
+    """Not the variant's failure (which would be recorded, and never trained again): the command says the
+    storage failed and exits 1; the next one trains the variant."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=2"]
+    proc = _run_patched(STORAGE_LOST_IN_THE_SECOND_TRIAL, args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: the Optuna storage failed (could not connect to server: Connection refused); finished " \
+           "trials are kept; re-run the same command to resume" in proc.stderr and "Traceback" not in proc.stderr
+    before, _ = _state(tmp_path, args)
+    assert before[0].state == TrialState.COMPLETE and before[1].state == TrialState.RUNNING
+
+    assert run.main(args) == 0
+    trials, _ = _state(tmp_path, args)
+    assert trials[1].user_attrs["status"] == "killed"
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
