@@ -4,13 +4,15 @@ Reads top to bottom: load and validate the config; check every input (data, stor
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
 variants that are missing; train them with one or more workers; print the summary.
 Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
-worker died, trials are still running in other processes, or the tracking store was lost; 2 bad input
-(nothing written); 130 interrupted. After 1 or 130, or a killed process, re-running the same command
-resumes: finished trials are kept.
+worker died, trials are still running in other processes, or the tracking store or the Optuna storage
+was lost; 2 bad input (nothing written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, stopped as
+Ctrl-C stops it). After 1, 130 or 143, or a killed process, re-running the same command resumes:
+finished trials are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -18,6 +20,7 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +59,26 @@ LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
 LOST_STORAGE = "the Optuna storage failed"
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(terminated: list[int]) -> Iterator[None]:
+    """SIGTERM (timeout, docker stop, a batch scheduler's end of job) stops the study as Ctrl-C does:
+    each running trial recorded as interrupted, its run ended. Appends the signal to `terminated`. Leaves
+    a handler someone else installed as it is."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def as_ctrl_c(signum, frame) -> None:
+        terminated.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _first_line(error: Exception) -> str:
     """A database error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
     return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
@@ -80,7 +103,8 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
     try:
-        outcomes = study.work(cfg, parent_id, experiment_id, position)
+        with _sigterm_as_ctrl_c([]):
+            outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt:  # its trial is recorded as interrupted; no traceback
         sys.exit(130)
     except MlflowException as e:
@@ -182,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     print(config.to_yaml(cfg))
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
     print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
+    terminated: list[int] = []
     try:
-        ok = run(cfg)
+        with _sigterm_as_ctrl_c(terminated):
+            ok = run(cfg)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {LOST_TRACKING}", file=sys.stderr)
+        return 143 if terminated else 130
     except MlflowException as e:
         print(f"error: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
         return 1

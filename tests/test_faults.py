@@ -75,14 +75,16 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"
 
 
-def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sent, code, said", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])  # timeout, docker stop
+def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(sent, code, said, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
     proc = start_and_catch_second_trial(args, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    proc.send_signal(sent)
+    assert proc.wait(timeout=120) == code
     log = (tmp_path / "run.log").read_text()
-    assert "re-run the same command to resume" in log and "Traceback" not in log
+    assert f"{said}: finished trials are kept; re-run the same command to resume" in log and "Traceback" not in log
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.FAIL and before[1].user_attrs["status"] == "interrupted"
     child = runs.loc[before[1].user_attrs["mlflow_run_id"]]
