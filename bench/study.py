@@ -282,12 +282,21 @@ def _engine(url: str) -> sqlalchemy.engine.Engine:
 def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     # Atomically moves one queued trial to RUNNING, or starts a search trial. `study.ask()` would create
     # a new, unqueued trial when the queue is empty — how GridSampler repeats points under parallel
-    # workers — and pops a queued one outside the lock.
+    # workers — and pops a queued one outside the lock. The claimant names itself under the lock too: a
+    # trial without an owner counts as alive for a minute, which would hold up the next command.
     with study_lock(cfg):
         trial_id = study._pop_waiting_trial_id()
         if trial_id is not None:
-            return optuna.Trial(study, trial_id)
-        return _search_trial(study, cfg) if cfg.study.search_space else None
+            trial = optuna.Trial(study, trial_id)
+        elif cfg.study.search_space:
+            trial = _search_trial(study, cfg)
+        else:
+            trial = None
+        if trial is not None:
+            trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
+            trial.set_user_attr(STARTED, _process_start(os.getpid()))
+            trial.set_user_attr(OWNER, _owner())
+        return trial
 
 
 def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
@@ -370,9 +379,6 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
-    trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
-    trial.set_user_attr(STARTED, _process_start(os.getpid()))
-    trial.set_user_attr(OWNER, _owner())
     params = trial_params(trial, base)
     cfg = config.apply(base, params)
     label = variant_label(params)
