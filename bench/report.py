@@ -17,8 +17,9 @@ Statistics: each metric is the mean over the seeds of the completed trials of a 
 confidence interval mean ± t(0.975, n−1)·s/√n (none for n = 1). Diverged, pruned and failed trials are
 counted (n trials, divergence rate) but their metrics do not enter the means.
 
-Exit codes: 0 report written; 2 bad input, or no such study/experiment/run (the message names the
-valid choices; nothing is written).
+Exit codes: 0 report written; 1 it could not be written (a full disk: the report folder is left as it
+was, not half rewritten); 2 bad input, or no such study/experiment/run (the message names the valid
+choices; nothing is written).
 
 Stages, one module each: select and load the study (report_data), its tables (report_tables), its plots
 (report_plots); this module writes the prose around them and the files.
@@ -29,8 +30,10 @@ Example: python -m bench.report study=likelihoods
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -243,18 +246,25 @@ def _safe(name: str) -> str:
 
 
 def write(data: StudyData, folder: Path | None = None) -> Path:
-    """Writes the report into `folder` (default <report_dir>/<study>/) and returns the folder."""
+    """Writes the report into `folder` (default <report_dir>/<study>/) and returns the folder. Every file
+    is written into a temporary folder beside it first and moved in once all are: a write that fails (a
+    full disk) leaves the folder as it was, not a truncated report.html beside a new report.md."""
     folder = folder or Path(data.selection.cfg.report_dir) / _safe(data.selection.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Labels come from run data: no $…$ mathtext, so a `$` in a param cannot break a plot.
-    with plt.rc_context({"text.parse_math": False}):
-        blocks, tables = build(data, folder)
-    title = f"vaebench report: {data.selection.name}"
-    for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, title)),
-                       ("tables.tex", render_latex(blocks))):
-        (folder / name).write_text(text, encoding="utf-8")
-    pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).to_csv(
-        folder / "tables.csv", index=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+        new = Path(tmp)
+        # Labels come from run data: no $…$ mathtext, so a `$` in a param cannot break a plot.
+        with plt.rc_context({"text.parse_math": False}):
+            blocks, tables = build(data, new)
+        title = f"vaebench report: {data.selection.name}"
+        for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, title)),
+                           ("tables.tex", render_latex(blocks))):
+            (new / name).write_text(text, encoding="utf-8")
+        pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).to_csv(
+            new / "tables.csv", index=False)
+        folder.mkdir(exist_ok=True)
+        for path in new.iterdir():
+            os.replace(path, folder / path.name)  # a rename: no write that can fail half-way
     return folder
 
 
@@ -272,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         folder = write(data)
-    except OSError as e:  # a report_dir the checks let through (e.g. under /proc as root), or a full disk
-        print(f"error: report_dir={report_dir!r}: cannot write the report ({e})", file=sys.stderr)
-        return 2
+    except OSError as e:  # a full disk, or a report_dir the checks let through (e.g. under /proc as root)
+        print(f"error: report_dir={report_dir!r}: cannot write the report ({e}); the folder is as it was",
+              file=sys.stderr)
+        return 1
     print(f"report of {data.selection.optuna_study} ({len(data.runs)} runs): {folder / 'report.html'}, "
           f"report.md, tables.csv, tables.tex")
     return 0

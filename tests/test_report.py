@@ -399,3 +399,18 @@ def test_a_search_trial_cut_short_is_replaced_not_trained_again(states, note, tm
                            "variant": [f"lr={0.001 * (i + 1)} seed=0" for i in range(len(states))]})
     data = SimpleNamespace(trials=trials, runs=None, selection=SimpleNamespace(cfg=cfg))
     assert report_data.unfinished_note(data).startswith(note) if note else report_data.unfinished_note(data) == ""
+
+
+def test_a_report_that_cannot_be_written_leaves_the_last_one_whole(done, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert report.main([*done.args, f"report_dir={out}"]) == 0
+    before = {p.name: p.read_bytes() for p in (out / "rep").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "render_html", disk_full)  # after report.md and the plots are written
+    assert report.main([*done.args, f"report_dir={out}"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "rep").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["rep"]  # no temporary folder left
