@@ -351,11 +351,22 @@ def test_unwritable_report_dir_exits_2_and_writes_nothing(done, tmp_path, capsys
     assert afile.read_text() == "a file where a folder is needed" and list(tmp_path.iterdir()) == [afile]
 
 
-def test_missing_store_exits_2_and_creates_none(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("store", ["missing", "an empty file"])  # MLflow would create its schema in either
+def test_missing_store_exits_2_and_creates_none(store, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    if store == "an empty file":
+        (tmp_path / "mlflow.db").touch()
     assert report.main(["study=smoke", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     assert "no MLflow store" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == ([] if store == "missing" else [("mlflow.db", 0)])
+
+
+def test_an_empty_optuna_storage_is_read_as_none_and_left_empty(done, tmp_path):
+    shutil.copy(done.tmp / "mlflow.db", tmp_path / "mlflow.db")
+    (tmp_path / "optuna.db").touch()
+    data = report_data.load(["experiment=rep", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert data.trials.empty and "no Optuna storage" in data.optuna_note
+    assert (tmp_path / "optuna.db").stat().st_size == 0
 
 
 @pytest.mark.parametrize("key", ["tracking.uri", "study.storage"])
