@@ -48,6 +48,7 @@ from bench.render import NONE, Blocks, render_html, render_latex, render_markdow
 from bench.report_data import StudyData, load, unfinished_note
 from bench.report_plots import plot_curves, plot_factor, plot_reconstructions, plot_throughput
 from bench.report_tables import (
+    configuration,
     display_factor,
     display_family,
     display_measure,
@@ -210,10 +211,28 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
     return blocks
 
 
+def _trained(setting: pd.DataFrame) -> str:
+    """One sentence on what every run trained (a key that differs across runs says so)."""
+    value = dict(zip(setting.key, setting.value))
+
+    def v(key: str) -> str:
+        return value.get(key, NONE)
+
+    limit = "" if v("data.limit") in ("0", NONE) else f", at most {v('data.limit')} images per split"
+    examples = "all" if v("eval.iwae_examples") == "0" else f"the first {v('eval.iwae_examples')}"
+    return (f"Each run: an MLP VAE with hidden layers {v('model.hidden')} and {v('model.latent_dim')} latent "
+            f"units, trained {v('train.epochs')} epochs in batches of {v('train.batch_size')} (Adam, lr "
+            f"{v('train.lr')}, β {v('train.beta')}, L = {v('train.n_samples')} samples of z per image) on "
+            f"{v('data.name')}{limit}; IWAE with k = {v('eval.iwae_k')} on {examples} test images. Section 4 "
+            "lists every setting.")
+
+
 def _provenance_section(data: StudyData, trials: pd.DataFrame) -> Blocks:
     problems = trials[trials.state != states.COMPLETE]
     return [
         ("h2", "4. Provenance"), ("table", ("Study", _provenance(data))),
+        ("table", ("Configuration of the runs (their MLflow params; the keys the study varies say so)",
+                   configuration(data.runs))),
         ("table", ("Data protocols", _protocols(data.runs))), ("h3", "Trials that did not complete"),
         ("table", ("Failed, pruned, diverged and unfinished trials, with their reasons", display_trials(problems)))
         if len(problems) else ("p", "Every trial completed."),
@@ -232,6 +251,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
+        ("p", _trained(configuration(data.runs))),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials)]
     tables = {"1 family": likelihoods_where_comparable(family), "2 measure": measure,

@@ -47,6 +47,21 @@ def factors(runs: pd.DataFrame) -> list[str]:
     return keys
 
 
+# Param sections that say what a run is (the others: the study's own keys and where results go)
+WHAT_RUNS = ("data.", "model.", "likelihood.", "train.", "eval.")
+VARIES = "varies (see the tables)"
+
+
+def configuration(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every config key of what the runs are (WHAT_RUNS) with its value, the same in all runs, or VARIES:
+    what the numbers depend on, in the report itself."""
+    rows = []
+    for col in sorted(c for c in runs.columns if c.startswith("params.") and c[len("params."):].startswith(WHAT_RUNS)):
+        values = runs[col].fillna(NONE).astype(str).unique()
+        rows.append({"key": col[len("params."):], "value": values[0] if len(values) == 1 else VARIES})
+    return pd.DataFrame(rows, columns=["key", "value"])
+
+
 def _factor_values(runs: pd.DataFrame, key: str) -> pd.Series:
     # MLflow params are strings: numbers become numbers so that 2 < 10 when sorting and plotting.
     raw = runs[f"params.{key}"].fillna(NONE).astype(str)

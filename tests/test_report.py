@@ -84,6 +84,14 @@ def test_report_writes_every_file(done):
                     "4. Provenance"):
         assert heading in md
     assert "![validation ELBO per epoch](val_elbo.png)" in md
+    # what the numbers depend on, in the report itself (the shrunk study: 2 epochs, 200 images)
+    assert ("Each run: an MLP VAE with hidden layers [32] and 4 latent units, trained 2 epochs in batches of "
+            "128 (Adam, lr 0.001, β 1.0, L = 1 samples of z per image) on digits, at most 200 images per split; "
+            "IWAE with k = 8 on the first 20 test images.") in md
+    setting = report_tables.configuration(report_data.load(done.args).runs).set_index("key").value
+    assert (setting["train.epochs"], setting["model.latent_dim"], setting["data.limit"]) == ("2", "4", "200")
+    assert setting["likelihood.name"] == setting["data.binarize"] == setting["train.seed"] == report_tables.VARIES
+    assert not any(key.startswith(("study.", "tracking.", "report_dir")) for key in setting.index)
     tex = (done.folder / "tables.tex").read_text(encoding="utf-8")
     assert tex.count(r"\begin{tabular}") >= 5 and r"discretized\_logistic" in tex
     csv = pd.read_csv(done.folder / "tables.csv")
