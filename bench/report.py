@@ -165,6 +165,11 @@ FAMILY_COLUMNS = (
     "smallest learned scale reached in training (— for families without a learned scale). A row whose "
     "numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
     "objective.")
+FACTOR_COLUMNS = (
+    "Each config key the study varies, against the main metrics, per protocol and family (mean ± 95 % CI over "
+    "seeds, as in section 1). As there, the test ELBO is over the whole test split and the IWAE over its first "
+    "eval.iwae_examples images: \"IWAE − ELBO, same images\" compares the two bounds; likelihood-valued "
+    "numbers only where they are likelihoods of the data.")
 NO_FACTORS = ("No config key other than the seed, the likelihood family and the data protocol varies across "
               "this study's runs: there are no factor tables.")
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
@@ -189,6 +194,8 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
     blocks: Blocks = [("h2", "3. Factor studies")]
     if not by_factor:
         blocks.append(("p", NO_FACTORS))
+    else:
+        blocks.append(("p", FACTOR_COLUMNS))
     for key, table in by_factor.items():
         plot = plot_factor(table, key, folder / f"factor_{_safe(key)}.png")
         blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key}", display_factor(table))),

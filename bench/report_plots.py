@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from bench import states
 from bench import study as study_mod
 from bench.report_data import LIKELIHOOD_VALUED, METRICS
-from bench.report_tables import FACTOR_METRICS, OBJECTIVE, factor_columns, family_order, format_value
+from bench.report_tables import FACTOR_PLOTS, OBJECTIVE, factor_columns, family_order, format_value
 from models import likelihoods
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
                       index=table.index)
     measures = sorted({(p, s) for p, s, c in zip(table.protocol, scale, table.comparable) if c})
     panels = []
-    for m in FACTOR_METRICS:
+    for m in FACTOR_PLOTS:
         if m not in LIKELIHOOD_VALUED:
             panels.append((dict(METRICS)[m], m, table))
             continue
