@@ -170,6 +170,12 @@ FACTOR_COLUMNS = (
     "seeds, as in section 1). As there, the test ELBO is over the whole test split and the IWAE over its first "
     "eval.iwae_examples images: \"IWAE − ELBO, same images\" compares the two bounds; likelihood-valued "
     "numbers only where they are likelihoods of the data.")
+THROUGHPUT = (
+    "Training samples/s per row: each run's median over its epochs after the first (an epoch's images over "
+    "its wall clock: the batches' data transform, which on dynamically binarized data draws every pixel "
+    "afresh, and the steps), mean ± 95 % CI over seeds; ms/step in the tables is the step alone. Runs that "
+    "share a machine with other work see its load: for what a step costs, measured in paired rounds, see "
+    "the speed benchmark (README, Speed).")
 NO_FACTORS = ("No config key other than the seed, the likelihood family and the data protocol varies across "
               "this study's runs: there are no factor tables.")
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
@@ -214,7 +220,7 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
                    ("p", "Test inputs (top) and their reconstructions, one seed per family and protocol.")]
     else:
         blocks.append(("p", "No reconstructions.png artifacts (the study ran with eval.figures=false)."))
-    blocks.append(("img", ("throughput", plot_throughput(family, folder / "throughput.png"))))
+    blocks += [("img", ("throughput", plot_throughput(family, folder / "throughput.png"))), ("p", THROUGHPUT)]
     return blocks
 
 

@@ -36,6 +36,9 @@ METRICS = [
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
                      "test_iwae_gain", "test_bpd")
+# Per-epoch speed metrics, read as each run's median over its epochs after the first (which also pays
+# for setting up), not the last epoch's value
+SPEED = ("samples_per_s", "ms_per_step")
 WHERE_KEYS = ("tracking.uri", "study.storage", "report_dir")  # the overrides experiment= and run= take
 
 
@@ -273,6 +276,7 @@ def load(argv: list[str]) -> StudyData:
             runs[col] = c[col]
 
     client, curves, min_scale = MlflowClient(), [], []
+    speed: dict[str, list[float]] = {key: [] for key in SPEED}
     for run_id, family in zip(runs.run_id, runs.family):
         curves += [{"run_id": run_id, "epoch": m.step, "val_elbo": m.value}
                    for m in client.get_metric_history(run_id, "val_elbo")]
@@ -281,6 +285,10 @@ def load(argv: list[str]) -> StudyData:
         scales = [m.value for m in client.get_metric_history(run_id, "min_scale") if math.isfinite(m.value)] \
             if learned else []
         min_scale.append(min(scales) if scales else np.nan)
+        for key in SPEED:  # one epoch's figure swings with a shared machine's load: the run's median
+            epochs = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            speed[key].append(float(np.median(epochs[1:] or epochs)) if epochs else np.nan)
     runs["min_scale"] = min_scale
+    runs = runs.assign(**speed)
     runs = runs.sort_values(["trial", "start_time"]).reset_index(drop=True)
     return StudyData(sel, runs, trials, pd.DataFrame(curves, columns=["run_id", "epoch", "val_elbo"]), note)

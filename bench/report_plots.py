@@ -110,7 +110,7 @@ def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
 
 
 def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
-    """Training samples/s per row (mean ± 95 % CI over completed seeds)."""
+    """Training samples/s per row (each run's median epoch; mean ± 95 % CI over completed seeds)."""
     t = family[np.isfinite(family.samples_per_s)]
     labels = [f"{_row_label(r, factor_columns(family))} ({r.protocol})" for _, r in t.iterrows()]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(t) + 1.2), layout="constrained")
@@ -119,7 +119,8 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(left=0)
-    ax.set(xlabel="training samples/s (mean ± 95 % CI over completed seeds)", title="throughput")
+    ax.set(xlabel="training samples/s (each run's median epoch; mean ± 95 % CI over completed seeds)",
+           title="throughput")
     return _save(fig, path)
 
 
