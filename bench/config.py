@@ -42,7 +42,7 @@ class DataConfig:
     download: bool = True  # fetch missing files through torchvision
     binarize: str = "dynamic"  # none (8-bit) | threshold (static, at ½) | static (one fixed draw) | dynamic
     dequantize: bool = True  # 8-bit data: densities see y = (k + u)/256, pmfs see k/255
-    n_val: int = 10000  # validation examples held out from the training split
+    n_val: int = 10000  # validation examples held out from the training split (at most a fifth of it)
     limit: int = 0  # keep at most this many examples per split (0: all); for quick runs and tests
     seed: int = 0  # the split, the static binarization and the evaluation draws
 

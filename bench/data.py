@@ -199,7 +199,8 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
         if cfg.binarize == "static":
             train = draw(train)
     side = round(train.shape[1] ** 0.5)
-    split = f"{len(train)} train / {len(val)} validation / {len(test)} test"
+    split = f"{len(train)} train / {len(val)} validation / {len(test)} test" + (
+        f" (the first {cfg.limit} of each split: data.limit)" if cfg.limit else "")
     return Data(train.to(device), val.to(device), test.to(device), (side, side), cfg, f"{source}; {split}")
 
 

@@ -71,6 +71,8 @@ def test_loading_is_deterministic_given_the_seed():
 def test_limit_caps_every_split():
     d = digits("none", "data.limit=40")
     assert (len(d.train), len(d.val), len(d.test)) == (40, 40, 40)
+    assert d.source.endswith("299 fixed test images; 40 train / 40 validation / 40 test (the first 40 of each "
+                             "split: data.limit)")  # logged as data_source: not 299 test images unexplained
 
 
 @pytest.mark.parametrize("binarize", ["threshold", "static", "dynamic"])
