@@ -176,8 +176,9 @@ def run(cfg: Config) -> bool:
 
 
 def summary(cfg: Config) -> pd.DataFrame:
-    """One row per trial of the study: variant, state, validation ELBO, samples/s. A trial whose ELBO is not
-    a likelihood of the data has it under "objective", never beside the likelihoods (as in the report)."""
+    """One row per trial of the study: variant, state, validation ELBO and the scale it is on, samples/s. A
+    trial whose ELBO is not a likelihood of the data has it under "objective", never beside the likelihoods
+    (as in the report)."""
     rows = []
     for t in study.open_study(cfg, create=False).get_trials(deepcopy=False):
         if study.VARIANT not in t.user_attrs:
@@ -185,7 +186,8 @@ def summary(cfg: Config) -> pd.DataFrame:
         val, likelihood = t.user_attrs.get("val_elbo"), t.user_attrs.get(study.COMPARABLE, True)
         rows.append({"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
                      "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
-                     "val ELBO": val if likelihood else None, "objective": None if likelihood else val,
+                     "val ELBO": val if likelihood else None, "on": t.user_attrs.get(study.SCALE) or None,
+                     "objective": None if likelihood else val,
                      "samples/s": t.user_attrs.get("samples_per_s"),
                      "reason": t.user_attrs.get(study.REASON, "")[:60]})
     table = pd.DataFrame(rows)
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {LOST_STORAGE} ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         return 1
     table = summary(cfg)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(table) else "no trials")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
     print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
                        f"{study.storage_url(cfg)}"))
     return 0 if ok else 1

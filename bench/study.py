@@ -55,6 +55,7 @@ HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
 STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
 MACHINE = "owner_machine"  # boot and pid namespace of the owner: a container of the same hostname is not this machine
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
+SCALE = "comparable_scale"  # the scale it may be compared on ("" when not a likelihood of the data)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
 
@@ -397,6 +398,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                                                            tags))
         trial.set_user_attr(RUN_ID, epoch_log.run_id)
         trial.set_user_attr(COMPARABLE, measure.comparable)
+        trial.set_user_attr(SCALE, measure.scale)
     except KeyboardInterrupt:
         _interrupted(study, trial, epoch_log, cfg, base)  # ends the run, once there is one
         raise

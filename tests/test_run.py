@@ -64,6 +64,9 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
         shown, hidden = ("val ELBO", "objective") if likelihood else ("objective", "val ELBO")
         assert row[shown] == pytest.approx(t.user_attrs["val_elbo"], nan_ok=True)
         assert hidden not in row or pd.isna(row[hidden])
+        # and says which scale a likelihood is on, the run's tag
+        scale = children.set_index("tags.trial_number").loc[str(t.number), "tags.comparable_scale"]
+        assert row["on"] == scale if likelihood else pd.isna(row["on"])
 
 
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
