@@ -6,7 +6,9 @@ and the valid choices; the CLI turns it into exit code 2 before anything is writ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -50,7 +52,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [400])  # encoder sizes; the decoder mirrors them
-    latent_dim: int = 20
+    latent_dim: int = 20  # units of z
 
 
 @dataclass
@@ -66,12 +68,12 @@ LIKELIHOOD_DEFAULTS = {"likelihood.scale": LikelihoodConfig.scale, "likelihood.m
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # images per step
     lr: float = 1e-3  # Adam
     beta: float = 1.0  # weight of the KL in the training objective
     n_samples: int = 1  # L reparameterised samples per datapoint
-    seed: int = 0
+    seed: int = 0  # initialisation, shuffles and draws (set per variant by study.seeds)
     device: str = "auto"  # auto | cpu | cuda
     # manual: the MLPs' backward written out (models/manual_grad.py), a faster step with the same gradient
     # | autograd: torch.autograd through the whole loss, the reference it is tested against
@@ -93,16 +95,16 @@ class EvalConfig:
 @dataclass
 class SearchDim:
     kind: str = "float"  # float | int | categorical
-    low: float | None = None
+    low: float | None = None  # float and int: the range's ends
     high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
+    log: bool = False  # sample on a log scale (low > 0)
+    choices: list[Any] | None = None  # categorical: the values
 
 
 @dataclass
 class StudyConfig:
     name: str = ""  # set from the study file
-    description: str = ""
+    description: str = ""  # shown in MLflow and the report
     grids: list[dict[str, Any]] = field(default_factory=list)  # each: dotted key -> list of values
     seeds: list[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
     search_space: dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
@@ -535,8 +537,27 @@ def to_yaml(cfg: Config) -> str:
     return redact(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+def _comments(cls: type, prefix: str = "") -> dict[str, str]:
+    """Each dotted key of a config dataclass -> the comment beside its field (or, failing that, the lines
+    above it): the defaults' documentation, read from this file so that it is written once."""
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+        elif match := re.match(r"(\w+): .*?(?:  # (.*))?$", text):
+            out[prefix + match[1]] = match[2] or " ".join(above)
+            above = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out.update(_comments(f.default_factory, f"{prefix}{f.name}."))
+    return out
+
+
 def help_text() -> str:
-    keys = "\n".join(f"  {k} = {v!r}" for k, v in flatten(to_dict(Config())).items())
+    comments = _comments(Config)
+    keys = "\n".join(f"  {k} = {v!r}" + (f"  # {comments[k]}" if comments.get(k) else "")
+                     for k, v in flatten(to_dict(Config())).items())
     return (
         "usage: python -m bench.run study=NAME [key=value ...]\n\n"
         f"studies: {', '.join(available_studies())} (or study=path/to/file.yaml)\n"

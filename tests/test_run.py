@@ -184,6 +184,11 @@ def test_help_lists_studies_and_keys(capsys):
     assert run.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "likelihoods" in out and "train.n_samples" in out and "gaussian_learned" in out
+    # every key with its default and what it means, from the comment beside its field
+    keys = out.split("keys and defaults:\n")[1].strip().splitlines()
+    assert len(keys) == len(config.flatten(config.to_dict(config.Config())))
+    assert all("  # " in line for line in keys), [line for line in keys if "  # " not in line]
+    assert "  train.beta = 1.0  # weight of the KL in the training objective" in keys
 
 
 def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(tmp_path):
