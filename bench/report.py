@@ -46,7 +46,7 @@ from bench import config, states
 from bench.config import ConfigError
 from bench.render import NONE, Blocks, render_html, render_latex, render_markdown
 from bench.report_data import StudyData, load, unfinished_note
-from bench.report_plots import plot_curves, plot_factor, plot_reconstructions, plot_throughput
+from bench.report_plots import plot_artifacts, plot_curves, plot_factor, plot_throughput
 from bench.report_tables import (
     configuration,
     display_factor,
@@ -170,6 +170,8 @@ FACTOR_COLUMNS = (
     "seeds, as in section 1). As there, the test ELBO is over the whole test split and the IWAE over its first "
     "eval.iwae_examples images: \"IWAE − ELBO, same images\" compares the two bounds; likelihood-valued "
     "numbers only where they are likelihoods of the data.")
+MANIFOLD = ("The decoder's mean image on a grid of z at the prior's quantiles 0.05 … 0.95 in both latent units "
+            "(Kingma & Welling 2014, fig. 4), one seed per family and protocol.")
 THROUGHPUT = (
     "Training samples/s per row: each run's median over its epochs after the first (an epoch's images over "
     "its wall clock: the batches' data transform, which on dynamically binarized data draws every pixel "
@@ -214,12 +216,16 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
         ("h2", "Plots"),
         ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, folder / "val_elbo.png"))),
         ("p", CURVES)]
-    recon = plot_reconstructions(family, folder / "reconstructions.png")
+    recon = plot_artifacts(family, "reconstructions.png", folder / "reconstructions.png")
     if recon:
         blocks += [("img", ("reconstructions", recon)),
                    ("p", "Test inputs (top) and their reconstructions, one seed per family and protocol.")]
     else:
         blocks.append(("p", "No reconstructions.png artifacts (the study ran with eval.figures=false)."))
+    manifold = plot_artifacts(family, "manifold.png", folder / "manifold.png", height=3.2)
+    if manifold:  # runs with a 2-d latent space
+        blocks += [("img", ("latent manifold", manifold)),
+                   ("p", MANIFOLD)]
     blocks += [("img", ("throughput", plot_throughput(family, folder / "throughput.png"))), ("p", THROUGHPUT)]
     return blocks
 

@@ -77,12 +77,13 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
-    """Each row's reconstructions.png (test inputs above their reconstructions) side by side, one line
-    of panels per protocol."""
+def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: float = 1.8) -> Path | None:
+    """Each row's `artifact` figure (reconstructions.png: test inputs above their reconstructions;
+    manifold.png) of one of its runs side by side, one line of panels per protocol; None when no run
+    logged it."""
     client, protocols = MlflowClient(), sorted(family.protocol.unique())
     width = max((family.protocol == p).sum() for p in protocols)
-    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, 1.8 * len(protocols)), squeeze=False,
+    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, height * len(protocols)), squeeze=False,
                              layout="constrained")
     found = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +97,9 @@ def plot_reconstructions(family: pd.DataFrame, path: Path) -> Path | None:
                 r = block.iloc[j]
                 try:
                     with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-                        local = client.download_artifacts(r.example_run, "reconstructions.png", tmp)
+                        local = client.download_artifacts(r.example_run, artifact, tmp)
                 except (MlflowException, OSError):
-                    continue  # figures off (eval.figures=false), or the run died before logging them
+                    continue  # figures off (eval.figures=false), none of its kind, or the run died before logging it
                 ax.imshow(plt.imread(local), cmap="gray", interpolation="nearest")
                 state = "" if r.example_state == states.COMPLETE else f" ({r.example_state})"
                 ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=8)

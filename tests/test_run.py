@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bench import config, run, study, tracking
+from bench import config, report, run, study, tracking
 from tests.conftest import shrink_args
 
 # Every study file must be listed here, with what a shrunk run of it must show (the coverage test
@@ -67,6 +67,11 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
         # and says which scale a likelihood is on, the run's tag
         scale = children.set_index("tags.trial_number").loc[str(t.number), "tags.comparable_scale"]
         assert row["on"] == scale if likelihood else pd.isna(row["on"])
+    # and its report is written, with the figure the study is about
+    assert report.main(args) == 0
+    written = {p.name for p in (tmp_path / "reports" / name).iterdir()}
+    assert {"report.md", "report.html", "tables.csv", "tables.tex", "reconstructions.png"} <= written
+    assert ("manifold.png" in written) == (name == "manifold")
 
 
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
