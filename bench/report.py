@@ -246,12 +246,12 @@ def _trained(setting: pd.DataFrame) -> str:
             "lists every setting.")
 
 
-def _provenance_section(data: StudyData, trials: pd.DataFrame) -> Blocks:
+def _provenance_section(data: StudyData, trials: pd.DataFrame, setting: pd.DataFrame) -> Blocks:
     problems = trials[trials.state != states.COMPLETE]
     return [
         ("h2", "4. Provenance"), ("table", ("Study", _provenance(data))),
         ("table", ("Configuration of the runs (their MLflow params; the keys the study varies say so)",
-                   configuration(data.runs))),
+                   setting)),
         ("table", ("Data protocols", _protocols(data.runs))), ("h3", "Trials that did not complete"),
         ("table", ("Failed, pruned, diverged and unfinished trials, with their reasons", display_trials(problems)))
         if len(problems) else ("p", "Every trial completed."),
@@ -265,14 +265,15 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     measure = measure_table(family)
     by_factor = factor_tables(family)
     trials = trial_table(data)
+    setting = configuration(data.runs)
     description = str(sel.parent.get("tags.mlflow.note.content", "") or "").strip() or "(no description)"
     blocks: Blocks = [
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
-        ("p", _trained(configuration(data.runs))),
+        ("p", _trained(setting)),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
-        *_plots_section(data, family, folder), *_provenance_section(data, trials)]
+        *_plots_section(data, family, folder), *_provenance_section(data, trials, setting)]
     tables = {"1 family": likelihoods_where_comparable(family), "2 measure": measure,
               **{f"3 factor {k}": likelihoods_where_comparable(t).assign(factor=k) for k, t in by_factor.items()},
               "4 trials": trials}
