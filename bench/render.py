@@ -78,7 +78,7 @@ def render_latex(blocks: Blocks) -> str:
         styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis="columns")
         caption = "".join(_LATEX.get(ch, ch) for ch in caption)
         tex = styler.to_latex(caption=caption, hrules=True, position="htbp", position_float="centering")
-        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$")):
+        for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$"), ("×", r"$\times$")):
             tex = tex.replace(symbol, command)
         out.append(tex)
     return "\n".join(out)

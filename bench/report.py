@@ -48,15 +48,21 @@ from bench.render import NONE, Blocks, render_html, render_latex, render_markdow
 from bench.report_data import StudyData, load, unfinished_note
 from bench.report_plots import plot_artifacts, plot_curves, plot_factor, plot_throughput
 from bench.report_tables import (
+    behind_text,
     configuration,
     display_factor,
     display_family,
     display_measure,
+    display_ranking,
     display_trials,
+    factor_columns,
     factor_tables,
     family_table,
+    format_mean,
+    format_value,
     likelihoods_where_comparable,
     measure_table,
+    ranking_table,
     trial_table,
 )
 
@@ -183,6 +189,68 @@ NO_FACTORS = ("No config key other than the seed, the likelihood family and the 
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
           "diverged run stopped; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
+SUMMARY = (
+    "Per data protocol, the families whose numbers are likelihoods of the same data (section 2), ranked by "
+    "their IWAE NLL in nats per image, lower is better (mean ± 95 % CI over seeds). \"behind the first\" is "
+    "a row's distance from the first row, ± the half-width of a 95 % Welch interval over the two rows' seeds; "
+    "\"clearly behind\" where that interval lies above 0. Each number is an upper bound on its model's "
+    "negative log-likelihood (the IWAE bound, and for a density on dequantized 8-bit pixels the "
+    "dequantization bound too, which can only understate it): this ranks the bounds. A family is ranked on "
+    "its completed runs: complete/trials says how many it lost (section 4 gives the reasons). samples/s is "
+    "the training speed, as in the throughput plot, and \"speed vs fastest\" its ratio to the block's "
+    "fastest row: what the choice costs. Blocks are never compared with each other: their numbers are on "
+    "different measures.")
+
+
+def _row_name(r: pd.Series, keys: list[str]) -> str:
+    factors = ", ".join(f"{k}={format_value(r[k])}" for k in keys)
+    return f"{r.family} ({factors})" if factors else r.family
+
+
+def _lead(block: pd.DataFrame, keys: list[str]) -> str:
+    """The block's answer in a sentence: the first row, and how far the next one is behind."""
+    first = block.iloc[0]
+    lead = (f"{_row_name(first, keys)} ranks first: {format_mean(first.test_iwae_nll, first.test_iwae_nll_ci)} nats "
+            f"({format_mean(first.test_bpd, first.test_bpd_ci)} bits/dim)")
+    if len(block) == 1:
+        return lead + "; no other family here is on this scale."
+    second = block.iloc[1]
+    distance, clearly = behind_text(second)
+    verdict = {"yes": "clearly behind", "no: within the seeds' noise": "behind, within the seeds' noise"}.get(
+        clearly, "behind (one seed: no interval)")
+    return f"{lead}; the next, {_row_name(second, keys)}, is {distance} nats {verdict}."
+
+
+def _not_ranked(rows: pd.DataFrame, keys: list[str]) -> str:
+    """Why a protocol's other rows have no rank: not a likelihood of the data, no completed run, or both."""
+    by_reason: dict[str, list[str]] = {}
+    for _, r in rows.iterrows():
+        why = [] if r.comparable else ["not a likelihood of the data"]
+        if r.n_complete == 0:
+            why.append("diverged in every trial" if r.n_diverged == r.n_trials > 0 else "no completed run")
+        by_reason.setdefault(" and ".join(why), []).append(
+            f"{_row_name(r, keys)} ({r.n_complete}/{r.n_trials} complete)" if r.n_complete == 0 else _row_name(r, keys))
+    return "Not ranked — " + "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items()) + "."
+
+
+def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame) -> Blocks:
+    keys = factor_columns(family)
+    blocks: Blocks = [("h2", "Summary: which likelihood, and what it costs"), ("p", SUMMARY)]
+    for protocol, rows in family.groupby("protocol", sort=True):
+        ranked = ranking[ranking.protocol == protocol]
+        for (data, scale), block in ranked.groupby(["data", "scale"], sort=True):
+            title = f"{protocol}: {scale}" + (f" of {data}" if data else "")
+            blocks += [("h3", title), ("p", _lead(block, keys)),
+                       ("table", (f"Ranking, {title}", display_ranking(block)))]
+        if ranked.empty:
+            blocks += [("h3", protocol), ("p", "No family here has a completed run on a likelihood of the data.")]
+        named = set(zip(ranked.family, *(ranked[k] for k in keys)))
+        rest = rows[[key not in named for key in zip(rows.family, *(rows[k] for k in keys))]]
+        if len(rest):
+            blocks.append(("p", _not_ranked(rest, keys)))
+    return blocks
+
+
 def _families_section(family: pd.DataFrame) -> Blocks:
     blocks: Blocks = [("h2", "1. Results per likelihood family"), ("p", FAMILY_COLUMNS)]
     for protocol, block in family.groupby("protocol", sort=True):
@@ -264,6 +332,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     family = family_table(data.runs)
     measure = measure_table(family)
     by_factor = factor_tables(family)
+    ranking = ranking_table(data.runs, family)
     trials = trial_table(data)
     setting = configuration(data.runs)
     description = str(sel.parent.get("tags.mlflow.note.content", "") or "").strip() or "(no description)"
@@ -271,10 +340,10 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
-        ("p", _trained(setting)),
+        ("p", _trained(setting)), *_summary_section(family, ranking),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials, setting)]
-    tables = {"1 family": likelihoods_where_comparable(family), "2 measure": measure,
+    tables = {"0 ranking": ranking, "1 family": likelihoods_where_comparable(family), "2 measure": measure,
               **{f"3 factor {k}": likelihoods_where_comparable(t).assign(factor=k) for k, t in by_factor.items()},
               "4 trials": trials}
     return blocks, tables

@@ -84,16 +84,23 @@ def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[~(retried & runs.state.isin(states.CUT_SHORT))]
 
 
+def _rows(runs: pd.DataFrame):
+    """The factors, and the runs (each variant's last attempt) grouped as the rows of table 1:
+    (protocol, family, *factor values) -> their runs."""
+    runs = last_attempts(runs)
+    keys = factors(runs)
+    df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
+    return keys, df.groupby(["protocol", "family", *keys], sort=False, dropna=False)
+
+
 def family_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Table 1: one row per data protocol × family (× factor values), bounded families first.
 
     Counts cover every finished trial (a variant's last attempt: `last_attempts`); metric columns
     (`<metric>`, `<metric>_ci`, `<metric>_n`) the completed ones only."""
-    runs = last_attempts(runs)
-    keys = factors(runs)
-    df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
+    keys, groups = _rows(runs)
     rows = []
-    for group, g in df.groupby(["protocol", "family", *keys], sort=False, dropna=False):
+    for group, g in groups:
         done, finished = g[g.state == states.COMPLETE], g[g.state.isin(states.FINISHED)]
         # the run whose reconstructions stand for the row: the completed one of the lowest seed
         example = g.assign(_late=g.state != states.COMPLETE).sort_values(["_late", "seed"]).iloc[0]
@@ -122,6 +129,16 @@ def factor_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if "." in c and not c.endswith(("_ci", "_n"))]
 
 
+def _with_scale(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the scale its rows' numbers are on ("" when none: not a likelihood of the data) and
+    the data they are of: rows on other data (a data.* factor: another dataset, split or subset) share no
+    number either."""
+    data_keys = [k for k in factor_columns(table) if k.startswith("data.")]
+    return table.assign(
+        scale=[likelihoods.comparable_scale(m, c) for m, c in zip(table.measure, table.comparable)],
+        data=[", ".join(f"{k}={format_value(r[k])}" for k in data_keys) for _, r in table.iterrows()])
+
+
 def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     """Table 2: bounded vs unbounded, with the measure of every number and what each row may be compared
     with. Likelihood columns are kept only for comparable rows; the others' ELBO is a training objective."""
@@ -129,11 +146,7 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     t = family[["protocol", "measure", "comparable", "bounded", "family", *keys, "supremum", "iwae_k", "n_complete",
                 "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
                 "test_iwae_gain", "test_iwae_gain_ci", "test_bpd", "test_bpd_ci"]].copy()
-    t = likelihoods_where_comparable(t)
-    t["scale"] = [likelihoods.comparable_scale(m, c) for m, c in zip(t.measure, t.comparable)]
-    # rows on other data (a data.* factor: another dataset, split or subset) share no number either
-    data_keys = [k for k in keys if k.startswith("data.")]
-    t["data"] = [", ".join(f"{k}={format_value(r[k])}" for k in data_keys) for _, r in t.iterrows()]
+    t = _with_scale(likelihoods_where_comparable(t))
     t["compare_with"] = [
         ", ".join(sorted(set(t.family[(t.protocol == p) & (t.data == d) & (t.scale == s)]) - {f}))
         or "(no other family here)" if s else "nothing: not a likelihood of the data"
@@ -142,6 +155,50 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
                       ascending=[True, False, True, False, True])
     return t.drop(columns="_order").reset_index(drop=True)
+
+
+def welch_ci(a, b) -> tuple[float, float]:
+    """Mean of b − mean of a and the half-width of its 95 % Welch interval, t(0.975, ν)·√(s_a²/n_a + s_b²/n_b)
+    with the Welch–Satterthwaite ν (Welch 1947); NaN half-width unless both have n ≥ 2."""
+    a, b = (np.asarray(x, dtype=float) for x in (a, b))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    diff = float(b.mean() - a.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, np.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return diff, 0.0
+    nu = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return diff, float(stats.t.ppf(0.975, nu) * math.sqrt(va + vb))
+
+
+# The summary ranks by the IWAE-k NLL: the tightest of the bounds on each model's −log p(x) the runs log.
+RANK_BY = "test_iwae_nll"
+
+
+def ranking_table(runs: pd.DataFrame, family: pd.DataFrame) -> pd.DataFrame:
+    """The summary's table: within each protocol and comparable scale (and data, see `_with_scale`), the
+    rows of table 1 (`family`, of these runs) with a completed run, ranked by IWAE-k NLL (lower is better).
+    `behind` is a row's mean NLL minus the first row's, with its 95 % Welch interval over the two rows'
+    seeds (`behind_ci`); `speed_ratio` its samples/s over the block's fastest row's. Rows on no comparable
+    scale, and rows without a completed run, are not ranked (the summary names them)."""
+    keys, groups = _rows(runs)
+    row_keys = ["protocol", "family", *keys]
+    completed = {group: g.loc[g.state == states.COMPLETE, RANK_BY].to_numpy() for group, g in groups}
+    t = _with_scale(family)
+    blocks = []
+    for _, block in t[t.comparable & np.isfinite(t[RANK_BY])].groupby(["protocol", "data", "scale"], sort=True):
+        block = block.sort_values(RANK_BY).reset_index(drop=True)
+        best = completed[tuple(block.loc[0, row_keys])]
+        behind = [(0.0, np.nan)] + [welch_ci(best, completed[tuple(r)])
+                                    for r in block[row_keys].iloc[1:].itertuples(index=False)]
+        blocks.append(block.assign(
+            rank=range(1, len(block) + 1), behind=[d for d, _ in behind], behind_ci=[h for _, h in behind],
+            speed_ratio=block.samples_per_s / block.samples_per_s.max()))
+    columns = ["protocol", "data", "scale", "rank", "family", *keys, "bounded", "measure", "iwae_k", "n_complete",
+               "n_trials", "n_diverged", RANK_BY, f"{RANK_BY}_ci", "behind", "behind_ci", "test_bpd", "test_bpd_ci",
+               "samples_per_s", "samples_per_s_ci", "speed_ratio"]
+    return pd.concat(blocks, ignore_index=True)[columns] if blocks else pd.DataFrame(columns=columns)
 
 
 def likelihoods_where_comparable(table: pd.DataFrame) -> pd.DataFrame:
@@ -186,12 +243,12 @@ def trial_table(data: StudyData) -> pd.DataFrame:
 # Display: numbers → text
 
 
-def _fmt(mean: float, ci: float = np.nan) -> str:
+def format_mean(mean: float, ci: float = np.nan) -> str:
     """mean ± half-width, with the decimals the interval supports (two significant digits of it)."""
     if not np.isfinite(mean):
         return NONE
     if ci == 0:  # seeds that all agree: an interval of width 0, not one seed
-        return f"{_fmt(mean)} ± 0"
+        return f"{format_mean(mean)} ± 0"
     if not np.isfinite(ci):  # one seed: whole numbers as such, else five significant digits
         if float(mean).is_integer():
             return f"{int(mean)}"
@@ -211,12 +268,12 @@ def _iwae_label(table: pd.DataFrame) -> str:
 
 def _metric_text(r: pd.Series, key: str) -> str:
     """mean ± 95 % CI of a metric; likelihood-valued ones only on a comparable measure."""
-    return _fmt(r[key], r[f"{key}_ci"]) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
+    return format_mean(r[key], r[f"{key}_ci"]) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
 
 
 def _objective_text(r: pd.Series) -> str:
     """A row's test ELBO when it is not a likelihood of the data (a training objective), else —."""
-    return NONE if r.comparable else _fmt(r.test_elbo, r.test_elbo_ci)
+    return NONE if r.comparable else format_mean(r.test_elbo, r.test_elbo_ci)
 
 
 def display_family(table: pd.DataFrame) -> pd.DataFrame:
@@ -246,10 +303,10 @@ def display_measure(table: pd.DataFrame) -> pd.DataFrame:
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
         row.update({
             "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
-            "test ELBO": _fmt(r.test_elbo, r.test_elbo_ci), iwae: _fmt(r.test_iwae_nll, r.test_iwae_nll_ci),
-            IWAE_GAIN: _fmt(r.test_iwae_gain, r.test_iwae_gain_ci),
-            "bits/dim": _fmt(r.test_bpd, r.test_bpd_ci),
-            OBJECTIVE: _fmt(r.training_objective, r.training_objective_ci),
+            "test ELBO": format_mean(r.test_elbo, r.test_elbo_ci), iwae: format_mean(r.test_iwae_nll, r.test_iwae_nll_ci),
+            IWAE_GAIN: format_mean(r.test_iwae_gain, r.test_iwae_gain_ci),
+            "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci),
+            OBJECTIVE: format_mean(r.training_objective, r.training_objective_ci),
             "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
             "complete/trials": f"{r.n_complete}/{r.n_trials}", "may be compared with": r.compare_with})
         rows.append(row)
@@ -266,6 +323,31 @@ def display_factor(table: pd.DataFrame) -> pd.DataFrame:
         row.update({labels[key]: _metric_text(r, key) for key in FACTOR_METRICS})
         if not table.comparable.all():
             row[OBJECTIVE] = _objective_text(r)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def behind_text(r: pd.Series) -> tuple[str, str]:
+    """A ranked row's distance from the first (mean ± 95 % Welch interval) and whether it is clearly behind."""
+    if r["rank"] == 1:
+        return NONE, NONE
+    if not np.isfinite(r.behind_ci):
+        return format_mean(r.behind), "— (one seed: no interval)"
+    return format_mean(r.behind, r.behind_ci), "yes" if r.behind - r.behind_ci > 0 else "no: within the seeds' noise"
+
+
+def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
+    """One block of the ranking table as text."""
+    rows = []
+    for _, r in table.iterrows():
+        distance, clearly = behind_text(r)
+        row = {"rank": r["rank"], "family": r.family, "": "bounded" if r.bounded else "unbounded"}
+        row.update({k: format_value(r[k]) for k in factor_columns(table)})
+        row.update({_iwae_label(table): format_mean(r.test_iwae_nll, r.test_iwae_nll_ci), "behind the first": distance,
+                    "clearly behind": clearly, "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci),
+                    "complete/trials": f"{r.n_complete}/{r.n_trials}",
+                    "samples/s": format_mean(r.samples_per_s, r.samples_per_s_ci),
+                    "speed vs fastest": f"{r.speed_ratio:.2f}×" if np.isfinite(r.speed_ratio) else NONE})
         rows.append(row)
     return pd.DataFrame(rows)
 

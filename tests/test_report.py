@@ -409,7 +409,7 @@ def test_help_documents_the_selection(capsys):
 def test_numbers_keep_their_digits_with_or_without_an_interval(mean, ci, text):
     """One seed has no interval: five significant digits, never e-notation or 4-digit rounding. Seeds that
     agree have one of width 0, which must not read as one seed."""
-    assert report_tables._fmt(mean, ci) == text
+    assert report_tables.format_mean(mean, ci) == text
 
 
 SEARCH_STUDY = "study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 0.0001, high: 0.01, log: true}\n"
@@ -442,3 +442,56 @@ def test_a_report_that_cannot_be_written_leaves_the_last_one_whole(done, tmp_pat
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (out / "rep").iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == ["rep"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("a, b", [([1.0, 1.5, 1.7, 2.0], [3.0, 4.0, 6.0]), ([5.0, 5.1], [5.0, 7.0, 9.0, 4.0])])
+def test_the_distance_between_two_rows_has_welchs_interval(a, b):
+    diff, half = report_tables.welch_ci(a, b)
+    interval = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert diff == pytest.approx(np.mean(b) - np.mean(a))
+    assert (diff - half, diff + half) == pytest.approx((interval.low, interval.high))
+    assert math.isnan(report_tables.welch_ci([1.0], b)[1])  # one seed: no interval
+
+
+def test_the_summary_ranks_the_likelihoods_of_each_protocol_and_names_the_rest(done):
+    data = report_data.load(done.args)
+    ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
+    # only rows that are likelihoods of the data, with a completed run: laplace on binary values and the
+    # gaussian_learned that diverged in every trial are not ranked
+    assert set(zip(ranking.protocol, ranking.family)) == {
+        ("binarized-static", "bernoulli"), ("8bit-dequantized", "gaussian"), ("8bit-dequantized", "discretized_logistic")}
+    complete = done.children[done.children["tags.state"] == "complete"]
+    nll = {f: runs["metrics.test_iwae_nll"].to_numpy() for f, runs in complete.groupby("tags.family")}
+    eight_bit = ranking[ranking.protocol == "8bit-dequantized"].set_index("family")
+    first, second = sorted(["gaussian", "discretized_logistic"], key=lambda f: nll[f].mean())
+    assert (eight_bit.loc[first, "rank"], eight_bit.loc[second, "rank"]) == (1, 2)
+    assert eight_bit.loc[first, "scale"] == "pmf of 8-bit pixels"
+    interval = stats.ttest_ind(nll[second], nll[first], equal_var=False).confidence_interval(0.95)
+    behind, half = eight_bit.loc[second, "behind"], eight_bit.loc[second, "behind_ci"]
+    assert (behind - half, behind + half) == pytest.approx((interval.low, interval.high))
+    assert eight_bit.loc[first, "behind"] == 0 and math.isnan(eight_bit.loc[first, "behind_ci"])
+    speeds = eight_bit.samples_per_s
+    assert eight_bit.speed_ratio.to_dict() == pytest.approx((speeds / speeds.max()).to_dict())
+    md = (done.folder / "report.md").read_text(encoding="utf-8")
+    summary = md.split("## Summary: which likelihood, and what it costs")[1].split("## 1.")[0]
+    assert "### binarized-static: pmf of binarized pixels" in summary
+    assert "bernoulli ranks first" in summary and "no other family here is on this scale" in summary
+    assert ("Not ranked — not a likelihood of the data: laplace; not a likelihood of the data and diverged in "
+            "every trial: gaussian_learned (0/2 complete).") in summary
+    assert "### 8bit-dequantized: pmf of 8-bit pixels" in summary and f"{first} ranks first" in summary
+    csv = pd.read_csv(done.folder / "tables.csv")
+    assert set(csv[csv.table == "0 ranking"].family) == set(ranking.family)
+
+
+def test_the_summary_ranks_each_factor_value_as_a_row_of_its_own(done):
+    data = report_data.load(done.args)
+    data.runs["params.train.beta"] = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")
+    family = report_tables.family_table(data.runs)
+    ranking = report_tables.ranking_table(data.runs, family)
+    eight_bit = ranking[ranking.protocol == "8bit-dequantized"]
+    assert len(eight_bit) == 4 and list(eight_bit["rank"]) == [1, 2, 3, 4]
+    assert list(eight_bit.test_iwae_nll) == sorted(eight_bit.test_iwae_nll)
+    assert eight_bit.behind_ci.isna().all()  # one seed per row: no interval
+    blocks = report._summary_section(family, ranking)
+    leads = [text for kind, text in blocks if kind == "p" and "ranks first" in text]
+    assert any("(train.beta=" in lead for lead in leads)
