@@ -137,6 +137,7 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report_dir: str = "reports"  # reports are written to <report_dir>/<study>/
+    report: bool = True  # bench.run writes the study's report there when it ends (bench.report: on demand)
 
 
 SEED_RANGE = 2**32  # seeds are integers in [0, 2³²): what Optuna's samplers and NumPy accept
@@ -463,7 +464,7 @@ def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[st
 
 
 # Keys no variant may vary: the study's own, and where results go or run (not what they are)
-NOT_VARIED = ("study.", "tracking.", "report_dir", "train.device")
+NOT_VARIED = ("study.", "tracking.", "report", "train.device")  # "report" covers report_dir
 
 
 def grid_points(cfg: Config) -> list[dict[str, Any]]:
@@ -506,7 +507,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys (prefixes) that change where a run is computed and its results go, not what they are
-PLACEMENT = ("tracking.", "report_dir", "train.device")
+PLACEMENT = ("tracking.", "report", "train.device")  # "report": the report and its folder
 # left out of the study's hash: these, how its trials are shared out, and how many search trials it
 # runs (raising study.n_trials continues the same search)
 _NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", *PLACEMENT)

@@ -2,10 +2,12 @@
 
 Reads top to bottom: load and validate the config; check every input (data, stores) before writing
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
-variants that are missing; train them with one or more workers; print the summary.
+variants that are missing; train them with one or more workers; print the summary; write the study's
+report (as `python -m bench.report` with the same arguments; not with report=false, nor in a joining
+worker, study.worker=true, whose study's own command writes it).
 Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
-worker died, trials are still running in other processes, or the tracking store or the Optuna storage
-was lost; 2 bad input (nothing written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, stopped as
+worker died, trials are still running in other processes, the tracking store or the Optuna storage
+was lost, or the report could not be written; 2 bad input (nothing written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, stopped as
 Ctrl-C stops it). After 1, 130 or 143, or a killed process, re-running the same command resumes:
 finished trials are kept.
 """
@@ -27,7 +29,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
-from bench import config, states, study, tracking
+from bench import config, report, states, study, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.train import resolve_device
@@ -225,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
     print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
                        f"{study.storage_url(cfg)}"))
+    # failed trials too: the report lists them with their reasons
+    if cfg.report and not cfg.study.worker and report.main(argv) != 0:
+        print("the study's runs are kept: `python -m bench.report` with the same arguments writes its report",
+              file=sys.stderr)
+        ok = False
     return 0 if ok else 1
 
 

@@ -3,6 +3,7 @@ tmp_path."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -46,7 +47,7 @@ def _optuna(tmp_path: Path, args: list[str]) -> optuna.Study:
 def test_study_runs_shrunk(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [f"study={name}", *shrink_args(tmp_path)]
-    assert run.main(args) == 0
+    assert run.main([*args, "report=true"]) == 0
     runs = _runs(tmp_path, name)
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(children) == STUDIES[name]
@@ -67,8 +68,7 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
         # and says which scale a likelihood is on, the run's tag
         scale = children.set_index("tags.trial_number").loc[str(t.number), "tags.comparable_scale"]
         assert row["on"] == scale if likelihood else pd.isna(row["on"])
-    # and its report is written, with the figure the study is about
-    assert report.main(args) == 0
+    # and the command wrote its report, with the figure the study is about
     written = {p.name for p in (tmp_path / "reports" / name).iterdir()}
     assert {"report.md", "report.html", "tables.csv", "tables.tex", "reconstructions.png"} <= written
     assert ("manifold.png" in written) == (children["params.model.latent_dim"] == "2").any()  # manifold, latent
@@ -212,3 +212,29 @@ def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(t
     epoch_log.flush()
     assert history() == [(e, -100.0 + e) for e in range(1, 6)]
     assert "epoch" not in client.get_run(run_id).data.metrics
+
+
+def test_the_report_is_written_once_the_runs_are_kept_and_a_joining_worker_leaves_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["study=smoke", *shrink_args(tmp_path), "report=true"]
+    folder = tmp_path / "reports" / "smoke"
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "write", disk_full)
+        assert run.main(args) == 1  # every trial ended, but the report the command promises is missing
+    err = capsys.readouterr().err
+    assert "cannot write the report (" in err and "the study's runs are kept" in err
+    children = _runs(tmp_path, "smoke").query("`tags.mlflow.parentRunId`.notna()")
+    assert len(children) == 4 and (children["tags.state"] == "complete").all()
+    assert not folder.exists()
+    # the same command again trains nothing and writes the report
+    assert run.main(args) == 0
+    assert len(_runs(tmp_path, "smoke").query("`tags.mlflow.parentRunId`.notna()")) == 4
+    assert (folder / "report.html").is_file() and "## Summary: which likelihood" in (folder / "report.md").read_text()
+    # a worker joining the study (from another machine) trains, and leaves the report to the study's command
+    shutil.rmtree(folder)
+    assert run.main([*args, "study.worker=true"]) == 0
+    assert not folder.exists()
