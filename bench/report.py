@@ -40,6 +40,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from bench import config, states
@@ -48,6 +49,8 @@ from bench.render import NONE, Blocks, render_html, render_latex, render_markdow
 from bench.report_data import StudyData, load, unfinished_note
 from bench.report_plots import plot_artifacts, plot_curves, plot_factor, plot_throughput
 from bench.report_tables import (
+    NO_INTERVAL,
+    NOT_TOLD_APART,
     behind_text,
     configuration,
     display_factor,
@@ -63,6 +66,7 @@ from bench.report_tables import (
     likelihoods_where_comparable,
     measure_table,
     ranking_table,
+    searched_keys,
     trial_table,
 )
 
@@ -103,9 +107,9 @@ def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
     out = []
     for protocol, block in measure.groupby("protocol", sort=True):
         parts = []
-        for (data, scale), g in block[block.comparable].groupby(["data", "scale"], sort=False):
+        for (setting, scale), g in block[block.comparable].groupby(["setting", "scale"], sort=False):
             names = list(dict.fromkeys(g.family))
-            on = f" of {data}" if data else ""
+            on = f" ({setting})" if setting else ""
             parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared" if len(names) > 1
                          else f"{names[0]} is the only family on the {scale}{on}")
         bad = block[~block.comparable]
@@ -190,16 +194,23 @@ CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, 
           "diverged run stopped; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
 SUMMARY = (
-    "Per data protocol, the families whose numbers are likelihoods of the same data (section 2), ranked by "
-    "their IWAE NLL in nats per image, lower is better (mean ± 95 % CI over seeds). \"behind the first\" is "
-    "a row's distance from the first row, ± the half-width of a 95 % Welch interval over the two rows' seeds; "
-    "\"clearly behind\" where that interval lies above 0. Each number is an upper bound on its model's "
-    "negative log-likelihood (the IWAE bound, and for a density on dequantized 8-bit pixels the "
-    "dequantization bound too, which can only understate it): this ranks the bounds. A family is ranked on "
-    "its completed runs: complete/trials says how many it lost (section 4 gives the reasons). samples/s is "
-    "the training speed, as in the throughput plot, and \"speed vs fastest\" its ratio to the block's "
-    "fastest row: what the choice costs. Blocks are never compared with each other: their numbers are on "
-    "different measures.")
+    "Per data protocol, the {rows} whose numbers are likelihoods of the same data (section 2), ranked by "
+    "their IWAE NLL in nats per image, lower is better (mean ± 95 % CI over seeds). Each such number "
+    "estimates an upper bound on its model's negative log-likelihood: the IWAE bound, and for a density on "
+    "dequantized 8-bit pixels the dequantization bound too (column bound), which can only overstate its "
+    "8-bit NLL; this ranks the bounds. \"behind the first\" is a row's distance from the first row ± the "
+    "half-width of a 95 % Welch interval over the two rows' seeds, on the same test images (the test images' "
+    "own sampling error, IWAE s.e. in section 1, is not in it); \"clearly behind\" where that interval lies "
+    "above 0. Every row is compared with the first, with no correction for the number of comparisons. A "
+    "row is ranked on its completed runs: complete/trials says how many it lost (section 4 gives the "
+    "reasons). samples/s is the training speed on the machine that ran the study, as in the throughput "
+    "plot, and \"speed vs fastest\" the ratio of its mean to the block's fastest row's: read it with the "
+    "intervals of samples/s (for what a step costs, see the speed benchmark). Blocks are never compared "
+    "with each other: their numbers are on different measures.")
+NOTHING_RANKED = "Nothing here is ranked: no row has a completed run with an IWAE NLL on a likelihood of the data."
+SEARCHED = ("A search study ({keys}): of each family's searched configurations, only the one with the highest "
+            "mean validation ELBO is ranked, so that the choice is never made on the test set; section 3 lists "
+            "them all.")
 
 
 def _row_name(r: pd.Series, keys: list[str]) -> str:
@@ -208,44 +219,50 @@ def _row_name(r: pd.Series, keys: list[str]) -> str:
 
 
 def _lead(block: pd.DataFrame, keys: list[str]) -> str:
-    """The block's answer in a sentence: the first row, and how far the next one is behind."""
+    """The block's answer in a sentence: the first row, and whether the next one is told apart from it."""
     first = block.iloc[0]
-    lead = (f"{_row_name(first, keys)} ranks first: {format_mean(first.test_iwae_nll, first.test_iwae_nll_ci)} nats "
-            f"({format_mean(first.test_bpd, first.test_bpd_ci)} bits/dim)")
+    lost = f", on {first.n_complete} of {first.n_trials} trials" if first.n_complete < first.n_trials else ""
+    lead = (f"Lowest IWAE NLL: {_row_name(first, keys)}, {format_mean(first.test_iwae_nll, first.test_iwae_nll_ci)} "
+            f"nats ({format_mean(first.test_bpd, first.test_bpd_ci)} bits/dim{lost})")
     if len(block) == 1:
-        return lead + "; no other family here is on this scale."
+        return lead + "; nothing else here is on this scale."
     second = block.iloc[1]
     distance, clearly = behind_text(second)
-    verdict = {"yes": "clearly behind", "no: within the seeds' noise": "behind, within the seeds' noise"}.get(
-        clearly, "behind (one seed: no interval)")
+    verdict = {"yes": "clearly behind", NOT_TOLD_APART: "behind, within the seeds' noise: the two are not told apart",
+               NO_INTERVAL: "behind (no interval: fewer than 2 completed seeds)"}[clearly]
     return f"{lead}; the next, {_row_name(second, keys)}, is {distance} nats {verdict}."
 
 
 def _not_ranked(rows: pd.DataFrame, keys: list[str]) -> str:
-    """Why a protocol's other rows have no rank: not a likelihood of the data, no completed run, or both."""
+    """Why a protocol's other rows have no rank: not a likelihood of the data, no completed run, or no IWAE
+    NLL logged."""
     by_reason: dict[str, list[str]] = {}
     for _, r in rows.iterrows():
         why = [] if r.comparable else ["not a likelihood of the data"]
         if r.n_complete == 0:
             why.append("diverged in every trial" if r.n_diverged == r.n_trials > 0 else "no completed run")
+        elif r.comparable:
+            why.append("no IWAE NLL logged")
         by_reason.setdefault(" and ".join(why), []).append(
             f"{_row_name(r, keys)} ({r.n_complete}/{r.n_trials} complete)" if r.n_complete == 0 else _row_name(r, keys))
     return "Not ranked — " + "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items()) + "."
 
 
-def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame) -> Blocks:
+def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame, searched: list[str]) -> Blocks:
     keys = factor_columns(family)
-    blocks: Blocks = [("h2", "Summary: which likelihood, and what it costs"), ("p", SUMMARY)]
+    rows_are = "configurations (family and factor values)" if keys else "families"
+    blocks: Blocks = [("h2", "Summary: which likelihood, and what it costs"), ("p", SUMMARY.format(rows=rows_are)),
+                      *([("p", SEARCHED.format(keys=", ".join(searched)))] if searched else [])]
     for protocol, rows in family.groupby("protocol", sort=True):
         ranked = ranking[ranking.protocol == protocol]
-        for (data, scale), block in ranked.groupby(["data", "scale"], sort=True):
-            title = f"{protocol}: {scale}" + (f" of {data}" if data else "")
+        for (setting, scale), block in ranked.groupby(["setting", "scale"], sort=True):
+            title = f"{protocol}: {scale}" + (f" ({setting})" if setting else "")
             blocks += [("h3", title), ("p", _lead(block, keys)),
                        ("table", (f"Ranking, {title}", display_ranking(block)))]
         if ranked.empty:
-            blocks += [("h3", protocol), ("p", "No family here has a completed run on a likelihood of the data.")]
-        named = set(zip(ranked.family, *(ranked[k] for k in keys)))
-        rest = rows[[key not in named for key in zip(rows.family, *(rows[k] for k in keys))]]
+            blocks += [("h3", protocol), ("p", NOTHING_RANKED)]
+        # unranked for a reason of their own (a search's unselected configurations are not listed)
+        rest = rows[~rows.comparable | (rows.n_complete == 0) | ~np.isfinite(rows.test_iwae_nll)]
         if len(rest):
             blocks.append(("p", _not_ranked(rest, keys)))
     return blocks
@@ -333,6 +350,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     measure = measure_table(family)
     by_factor = factor_tables(family)
     ranking = ranking_table(data.runs, family)
+    searched = [k for k in searched_keys(data.runs) if k in factor_columns(family)]
     trials = trial_table(data)
     setting = configuration(data.runs)
     description = str(sel.parent.get("tags.mlflow.note.content", "") or "").strip() or "(no description)"
@@ -340,7 +358,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
-        ("p", _trained(setting)), *_summary_section(family, ranking),
+        ("p", _trained(setting)), *_summary_section(family, ranking, searched),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials, setting)]
     tables = {"0 ranking": ranking, "1 family": likelihoods_where_comparable(family), "2 measure": measure,

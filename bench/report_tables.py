@@ -129,14 +129,18 @@ def factor_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if "." in c and not c.endswith(("_ci", "_n"))]
 
 
+# Rows that differ in these keys share no number even on one scale: other data (another dataset, split or
+# subset), or another IWAE estimate (another k is another bound, other examples other images)
+SAME_NUMBERS_KEYS = ("data.", "eval.iwae_")
+
+
 def _with_scale(table: pd.DataFrame) -> pd.DataFrame:
     """The table with the scale its rows' numbers are on ("" when none: not a likelihood of the data) and
-    the data they are of: rows on other data (a data.* factor: another dataset, split or subset) share no
-    number either."""
-    data_keys = [k for k in factor_columns(table) if k.startswith("data.")]
+    their `setting`: the values of its SAME_NUMBERS_KEYS factors ("" when there are none)."""
+    keys = [k for k in factor_columns(table) if k.startswith(SAME_NUMBERS_KEYS)]
     return table.assign(
         scale=[likelihoods.comparable_scale(m, c) for m, c in zip(table.measure, table.comparable)],
-        data=[", ".join(f"{k}={format_value(r[k])}" for k in data_keys) for _, r in table.iterrows()])
+        setting=[", ".join(f"{k}={format_value(r[k])}" for k in keys) for _, r in table.iterrows()])
 
 
 def measure_table(family: pd.DataFrame) -> pd.DataFrame:
@@ -148,9 +152,9 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
                 "test_iwae_gain", "test_iwae_gain_ci", "test_bpd", "test_bpd_ci"]].copy()
     t = _with_scale(likelihoods_where_comparable(t))
     t["compare_with"] = [
-        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.data == d) & (t.scale == s)]) - {f}))
+        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.setting == d) & (t.scale == s)]) - {f}))
         or "(no other family here)" if s else "nothing: not a likelihood of the data"
-        for p, d, s, f in zip(t.protocol, t.data, t.scale, t.family)]
+        for p, d, s, f in zip(t.protocol, t.setting, t.scale, t.family)]
     t["_order"] = t.family.map(family_order)
     t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
                       ascending=[True, False, True, False, True])
@@ -166,7 +170,7 @@ def welch_ci(a, b) -> tuple[float, float]:
     if len(a) < 2 or len(b) < 2:
         return diff, np.nan
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
+    if va + vb == 0:  # every seed of both rows agrees: the seeds leave no doubt about the difference
         return diff, 0.0
     nu = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return diff, float(stats.t.ppf(0.975, nu) * math.sqrt(va + vb))
@@ -176,28 +180,42 @@ def welch_ci(a, b) -> tuple[float, float]:
 RANK_BY = "test_iwae_nll"
 
 
+def searched_keys(runs: pd.DataFrame) -> list[str]:
+    """The config keys the runs' study searched: MLflow has its study.search_space flattened, one param
+    per dimension's field (params.study.search_space.<key>.kind, …)."""
+    prefix, suffix = "params.study.search_space.", ".kind"
+    return sorted(c[len(prefix):-len(suffix)] for c in runs.columns
+                  if c.startswith(prefix) and c.endswith(suffix) and runs[c].notna().any())
+
+
 def ranking_table(runs: pd.DataFrame, family: pd.DataFrame) -> pd.DataFrame:
-    """The summary's table: within each protocol and comparable scale (and data, see `_with_scale`), the
-    rows of table 1 (`family`, of these runs) with a completed run, ranked by IWAE-k NLL (lower is better).
+    """The summary's table: within each protocol, comparable scale and setting (see `_with_scale`), the rows
+    of table 1 (`family`, of these runs) with a completed run and an IWAE NLL, ranked by it (lower is
+    better). In a search study each family's searched configurations are one choice: only the one with
+    the highest mean validation ELBO is ranked, so that the ranking never selects on the test set.
     `behind` is a row's mean NLL minus the first row's, with its 95 % Welch interval over the two rows'
-    seeds (`behind_ci`); `speed_ratio` its samples/s over the block's fastest row's. Rows on no comparable
-    scale, and rows without a completed run, are not ranked (the summary names them)."""
+    seeds (`behind_ci`); `speed_ratio` its samples/s over the block's fastest row's."""
     keys, groups = _rows(runs)
     row_keys = ["protocol", "family", *keys]
     completed = {group: g.loc[g.state == states.COMPLETE, RANK_BY].to_numpy() for group, g in groups}
+    searched = [k for k in keys if k in searched_keys(runs)]
     t = _with_scale(family)
+    t = t[t.comparable & np.isfinite(t[RANK_BY])]
+    if searched:
+        choice = ["protocol", "setting", "scale", "family", *(k for k in keys if k not in searched)]
+        t = t.sort_values("val_elbo", ascending=False, kind="stable").groupby(choice, dropna=False).head(1)
     blocks = []
-    for _, block in t[t.comparable & np.isfinite(t[RANK_BY])].groupby(["protocol", "data", "scale"], sort=True):
-        block = block.sort_values(RANK_BY).reset_index(drop=True)
+    for _, block in t.groupby(["protocol", "setting", "scale"], sort=True):
+        block = block.sort_values(RANK_BY, kind="stable").reset_index(drop=True)
         best = completed[tuple(block.loc[0, row_keys])]
         behind = [(0.0, np.nan)] + [welch_ci(best, completed[tuple(r)])
                                     for r in block[row_keys].iloc[1:].itertuples(index=False)]
         blocks.append(block.assign(
             rank=range(1, len(block) + 1), behind=[d for d, _ in behind], behind_ci=[h for _, h in behind],
             speed_ratio=block.samples_per_s / block.samples_per_s.max()))
-    columns = ["protocol", "data", "scale", "rank", "family", *keys, "bounded", "measure", "iwae_k", "n_complete",
-               "n_trials", "n_diverged", RANK_BY, f"{RANK_BY}_ci", "behind", "behind_ci", "test_bpd", "test_bpd_ci",
-               "samples_per_s", "samples_per_s_ci", "speed_ratio"]
+    columns = ["protocol", "setting", "scale", "rank", "family", *keys, "bounded", "measure", "comparable", "iwae_k",
+               "n_complete", "n_trials", "n_diverged", RANK_BY, f"{RANK_BY}_ci", "behind", "behind_ci", "test_bpd",
+               "test_bpd_ci", "val_elbo", "samples_per_s", "samples_per_s_ci", "speed_ratio"]
     return pd.concat(blocks, ignore_index=True)[columns] if blocks else pd.DataFrame(columns=columns)
 
 
@@ -327,13 +345,17 @@ def display_factor(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+NOT_TOLD_APART = "no: within the seeds' noise"
+NO_INTERVAL = "— (fewer than 2 completed seeds)"
+
+
 def behind_text(r: pd.Series) -> tuple[str, str]:
     """A ranked row's distance from the first (mean ± 95 % Welch interval) and whether it is clearly behind."""
     if r["rank"] == 1:
         return NONE, NONE
     if not np.isfinite(r.behind_ci):
-        return format_mean(r.behind), "— (one seed: no interval)"
-    return format_mean(r.behind, r.behind_ci), "yes" if r.behind - r.behind_ci > 0 else "no: within the seeds' noise"
+        return format_mean(r.behind), NO_INTERVAL
+    return format_mean(r.behind, r.behind_ci), "yes" if r.behind - r.behind_ci > 0 else NOT_TOLD_APART
 
 
 def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
@@ -343,11 +365,12 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
         distance, clearly = behind_text(r)
         row = {"rank": r["rank"], "family": r.family, "": "bounded" if r.bounded else "unbounded"}
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
-        row.update({_iwae_label(table): format_mean(r.test_iwae_nll, r.test_iwae_nll_ci), "behind the first": distance,
-                    "clearly behind": clearly, "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci),
-                    "complete/trials": f"{r.n_complete}/{r.n_trials}",
+        row.update({_iwae_label(table): format_mean(r.test_iwae_nll, r.test_iwae_nll_ci),
+                    "bound": "IWAE + dequantization" if r.measure != r.scale else "IWAE",
+                    "behind the first": distance, "clearly behind": clearly,
+                    "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci), "complete/trials": f"{r.n_complete}/{r.n_trials}",
                     "samples/s": format_mean(r.samples_per_s, r.samples_per_s_ci),
-                    "speed vs fastest": f"{r.speed_ratio:.2f}×" if np.isfinite(r.speed_ratio) else NONE})
+                    "speed vs fastest": f"{r.speed_ratio:.1f}×" if np.isfinite(r.speed_ratio) else NONE})
         rows.append(row)
     return pd.DataFrame(rows)
 

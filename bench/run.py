@@ -227,12 +227,23 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
     print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
                        f"{study.storage_url(cfg)}"))
-    # failed trials too: the report lists them with their reasons
-    if cfg.report and not cfg.study.worker and report.main(argv) != 0:
-        print("the study's runs are kept: `python -m bench.report` with the same arguments writes its report",
-              file=sys.stderr)
-        ok = False
+    if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
+        ok = _report(argv) and ok
     return 0 if ok else 1
+
+
+def _report(argv: list[str]) -> bool:
+    """Writes the study's report as `python -m bench.report` with the same arguments does; False, with the
+    reason on stderr, when it could not: the study's runs stand either way."""
+    try:
+        written = report.main(argv) == 0  # it names what failed (a full disk, a store it cannot read)
+    except Exception as e:  # noqa: BLE001  a report bug must not hide that every trial has ended
+        print(f"error: the report failed ({type(e).__name__}: {_first_line(e)})", file=sys.stderr)
+        written = False
+    if not written:
+        print("the study's runs are kept; once the cause above is fixed, `python -m bench.report` with the same "
+              "arguments writes its report", file=sys.stderr)
+    return written
 
 
 if __name__ == "__main__":

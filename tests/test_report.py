@@ -244,7 +244,7 @@ def test_rows_on_other_data_are_not_comparable(done):
     assert measure.loc["gaussian", "compare_with"] == "(no other family here)"
     assert measure.loc["discretized_logistic", "compare_with"] == "(no other family here)"
     sentences = " ".join(report._protocol_sentences(measure.reset_index()))
-    assert "gaussian is the only family on the pmf of 8-bit pixels of data.name=fashion_mnist" in sentences
+    assert "gaussian is the only family on the pmf of 8-bit pixels (data.name=fashion_mnist)" in sentences
 
 
 def _chromium() -> str:
@@ -475,10 +475,11 @@ def test_the_summary_ranks_the_likelihoods_of_each_protocol_and_names_the_rest(d
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     summary = md.split("## Summary: which likelihood, and what it costs")[1].split("## 1.")[0]
     assert "### binarized-static: pmf of binarized pixels" in summary
-    assert "bernoulli ranks first" in summary and "no other family here is on this scale" in summary
+    assert "Lowest IWAE NLL: bernoulli, " in summary and "nothing else here is on this scale" in summary
     assert ("Not ranked — not a likelihood of the data: laplace; not a likelihood of the data and diverged in "
             "every trial: gaussian_learned (0/2 complete).") in summary
-    assert "### 8bit-dequantized: pmf of 8-bit pixels" in summary and f"{first} ranks first" in summary
+    assert "### 8bit-dequantized: pmf of 8-bit pixels" in summary and f"Lowest IWAE NLL: {first}, " in summary
+    assert f"the next, {second}, is " in summary
     csv = pd.read_csv(done.folder / "tables.csv")
     assert set(csv[csv.table == "0 ranking"].family) == set(ranking.family)
 
@@ -492,6 +493,61 @@ def test_the_summary_ranks_each_factor_value_as_a_row_of_its_own(done):
     assert len(eight_bit) == 4 and list(eight_bit["rank"]) == [1, 2, 3, 4]
     assert list(eight_bit.test_iwae_nll) == sorted(eight_bit.test_iwae_nll)
     assert eight_bit.behind_ci.isna().all()  # one seed per row: no interval
-    blocks = report._summary_section(family, ranking)
-    leads = [text for kind, text in blocks if kind == "p" and "ranks first" in text]
-    assert any("(train.beta=" in lead for lead in leads)
+    text = " ".join(str(content) for _, content in report._summary_section(family, ranking, []))
+    assert "the configurations (family and factor values) whose numbers" in text
+    first = eight_bit.iloc[0]
+    assert f"Lowest IWAE NLL: {first.family} (train.beta={first['train.beta']:g}), " in text
+    assert "behind (no interval: fewer than 2 completed seeds)" in text
+
+
+def _summary(data) -> str:
+    family = report_tables.family_table(data.runs)
+    ranking = report_tables.ranking_table(data.runs, family)
+    searched = [k for k in report_tables.searched_keys(data.runs) if k in report_tables.factor_columns(family)]
+    return " ".join(str(content) for _, content in report._summary_section(family, ranking, searched))
+
+
+def test_rows_with_another_iwae_estimate_are_ranked_apart(done):
+    # as if eval.iwae_k were a grid key: another k is another bound, never ranked against the first
+    data = report_data.load(done.args)
+    data.runs["params.eval.iwae_k"] = np.where(data.runs.family == "gaussian", "8", "16")
+    ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
+    eight_bit = ranking[ranking.protocol == "8bit-dequantized"].set_index("family")
+    assert list(eight_bit["rank"]) == [1, 1]
+    assert eight_bit.loc["gaussian", "setting"] == "eval.iwae_k=8"
+    assert "8bit-dequantized: pmf of 8-bit pixels (eval.iwae_k=16)" in _summary(data)
+
+
+def test_rows_that_cannot_be_ranked_say_why(done):
+    data = report_data.load(done.args)
+    data.runs.loc[data.runs.family == "gaussian", "test_iwae_nll"] = np.nan  # e.g. logged by an older vaebench
+    data.runs.loc[data.runs.family == "bernoulli", "state"] = "diverged"
+    text = _summary(data)
+    assert "no IWAE NLL logged: gaussian" in text
+    assert report.NOTHING_RANKED in text  # binarized-static: the bernoulli diverged, laplace is no likelihood
+    assert "not a likelihood of the data: laplace" in text and "diverged in every trial: bernoulli (0/2 complete)" in text
+
+
+def test_a_search_ranks_each_familys_configuration_best_on_validation(done):
+    data = report_data.load(done.args)
+    data.runs["params.study.search_space.train.lr.kind"] = "float"  # as MLflow has a search_space
+    data.runs["params.train.lr"] = np.where(data.runs["params.train.seed"] == "0", "0.001", "0.003")
+    family = report_tables.family_table(data.runs)
+    ranking = report_tables.ranking_table(data.runs, family)
+    for name, chosen in ranking.set_index("family").iterrows():
+        rows = family[(family.family == name) & (family.protocol == chosen.protocol)]
+        assert chosen.val_elbo == rows.val_elbo.max()  # never picked on the test set
+    assert ranking.groupby(["protocol", "family"]).size().eq(1).all()
+    assert report.SEARCHED.format(keys="train.lr") in _summary(data)
+
+
+def test_a_real_search_study_is_reported_with_its_choice_made_on_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "search.yaml").write_text(
+        "study:\n  n_trials: 3\n  search_space:\n    train.lr: {low: 0.0003, high: 0.01, log: true}\n"
+        "likelihood:\n  name: bernoulli\ndata:\n  binarize: static\n")
+    assert run.main([f"study={tmp_path / 'search.yaml'}", *shrink_args(tmp_path), "report=true"]) == 0
+    md = (tmp_path / "reports" / "search" / "report.md").read_text(encoding="utf-8")
+    assert report.SEARCHED.format(keys="train.lr") in md
+    ranking = pd.read_csv(tmp_path / "reports" / "search" / "tables.csv").query("table == '0 ranking'")
+    assert len(ranking) == 1 and ranking.family.item() == "bernoulli"

@@ -84,6 +84,10 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(parents) == 1 and parents["status"].item() == "FINISHED"
+    assert not (tmp_path / "reports").exists()  # report=false (the shrunk configs')
+    # whether and where the report is written is no part of the study: the same hash, the same study
+    assert config.config_hash(config.load([*args, "report=true", "report_dir=elsewhere"])) == \
+        config.config_hash(config.load(args))
     assert (children["tags.mlflow.parentRunId"] == parents["run_id"].item()).all()
     assert len(children) == 4 and (children["status"] == "FINISHED").all()
     for column in ["metrics.train_elbo", "metrics.val_elbo", "metrics.train_kl", "metrics.train_objective",
@@ -230,6 +234,11 @@ def test_the_report_is_written_once_the_runs_are_kept_and_a_joining_worker_leave
     children = _runs(tmp_path, "smoke").query("`tags.mlflow.parentRunId`.notna()")
     assert len(children) == 4 and (children["tags.state"] == "complete").all()
     assert not folder.exists()
+    # a bug in the report, too, is named after the finished study, not a traceback
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "write", lambda *_args, **_kwargs: 1 / 0)
+        assert run.main(args) == 1
+    assert "error: the report failed (ZeroDivisionError: division by zero)" in capsys.readouterr().err
     # the same command again trains nothing and writes the report
     assert run.main(args) == 0
     assert len(_runs(tmp_path, "smoke").query("`tags.mlflow.parentRunId`.notna()")) == 4
