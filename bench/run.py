@@ -7,9 +7,9 @@ report (as `python -m bench.report` with the same arguments; not with report=fal
 worker, study.worker=true, whose study's own command writes it).
 Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
 worker died, trials are still running in other processes, the tracking store or the Optuna storage
-was lost, or the report could not be written; 2 bad input (nothing written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, stopped as
-Ctrl-C stops it). After 1, 130 or 143, or a killed process, re-running the same command resumes:
-finished trials are kept.
+was lost, or the report could not be written; 2 bad input (nothing written); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM, stopped as Ctrl-C stops it). After 1, 130 or 143, or a killed
+process, re-running the same command resumes: finished trials are kept.
 """
 
 from __future__ import annotations
