@@ -40,7 +40,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from bench import config, states
@@ -65,6 +64,7 @@ from bench.report_tables import (
     format_value,
     likelihoods_where_comparable,
     measure_table,
+    rankable,
     ranking_table,
     searched_keys,
     trial_table,
@@ -261,8 +261,7 @@ def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame, searched: list
                        ("table", (f"Ranking, {title}", display_ranking(block)))]
         if ranked.empty:
             blocks += [("h3", protocol), ("p", NOTHING_RANKED)]
-        # unranked for a reason of their own (a search's unselected configurations are not listed)
-        rest = rows[~rows.comparable | (rows.n_complete == 0) | ~np.isfinite(rows.test_iwae_nll)]
+        rest = rows[~rankable(rows)]  # a search's unselected configurations are not listed
         if len(rest):
             blocks.append(("p", _not_ranked(rest, keys)))
     return blocks

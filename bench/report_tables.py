@@ -180,6 +180,11 @@ def welch_ci(a, b) -> tuple[float, float]:
 RANK_BY = "test_iwae_nll"
 
 
+def rankable(table: pd.DataFrame) -> pd.Series:
+    """The rows of table 1 the summary can rank: a likelihood of the data with a completed run's IWAE NLL."""
+    return table.comparable & np.isfinite(table[RANK_BY])
+
+
 def searched_keys(runs: pd.DataFrame) -> list[str]:
     """The config keys the runs' study searched: MLflow has its study.search_space flattened, one param
     per dimension's field (params.study.search_space.<key>.kind, …)."""
@@ -199,8 +204,7 @@ def ranking_table(runs: pd.DataFrame, family: pd.DataFrame) -> pd.DataFrame:
     row_keys = ["protocol", "family", *keys]
     completed = {group: g.loc[g.state == states.COMPLETE, RANK_BY].to_numpy() for group, g in groups}
     searched = [k for k in keys if k in searched_keys(runs)]
-    t = _with_scale(family)
-    t = t[t.comparable & np.isfinite(t[RANK_BY])]
+    t = _with_scale(family[rankable(family)])
     if searched:
         choice = ["protocol", "setting", "scale", "family", *(k for k in keys if k not in searched)]
         t = t.sort_values("val_elbo", ascending=False, kind="stable").groupby(choice, dropna=False).head(1)
