@@ -7,7 +7,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FLOOR = "test_gemm_floor and 1-1-cpu"  # runs anywhere: no data needed
@@ -63,3 +67,54 @@ def test_a_target_is_met_only_when_the_medians_interval_is_on_its_side():
     assert verdict([0.04, 0.05, 0.96], below, 0.045, 0.04) == "not met"
     assert verdict([-0.28, 0.31, 0.96], below, -0.04, -0.06).startswith("not resolved")
     assert verdict(None, below, 0.01, 0.04) == "met on the median only"  # no rounds: median and best
+
+
+def test_logging_decides_the_overhead_only_where_the_wall_clock_cannot():
+    from tests.benchmarks.conftest import tracking_verdict
+
+    def overhead(low, high, largest_own):
+        own = None if largest_own is None else {"largest_at_mlflow_rate": largest_own, "mlflow_sampling_s": 10}
+        return {"overhead_interval": [low, high, 0.96], "overhead_median": (low + high) / 2,
+                "overhead_best": low, "logging_time": own}
+
+    assert tracking_verdict(overhead(-0.01, 0.02, 0.05)) == "met"  # the wall clock decides where it can
+    assert tracking_verdict(overhead(0.04, 0.08, 0.001)) == "not met"
+    assert tracking_verdict(overhead(-0.2, 0.3, 0.004)).startswith(
+        "met by the logging's own time (at most 0.40 % in any round, system metrics every 10 s)")
+    assert tracking_verdict(overhead(-0.2, 0.3, 0.031)).startswith("not resolved: the logging's own time reached 3.10 %")
+    assert tracking_verdict(overhead(-0.2, 0.3, None)).startswith("not resolved on this machine")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads' CPU time is read from Linux's /proc")
+def test_the_logging_time_counts_other_threads_cpu_and_not_the_main_threads():
+    from tests.benchmarks.test_tracking_overhead import SAMPLER_THREAD, _Clock
+
+    def burn(seconds):  # CPU time of the calling thread
+        start = time.thread_time()
+        while time.thread_time() - start < seconds:
+            pass
+
+    clock = _Clock()
+    clock(0, {})  # the first epoch ends: counting starts
+    burn(0.2)  # the main thread trains: not the logging's
+    assert clock.other_threads_s()["threads"] < 0.05
+    logger = threading.Thread(target=burn, args=(0.2,))
+    logger.start()
+    logger.join()  # a thread that logs, ended before the count: its CPU still counts
+    sampler = threading.Thread(target=burn, args=(0.1,), name=SAMPLER_THREAD)
+    sampler.start()
+    sampler.join()  # ended: the sampler's share counts only while it runs (as MLflow's, until end_run)
+    assert 0.3 <= clock.other_threads_s()["threads"] < 0.4
+    waiting = threading.Event()
+    sampler = threading.Thread(target=lambda: (burn(0.1), waiting.wait()), name=SAMPLER_THREAD)
+    sampler.start()
+    while sampler.native_id is None or clock.other_threads_s()["sampler"] < 0.1:
+        time.sleep(0.01)
+    others = clock.other_threads_s()
+    assert 0.1 <= others["sampler"] < 0.15 and 0.4 <= others["threads"] < 0.5
+    clock(1, {})
+    own = clock.logging_ms()
+    waiting.set()
+    sampler.join()
+    assert own["threads"] == pytest.approx(1e3 * others["threads"], abs=50)
+    assert own["sampler"] == pytest.approx(1e3 * others["sampler"], abs=50)

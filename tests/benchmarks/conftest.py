@@ -69,8 +69,8 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
     tracking = [(b.get("extra_info") or {})["tracking_overhead"] for b in benchmarks
                 if "tracking_overhead" in (b.get("extra_info") or {})]
     for t in tracking:
-        t["overhead_interval"] = i = median_interval(t["overhead_per_round"])
-        t["verdict"] = verdict(i, lambda x: x < TARGET_TRACKING, t["overhead_median"], t["overhead_best"])
+        t["overhead_interval"] = median_interval(t["overhead_per_round"])
+        t["verdict"] = tracking_verdict(t)
     for t in tracking:  # the benchmark's samples/s from test_speed's row of the same run, if it ran
         ours = next((r for r in rows if r["kind"] == "ours" and r["device"] == t["device"]
                      and r["family"] == "bernoulli" and r["n_samples"] == 1), None)
@@ -165,6 +165,23 @@ def verdict(interval: list[float] | None, meets, median: float, best: float) -> 
     if low and high:
         return "met"
     return "not met" if not (low or high) else "not resolved on this machine: the interval spans the target"
+
+
+def tracking_verdict(t: dict) -> str:
+    """Whether logging costs < TARGET_TRACKING of an epoch. By the wall clock's paired rounds where their
+    interval decides; where it spans the target (a VM's rounds spread by tens of percent, far wider
+    than 3 %), by the logging's own time, counted in every round (test_tracking_overhead._Clock), at
+    the system-metrics interval users get: met if it stayed below the target in every round."""
+    wall = verdict(t["overhead_interval"], lambda x: x < TARGET_TRACKING, t["overhead_median"], t["overhead_best"])
+    own = t.get("logging_time")
+    if own is None or not wall.startswith("not resolved"):
+        return wall
+    largest = own["largest_at_mlflow_rate"]
+    if largest < TARGET_TRACKING:
+        return (f"met by the logging's own time (at most {100 * largest:.2f} % in any round, system metrics "
+                f"every {own['mlflow_sampling_s']:g} s); the wall clock's interval spans the target on this machine")
+    return (f"not resolved: the logging's own time reached {100 * largest:.2f} % in a round, and the wall "
+            "clock's interval spans the target")
 
 
 def _interval(d: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
@@ -285,6 +302,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"**{100 * t['overhead_median']:+.2f} %** ({100 * t['overhead_best']:+.2f} %) | {_tracking_interval(t)} | "
              f"{t['overhead_ms_per_epoch']:+.2f} ms | < {100 * TARGET_TRACKING:g} %: {t['verdict']} |"), "",
              f"Per-round overheads: {', '.join(f'{100 * r:+.1f} %' for r in t['overhead_per_round'])}.", "",
+             *_logging_time(t.get("logging_time")),
              ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, an "
              "epoch's images over its wall-clock time, read back from the MLflow store) and the benchmark's own "
              "(test_speed.py's round of ours, 20 steps of `train_epoch` timed from outside, in the same rounds):"),
@@ -302,6 +320,31 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
               f"In the same rounds, `train_epoch`'s own samples_per_s over the one timed from outside: "
               f"{s['reported_over_wall_same_rounds']:.3f}."), ""]
     return lines
+
+
+def _logging_time(own: dict | None) -> list[str]:
+    """The logging's own time (test_tracking_overhead._Clock), where it was counted."""
+    if own is None:
+        return []
+    every = f"{own['mlflow_sampling_s']:g} s"
+    return [("The logging's own time, counted in the same rounds of on: the main thread's wall time in the "
+             "logging calls (EpochLog, and its flush and wait at the end, whose wait also counts as the "
+             "CPU it waits for), plus the CPU time of the process's threads that do not train (MLflow's "
+             "asynchronous logging and its system-metrics sampler; the process's CPU time less the main "
+             "thread's and torch's own threads'). While training keeps every core busy, this is what "
+             "logging can take from it, unless it also slows it in ways no thread's time shows (caches, "
+             "GIL hand-offs): the wall clock above is the check on those, within its interval. As a share "
+             "of the round's epoch without it, with system metrics sampled as in these runs, and at "
+             f"MLflow's own {every}, which users get: the sampler thread's own CPU scaled to that rate, "
+             "the writing of its samples (in MLflow's logging threads) still counted in full:"), "",
+            ("| main thread, ms/epoch | other threads' CPU, ms/epoch | of which the sampler's | other threads' "
+             "CPU with logging off | share of the epoch: median (largest round) | "
+             f"at MLflow's {every}: median (largest round) |"),
+            "|---|---|---|---|---|---|",
+            (f"| {own['main_ms_per_epoch']:.2f} | {own['threads_ms_per_epoch']:.2f} | "
+             f"{own['sampler_ms_per_epoch']:.2f} | {own['off_threads_ms_per_epoch']:.2f} | "
+             f"{100 * own['median']:.2f} % ({100 * own['largest']:.2f} %) | "
+             f"**{100 * own['median_at_mlflow_rate']:.2f} %** ({100 * own['largest_at_mlflow_rate']:.2f} %) |"), ""]
 
 
 def _system_metrics(t: dict) -> str:
