@@ -170,18 +170,19 @@ def verdict(interval: list[float] | None, meets, median: float, best: float) -> 
 def tracking_verdict(t: dict) -> str:
     """Whether logging costs < TARGET_TRACKING of an epoch. By the wall clock's paired rounds where their
     interval decides; where it spans the target (a VM's rounds spread by tens of percent, far wider
-    than 3 %), by the logging's own time, counted in every round (test_tracking_overhead._Clock), at
-    the system-metrics interval users get: met if it stayed below the target in every round."""
+    than 3 %), by the logging's own time, counted in every round (test_tracking_overhead._Clock) as
+    measured, with system metrics sampled more often than MLflow's own interval: met if it stayed below
+    the target in every round. That count is not a bound: it leaves out what no thread's time shows
+    (GIL hand-offs, caches), so the verdict names it."""
     wall = verdict(t["overhead_interval"], lambda x: x < TARGET_TRACKING, t["overhead_median"], t["overhead_best"])
     own = t.get("logging_time")
     if own is None or not wall.startswith("not resolved"):
         return wall
-    largest = own["largest_at_mlflow_rate"]
-    if largest < TARGET_TRACKING:
-        return (f"met by the logging's own time (at most {100 * largest:.2f} % in any round, system metrics "
-                f"every {own['mlflow_sampling_s']:g} s); the wall clock's interval spans the target on this machine")
-    return (f"not resolved: the logging's own time reached {100 * largest:.2f} % in a round, and the wall "
-            "clock's interval spans the target")
+    counted = (f"the logging's own time {100 * own['median']:.2f} % (at most {100 * own['largest']:.2f} % in a round; "
+               f"{100 * own['median_at_mlflow_rate']:.2f} % at MLflow's {own['mlflow_sampling_s']:g} s)")
+    if own["largest"] < TARGET_TRACKING:
+        return f"met by {counted}; the wall clock's interval spans the target on this machine"
+    return f"not resolved: {counted}, and the wall clock's interval spans the target"
 
 
 def _interval(d: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
@@ -343,8 +344,8 @@ def _logging_time(own: dict | None) -> list[str]:
             "|---|---|---|---|---|---|",
             (f"| {own['main_ms_per_epoch']:.2f} | {own['threads_ms_per_epoch']:.2f} | "
              f"{own['sampler_ms_per_epoch']:.2f} | {own['off_threads_ms_per_epoch']:.2f} | "
-             f"{100 * own['median']:.2f} % ({100 * own['largest']:.2f} %) | "
-             f"**{100 * own['median_at_mlflow_rate']:.2f} %** ({100 * own['largest_at_mlflow_rate']:.2f} %) |"), ""]
+             f"**{100 * own['median']:.2f} %** ({100 * own['largest']:.2f} %) | "
+             f"{100 * own['median_at_mlflow_rate']:.2f} % ({100 * own['largest_at_mlflow_rate']:.2f} %) |"), ""]
 
 
 def _system_metrics(t: dict) -> str:

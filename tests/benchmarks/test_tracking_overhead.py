@@ -37,7 +37,7 @@ which keeps that of threads that have ended, less that of the main thread and to
 read from Linux's /proc/self/task/*/schedstat). While training keeps the cores busy, that is what the
 logging can take from it. Counted as measured (system metrics every SYSTEM_METRICS_S) and at MLflow's
 own interval (the sampler thread's CPU scaled to its rate; the writing of its samples kept in full);
-the conftest's verdict uses the latter where the paired interval spans the target.
+the conftest's verdict uses the former, as measured, where the paired interval spans the target.
 
 samples/s: `train` reports `samples_per_s` per epoch (the epoch's training images over its wall-clock
 time: batch gathers, transforms, steps and the read-back); that is what the runner logs, and it is
@@ -93,9 +93,11 @@ def _cfg(tmp_path, device: str) -> config.Config:
 def _cpu_now(training: list[str] | None = None) -> dict | None:
     """CPU time so far, ns: the process's ("process": all its threads, ended ones included), that of the
     threads that train ("training", their Linux thread ids; "used"), and that of MLflow's system-metrics
-    sampling thread ("sampler"). None where /proc/self/task is missing (not Linux). The threads that
-    train are the main thread and torch's native ones (its CPU workers; on a GPU, the driver's): every
-    thread but Python's others, which is where MLflow logs and samples."""
+    sampling thread ("sampler"). None where /proc/self/task is missing (not Linux), or where a thread
+    that trains has ended (its time is gone). The threads that train are the main thread and torch's
+    native ones (its CPU workers; on a GPU, the driver's): every thread but Python's others, which is
+    where MLflow logs and samples. The first call (no `training`) reads the process's time first and
+    the end call last, so that any skew can only overstate the others."""
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return None
@@ -103,12 +105,26 @@ def _cpu_now(training: list[str] | None = None) -> dict | None:
     def used(tids) -> int:  # ns on a CPU
         return sum(int((tasks / str(tid) / "schedstat").read_text().split()[0]) for tid in tids)
 
-    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
-    if training is None:
-        training = [tid for tid in os.listdir(tasks) if int(tid) not in {t.native_id for t in others}]
-    process = time.process_time_ns()  # before the threads: the difference can only overstate the others
-    sampler = used(t.native_id for t in others if t.name == SAMPLER_THREAD)
-    return {"training": training, "process": process, "used": used(training), "sampler": sampler}
+    try:
+        if training is None:
+            process = time.process_time_ns()
+            while True:  # list the tasks before Python's threads: one started in between is then a Python one
+                tids = os.listdir(tasks)
+                others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+                if all(t.native_id is not None for t in others):
+                    break
+            training = [tid for tid in tids if int(tid) not in {t.native_id for t in others}]
+            training_ns = used(training)
+        else:
+            training_ns = used(training)
+            others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+            if {str(t.native_id) for t in others} & set(training):
+                raise AssertionError("a Python thread was counted as one that trains")
+            process = time.process_time_ns()
+        sampler = used(t.native_id for t in others if t.name == SAMPLER_THREAD)
+    except FileNotFoundError:  # a thread ended while being read
+        return None
+    return {"training": training, "process": process, "used": training_ns, "sampler": sampler}
 
 
 class _Clock:
@@ -141,9 +157,11 @@ class _Clock:
             return None
         start = self.cpu_start
         now = _cpu_now(start["training"])
+        if now is None:
+            return None
         threads = (now["process"] - start["process"]) - (now["used"] - start["used"])
         sampler = now["sampler"] - start["sampler"]  # < 0 if it ended meanwhile: then none is known
-        return {"threads": max(0.0, threads / 1e9), "sampler": max(0.0, sampler / 1e9)}
+        return {"threads": threads / 1e9, "sampler": max(0.0, sampler / 1e9)}
 
     def logging_ms(self) -> dict[str, float] | None:
         """The logging's own time per timed epoch, ms: the main thread's in the logging calls ("main"),
@@ -152,6 +170,31 @@ class _Clock:
         if others is None:
             return None
         return {"main": 1e3 * self.inner_s / epochs, **{k: 1e3 * v / epochs for k, v in others.items()}}
+
+
+def logging_shares(on: list[dict], off: list[dict], on_ms: list[float]) -> dict:
+    """The logging's own time in each round of on (_Clock.logging_ms), with the epoch's ms, -> its share of
+    the epoch without it, as counted (system metrics every SYSTEM_METRICS_S) and at MLflow's own
+    interval: there the sampler thread wakes SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S as often, and
+    the writes of its samples (in MLflow's logging threads) stay counted in full. `off`: the same count
+    with no logging, the baseline (no thread but training's: ~0)."""
+    own_ms = [o["main"] + o["threads"] for o in on]
+    slower = 1 - SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S
+    at_mlflow_rate = [ms - slower * o["sampler"] for ms, o in zip(own_ms, on)]
+    shares = {
+        "main_ms_per_epoch": statistics.median(o["main"] for o in on),
+        "threads_ms_per_epoch": statistics.median(o["threads"] for o in on),
+        "sampler_ms_per_epoch": statistics.median(o["sampler"] for o in on),
+        "off_threads_ms_per_epoch": statistics.median(o["threads"] for o in off),
+        "ms_per_epoch_per_round": own_ms,
+        "per_round": [ms / (epoch - ms) for ms, epoch in zip(own_ms, on_ms)],
+        "mlflow_sampling_s": MLFLOW_SYSTEM_METRICS_S,
+        "per_round_at_mlflow_rate": [a / (epoch - ms) for a, ms, epoch in zip(at_mlflow_rate, own_ms, on_ms)],
+    }
+    for key in ("", "_at_mlflow_rate"):
+        rounds = shares["per_round" + key]
+        shares["median" + key], shares["largest" + key] = statistics.median(rounds), max(rounds)
+    return shares
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -168,7 +211,7 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
     client = MlflowClient()
     step_round = ours_round(cfg, data)  # test_speed.py's round of ours, bernoulli L = 1
     off_ms, on_ms, along = [], [], {"wall": [], "reported": []}
-    logging_ms: dict[str, list] = {"on": [], "off": []}  # per run: the logging's own time per epoch (_Clock)
+    own_time: dict[str, list] = {"on": [], "off": []}  # per run: the logging's own time per epoch (_Clock)
     logged: list[list[float]] = []  # per run: samples_per_s as logged to MLflow, every epoch but the first
     trained: list[float] = []  # the same metric from train()'s history (must equal the logged one)
 
@@ -176,7 +219,7 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
         clock = _Clock()
         train(cfg, data, clock)
         off_ms.append(clock.epoch_ms())
-        logging_ms["off"].append(clock.logging_ms())  # no logging: other threads' CPU, the baseline
+        own_time["off"].append(clock.logging_ms())  # no logging: other threads' CPU, the baseline
 
     def setup() -> None:  # before every round of "on", the warm-up round included
         off()
@@ -200,7 +243,7 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
             done = time.perf_counter()
             clock.inner_s += done - flushing  # the wait is counted twice: as the main thread's, and as the CPU it waits for
             on_ms.append(clock.epoch_ms(done))
-            logging_ms["on"].append(clock.logging_ms())
+            own_time["on"].append(clock.logging_ms())
             # not timed: a once-per-run cost (finish_child's), which also idles up to 1 s, until MLflow's queue
             # thread next wakes (its poll's timeout), however little is pending
             mlflow.flush_async_logging()
@@ -228,28 +271,9 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
     ratios = [(a - b) / b for a, b in pairs]
     on_t, off_t = on_ms[WARMUP:], off_ms[WARMUP:]
     wall, reported = along["wall"][WARMUP:], along["reported"][WARMUP:]
-    own = logging_ms["on"][WARMUP:]
-    if own[0] is not None:  # the logging's own time, as a share of the epoch without it, in each round
-        own_ms = [o["main"] + o["threads"] for o in own]
-        # at MLflow's own interval the sampler thread wakes SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S as
-        # often; the writes of its samples (in MLflow's logging threads) stay counted in full
-        slower = 1 - SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S
-        at_mlflow_rate = [ms - slower * o["sampler"] for ms, o in zip(own_ms, own)]
-        logging_time = {
-            "main_ms_per_epoch": statistics.median(o["main"] for o in own),
-            "threads_ms_per_epoch": statistics.median(o["threads"] for o in own),
-            "sampler_ms_per_epoch": statistics.median(o["sampler"] for o in own),
-            "off_threads_ms_per_epoch": statistics.median(o["threads"] for o in logging_ms["off"][WARMUP:]),
-            "ms_per_epoch_per_round": own_ms,
-            "per_round": [ms / (on - ms) for ms, on in zip(own_ms, on_t)],
-            "mlflow_sampling_s": MLFLOW_SYSTEM_METRICS_S,
-            "per_round_at_mlflow_rate": [a / (on - ms) for a, ms, on in zip(at_mlflow_rate, own_ms, on_t)],
-        }
-        for key in ("", "_at_mlflow_rate"):
-            rounds = logging_time["per_round" + key]
-            logging_time["median" + key], logging_time["largest" + key] = statistics.median(rounds), max(rounds)
-    else:
-        logging_time = None
+    own = own_time["on"][WARMUP:]
+    off_own = own_time["off"][WARMUP:]
+    logging_time = None if None in own + off_own else logging_shares(own, off_own, on_t)
     info = {
         "device": device, "epochs_per_run": cfg.train.epochs, "timed_epochs_per_run": cfg.train.epochs - 1,
         "rounds": len(pairs),
