@@ -1,7 +1,7 @@
 """MLflow tracking: one experiment per study, a parent run per Optuna study, a nested child run per trial.
 
-Per-epoch metrics go in batched, asynchronous calls, at most one every two seconds (`EpochLog`), so that
-logging does not slow training. Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
+Per-epoch metrics go in batches, at most one every two seconds, written by a background thread
+(`EpochLog`), so that logging does not slow training. Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.async_logging.run_operations import RunOperations
 
 from bench import config, figures, states
 from bench.config import Config, ConfigError
@@ -169,16 +169,21 @@ def git_commit() -> str:
 
 def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags: dict[str, Any]) -> str:
     """A nested run for one trial, with every resolved param; returns its run id."""
-    mlflow.config.enable_async_logging(True)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_id, nested=True,
                            tags={k: str(v) for k, v in tags.items()},
                            log_system_metrics=cfg.tracking.system_metrics)
     try:
-        mlflow.log_params({k: config.redact(str(v))[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()})
+        mlflow.log_params({k: config.redact(str(v))[:6000] for k, v in config.flatten(config.to_dict(cfg)).items()},
+                          synchronous=True)
     except KeyboardInterrupt:  # the trial is recorded as interrupted; its run must not stay RUNNING
         mlflow.end_run("KILLED")
         raise
     return run.info.run_id
+
+
+# One thread writes every run's epoch batches, in order. Not MLflow's asynchronous logging: once a run
+# has used it, ending the run waits for its queue thread, which polls once a second (~1 s a trial).
+_EPOCH_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-epoch-log")
 
 
 class EpochLog:
@@ -191,7 +196,7 @@ class EpochLog:
     def __init__(self, run_id: str, every_s: float = 2.0):
         self.run_id, self.every_s = run_id, every_s
         self.pending: list[Metric] = []
-        self.sent: list[RunOperations] = []  # batches on their way: `wait` raises if one failed
+        self.sent: list[Future] = []  # batches on their way: `wait` raises if one failed
         self.sent_at = -math.inf
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -202,16 +207,16 @@ class EpochLog:
 
     def flush(self) -> None:
         if self.pending:
-            self.sent.append(MlflowClient().log_batch(self.run_id, metrics=self.pending, synchronous=False))
+            self.sent.append(_EPOCH_WRITER.submit(MlflowClient().log_batch, self.run_id, metrics=self.pending,
+                                                  synchronous=True))
             self.pending = []
         self.sent_at = time.time()
 
     def wait(self) -> None:
-        """Returns once every batch is stored; raises MlflowException if one was not (MLflow's own
-        flush_async_logging only logs such a failure)."""
+        """Returns once every batch is stored; raises the store's error (MlflowException) if one was not."""
         sent, self.sent = self.sent, []
         for batch in sent:
-            batch.wait()
+            batch.result()
 
 
 def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float], state: str,
@@ -235,7 +240,6 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
                 figures.save_all(result, folder)
             torch.save(result.model.state_dict(), folder / "model_state_dict.pt")
             mlflow.log_artifacts(str(folder))
-    mlflow.flush_async_logging()
     mlflow.set_tags({"state": state, "reason": reason[:5000]}, synchronous=True)
     mlflow.end_run(states.MLFLOW_STATUS.get(state, "FAILED"))
 

@@ -291,8 +291,8 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"steps) and {t['val_images']} validation images an epoch; {t['epochs_per_run']} epochs a run, the "
              f"last {t['timed_epochs_per_run']} timed: from the end of the first epoch to the end of the run's epoch "
              "logging (on: its last batch of epochs sent and written), per epoch. "
-             "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` (asynchronous "
-             f"logging, system metrics {_system_metrics(t)}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
+             "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` "
+             f"({_writer(t)}, system metrics {_system_metrics(t)}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
              f"off: no tracking. {t['rounds']} timed rounds of on, each between two of off; the overhead is the "
              "median of the per-round (on − off) / off (in brackets: fastest round against fastest round), "
              "with a distribution-free confidence interval for that median; the target is met when all of "
@@ -303,7 +303,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"**{100 * t['overhead_median']:+.2f} %** ({100 * t['overhead_best']:+.2f} %) | {_tracking_interval(t)} | "
              f"{t['overhead_ms_per_epoch']:+.2f} ms | < {100 * TARGET_TRACKING:g} %: {t['verdict']} |"), "",
              f"Per-round overheads: {', '.join(f'{100 * r:+.1f} %' for r in t['overhead_per_round'])}.", "",
-             *_logging_time(t.get("logging_time")),
+             *_logging_time(t.get("logging_time"), t.get("mlflow_async_logging", True)),
              ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, an "
              "epoch's images over its wall-clock time, read back from the MLflow store) and the benchmark's own "
              "(test_speed.py's round of ours, 20 steps of `train_epoch` timed from outside, in the same rounds):"),
@@ -323,21 +323,30 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
     return lines
 
 
-def _logging_time(own: dict | None) -> list[str]:
+def _writer(t: dict) -> str:
+    """Which thread wrote the epochs: older results were measured with MLflow's asynchronous logging."""
+    return "asynchronous logging" if t.get("mlflow_async_logging", True) else "epochs written by EpochLog's thread"
+
+
+def _logging_time(own: dict | None, mlflow_async: bool) -> list[str]:
     """The logging's own time (test_tracking_overhead._Clock), where it was counted."""
     if own is None:
         return []
     every = f"{own['mlflow_sampling_s']:g} s"
+    threads = "MLflow's asynchronous logging and its system-metrics sampler" if mlflow_async else \
+        "EpochLog's writer and MLflow's system-metrics sampler, which writes its own samples"
+    scaled = ("the sampler thread's own CPU scaled to that rate, the writing of its samples (in MLflow's "
+              "logging threads) still counted in full:") if mlflow_async else \
+        "the sampler thread's CPU, its writes included, scaled to that rate:"
     return [("The logging's own time, counted in the same rounds of on: the main thread's wall time in the "
              "logging calls (EpochLog, and its flush and wait at the end, whose wait also counts as the "
-             "CPU it waits for), plus the CPU time of the process's threads that do not train (MLflow's "
-             "asynchronous logging and its system-metrics sampler; the process's CPU time less the main "
+             f"CPU it waits for), plus the CPU time of the process's threads that do not train ({threads}; "
+             "the process's CPU time less the main "
              "thread's and torch's own threads'). While training keeps every core busy, this is what "
              "logging can take from it, unless it also slows it in ways no thread's time shows (caches, "
              "GIL hand-offs): the wall clock above is the check on those, within its interval. As a share "
              "of the round's epoch without it, with system metrics sampled as in these runs, and at "
-             f"MLflow's own {every}, which users get: the sampler thread's own CPU scaled to that rate, "
-             "the writing of its samples (in MLflow's logging threads) still counted in full:"), "",
+             f"MLflow's own {every}, which users get: {scaled}"), "",
             ("| main thread, ms/epoch | other threads' CPU, ms/epoch | of which the sampler's | other threads' "
              "CPU with logging off | share of the epoch: median (largest round) | "
              f"at MLflow's {every}: median (largest round) |"),

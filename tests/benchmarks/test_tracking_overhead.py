@@ -11,7 +11,7 @@ span several of EpochLog's sending intervals:
 
 - off: no tracking; the epoch callback only reads the clock;
 - on: the runner's MLflow logging (bench.study.run_trial's): an MLflow child run in an SQLite store in a
-  tmp folder, started with `bench.tracking.start_child` (asynchronous logging; system metrics on, as
+  tmp folder, started with `bench.tracking.start_child` (epochs written by EpochLog's thread; system metrics on, as
   users get them, but sampled every SYSTEM_METRICS_S seconds instead of MLflow's 10: a run here lasts a
   few seconds, and at 10 s it would log none, so their cost would go unmeasured; at the faster rate it
   is an upper bound), and `on_epoch=bench.tracking.EpochLog(run_id)`, then read the same clock. The
@@ -23,8 +23,7 @@ to the end of the run's epoch logging, over the epochs after the first: the trai
 validation passes, the logging calls, whatever the logging's background thread takes from the training
 thread meanwhile, and, for "on", the sending and writing of the epochs still pending at the end (which
 the runner does when it ends the run: EpochLog's flush and wait). The rest of starting and ending a run
-(params, final metrics, artifacts, and MLflow's own flush, which idles up to 1 s until its queue thread
-next polls) is once per run and not timed.
+(params, final metrics, artifacts) is once per run and not timed.
 
 The rounds are paired, as in test_speed.py: every timed round of "on" (pytest-benchmark's own timing,
 the whole `train` call) runs between two rounds of "off"; each round's overhead is (on − off) / off with
@@ -36,7 +35,7 @@ the final flush, plus the CPU time of the process's threads that do not train (t
 which keeps that of threads that have ended, less that of the main thread and torch's native threads,
 read from Linux's /proc/self/task/*/schedstat). While training keeps the cores busy, that is what the
 logging can take from it. Counted as measured (system metrics every SYSTEM_METRICS_S) and at MLflow's
-own interval (the sampler thread's CPU scaled to its rate; the writing of its samples kept in full);
+own interval (the sampler thread's CPU, which includes writing its samples, scaled to its rate);
 the conftest's verdict uses the former, as measured, where the paired interval spans the target.
 
 samples/s: `train` reports `samples_per_s` per epoch (the epoch's training images over its wall-clock
@@ -175,8 +174,8 @@ class _Clock:
 def logging_shares(on: list[dict], off: list[dict], on_ms: list[float]) -> dict:
     """The logging's own time in each round of on (_Clock.logging_ms), with the epoch's ms, -> its share of
     the epoch without it, as counted (system metrics every SYSTEM_METRICS_S) and at MLflow's own
-    interval: there the sampler thread wakes SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S as often, and
-    the writes of its samples (in MLflow's logging threads) stay counted in full. `off`: the same count
+    interval: there the sampler thread, which also writes its samples, wakes SYSTEM_METRICS_S /
+    MLFLOW_SYSTEM_METRICS_S as often. `off`: the same count
     with no logging, the baseline (no thread but training's: ~0)."""
     own_ms = [o["main"] + o["threads"] for o in on]
     slower = 1 - SYSTEM_METRICS_S / MLFLOW_SYSTEM_METRICS_S
@@ -244,9 +243,6 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
             clock.inner_s += done - flushing  # the wait is counted twice: as the main thread's, and as the CPU it waits for
             on_ms.append(clock.epoch_ms(done))
             own_time["on"].append(clock.logging_ms())
-            # not timed: a once-per-run cost (finish_child's), which also idles up to 1 s, until MLflow's queue
-            # thread next wakes (its poll's timeout), however little is pending
-            mlflow.flush_async_logging()
         finally:
             mlflow.end_run()
         history = sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
@@ -282,6 +278,7 @@ def test_tracking_overhead(benchmark, tmp_path, monkeypatch, device):
         "system_metrics": cfg.tracking.system_metrics,
         "system_metrics_sampling_s": SYSTEM_METRICS_S,
         "system_metric_samples_per_run": statistics.median(system_rows[WARMUP:]),
+        "mlflow_async_logging": False,  # epochs written by EpochLog's thread, system metrics by their sampler
         "epoch_ms_off": {"median": statistics.median(off_t), "best": min(off_t)},
         "epoch_ms_on": {"median": statistics.median(on_t), "best": min(on_t)},
         "overhead_per_round": ratios,
