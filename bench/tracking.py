@@ -182,13 +182,13 @@ def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags
 
 
 # One thread writes every run's epoch batches, in order. Not MLflow's asynchronous logging: once a run
-# has used it, ending the run waits for its queue thread, which polls once a second (~1 s a trial).
+# has used it, ending the run waits for its queue thread's once-a-second poll, twice (up to 2 s a trial).
 _EPOCH_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-epoch-log")
 
 
 class EpochLog:
     """A run's per-epoch metrics (an `on_epoch` callback), sent to MLflow in batches: at the first epoch,
-    then at most every `every_s` seconds, and by `flush` (finish_child calls it). Each epoch keeps its
+    then at most every `every_s` seconds, and by `wait` (finish_child calls it). Each epoch keeps its
     own step and time. Sending costs the training thread milliseconds of Python (MLflow and SQLAlchemy,
     in a background thread but under the GIL) whatever the batch holds, and on a GPU an epoch of these
     small models can take 20 ms: sent every epoch, logging added 38 % to it on an H100."""
@@ -196,7 +196,7 @@ class EpochLog:
     def __init__(self, run_id: str, every_s: float = 2.0):
         self.run_id, self.every_s = run_id, every_s
         self.pending: list[Metric] = []
-        self.sent: list[Future] = []  # batches on their way: `wait` raises if one failed
+        self.in_flight: Future | None = None  # the batch being written; `wait` raises if it failed
         self.sent_at = -math.inf
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -206,17 +206,29 @@ class EpochLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            self.sent.append(_EPOCH_WRITER.submit(MlflowClient().log_batch, self.run_id, metrics=self.pending,
-                                                  synchronous=True))
+        """Sends the epochs not yet sent, as one batch, unless the last batch is still being written (they
+        then go with the next) or failed (`wait` raises its error). One batch at a time: a store that
+        stops answering is not left a queue of batches, each retried in full before the process can exit."""
+        last = self.in_flight
+        if self.pending and (last is None or (last.done() and last.exception() is None)):
+            self.in_flight = _EPOCH_WRITER.submit(MlflowClient().log_batch, self.run_id, metrics=self.pending,
+                                                  synchronous=True)
             self.pending = []
         self.sent_at = time.time()
 
     def wait(self) -> None:
-        """Returns once every batch is stored; raises the store's error (MlflowException) if one was not."""
-        sent, self.sent = self.sent, []
-        for batch in sent:
-            batch.result()
+        """Sends the epochs not yet sent; returns once every epoch is stored, and raises MlflowException
+        with the store's error if one was not."""
+        while self.in_flight is not None or self.pending:
+            if self.in_flight is not None:
+                try:
+                    self.in_flight.result()
+                except MlflowException:
+                    raise
+                except Exception as e:  # the runner reports a tracking failure by MlflowException
+                    raise MlflowException(f"writing the epochs' metrics failed: {type(e).__name__}: {e}") from e
+                self.in_flight = None
+            self.flush()
 
 
 def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float], state: str,
@@ -228,7 +240,6 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
     could not be stored: the error propagates before the tag (the command exits 1, the next trains the
     variant again), never a run tagged complete without its test metrics."""
     if epoch_log is not None:
-        epoch_log.flush()
         epoch_log.wait()
     if final:
         mlflow.log_metrics(final, synchronous=True)

@@ -392,9 +392,9 @@ sys.exit(run.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("key", ["train_elbo", "test_elbo"])  # an epoch's batch (asynchronous); the final metrics
+@pytest.mark.parametrize("key", ["train_elbo", "test_elbo"])  # an epoch's batch (written in the background); the final metrics
 def test_a_metric_the_store_did_not_take_is_never_a_complete_run(key, tmp_path, monkeypatch):
-    """A write that fails (MLflow's asynchronous logging only logs the error): the command stops with
+    """A write that fails (an epoch's, in EpochLog's writer thread, or the final metrics): the command stops with
     exit 1 before the run is tagged complete, and the next one trains the variant again, so that no run
     counts as complete without its metrics."""
     monkeypatch.chdir(tmp_path)

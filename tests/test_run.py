@@ -4,12 +4,14 @@ tmp_path."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import mlflow
 import optuna
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.async_logging.async_logging_queue import AsyncLoggingQueue
 from optuna.trial import TrialState
@@ -78,6 +80,7 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2"]
+    monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING", raising=False)  # a user's setting would route system metrics there
     queues = []  # MLflow's asynchronous logging: ending a run that used it waits ~1 s for its queue thread's poll
     activate = AsyncLoggingQueue.activate
     monkeypatch.setattr(AsyncLoggingQueue, "activate", lambda queue: queues.append(queue) or activate(queue))
@@ -205,6 +208,11 @@ def test_help_lists_studies_and_keys(capsys):
     assert "  train.beta = 1.0  # weight of the KL in the training objective" in keys
 
 
+def _written() -> None:
+    """Returns once EpochLog's writer thread has written every batch it was given (it takes them in order)."""
+    tracking._EPOCH_WRITER.submit(lambda: None).result()
+
+
 def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
@@ -212,15 +220,56 @@ def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(t
     epoch_log = tracking.EpochLog(run_id, every_s=3600)
 
     def history() -> list[tuple[int, float]]:
-        epoch_log.wait()
         return [(m.step, m.value) for m in client.get_metric_history(run_id, "val_elbo")]
 
     for epoch in range(1, 6):
         epoch_log(epoch, {"epoch": epoch, "val_elbo": -100.0 + epoch})
+    _written()
     assert history() == [(1, -99.0)]  # the rest wait for the interval or the run's end
-    epoch_log.flush()
+    epoch_log.wait()
     assert history() == [(e, -100.0 + e) for e in range(1, 6)]
     assert "epoch" not in client.get_run(run_id).data.metrics
+
+
+def test_epoch_log_keeps_one_batch_in_flight_and_sends_the_epochs_behind_it_together(tmp_path, monkeypatch):
+    """A slow store (or a server retrying) gets the next epochs in one batch once the last is written, not
+    a queue of batches."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    written, batches = threading.Event(), []
+
+    def slow(client, run_id, metrics, synchronous):
+        written.wait(30)
+        batches.append([m.step for m in metrics])
+
+    monkeypatch.setattr(MlflowClient, "log_batch", slow)
+    epoch_log = tracking.EpochLog("run", every_s=0)  # would send every epoch
+    for epoch in range(1, 6):
+        epoch_log(epoch, {"val_elbo": float(epoch)})
+    written.set()
+    epoch_log.wait()
+    assert batches == [[1], [2, 3, 4, 5]]
+
+
+def test_epoch_log_stops_sending_after_a_failed_write_and_reports_it_as_a_tracking_error(tmp_path, monkeypatch):
+    """After a failed batch nothing more is sent (a store that stops answering would otherwise get every
+    later batch, each retried in full, before the process could exit); `wait` raises MlflowException,
+    which the runner reports as a tracking failure (exit 1), whatever the writer hit."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    batches = []
+
+    def refused(client, run_id, metrics, synchronous):
+        batches.append([m.step for m in metrics])
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", refused)
+    epoch_log = tracking.EpochLog("run", every_s=0)
+    epoch_log(1, {"val_elbo": 1.0})
+    _written()
+    for epoch in range(2, 5):
+        epoch_log(epoch, {"val_elbo": float(epoch)})
+    with pytest.raises(MlflowException, match="ConnectionRefusedError: connection refused"):
+        epoch_log.wait()
+    assert batches == [[1]]
 
 
 def test_the_report_is_written_once_the_runs_are_kept_and_a_joining_worker_leaves_it(tmp_path, monkeypatch, capsys):
