@@ -1,7 +1,8 @@
 """MLflow tracking: one experiment per study, a parent run per Optuna study, a nested child run per trial.
 
 Per-epoch metrics go in batches, at most one every two seconds, written by a background thread
-(`EpochLog`), so that logging does not slow training. Models are logged as state dicts (`mlflow.pytorch.log_model` is slow).
+(`EpochLog`), so that logging does not slow training. Models are logged as state dicts
+(`mlflow.pytorch.log_model` is slow).
 """
 
 from __future__ import annotations
