@@ -285,6 +285,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
     s, on, off = t["samples_per_s"], t["epoch_ms_on"], t["epoch_ms_off"]
     device = t.get("device", "cpu")
     where = m["gpu"] if device == "cuda" else m["cpu"]
+    mlflow_async = t.get("mlflow_async_logging", True)  # how the runs before EpochLog's writer logged
     lines = [f"### MLflow logging overhead ({device})", "",
              (f"From `{command}` (`tests/benchmarks/test_tracking_overhead.py`), on {where}. `bench.train.train`, "
              f"bernoulli, batch {t['batch']}, 784-400-20, {t['train_images']} training images ({t['steps_per_epoch']} "
@@ -292,7 +293,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"last {t['timed_epochs_per_run']} timed: from the end of the first epoch to the end of the run's epoch "
              "logging (on: its last batch of epochs sent and written), per epoch. "
              "On: an MLflow child run in an SQLite store, started by `bench.tracking.start_child` "
-             f"({_writer(t)}, system metrics {_system_metrics(t)}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
+             f"({_writer(mlflow_async)}, system metrics {_system_metrics(t)}), `on_epoch=bench.tracking.EpochLog(run_id)`, the runner's; "
              f"off: no tracking. {t['rounds']} timed rounds of on, each between two of off; the overhead is the "
              "median of the per-round (on − off) / off (in brackets: fastest round against fastest round), "
              "with a distribution-free confidence interval for that median; the target is met when all of "
@@ -303,7 +304,7 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
              f"**{100 * t['overhead_median']:+.2f} %** ({100 * t['overhead_best']:+.2f} %) | {_tracking_interval(t)} | "
              f"{t['overhead_ms_per_epoch']:+.2f} ms | < {100 * TARGET_TRACKING:g} %: {t['verdict']} |"), "",
              f"Per-round overheads: {', '.join(f'{100 * r:+.1f} %' for r in t['overhead_per_round'])}.", "",
-             *_logging_time(t.get("logging_time"), t.get("mlflow_async_logging", True)),
+             *_logging_time(t.get("logging_time"), mlflow_async),
              ("samples/s, bernoulli L = 1, median (best): what the runner logs (`samples_per_s` of `train`, an "
              "epoch's images over its wall-clock time, read back from the MLflow store) and the benchmark's own "
              "(test_speed.py's round of ours, 20 steps of `train_epoch` timed from outside, in the same rounds):"),
@@ -323,9 +324,9 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
     return lines
 
 
-def _writer(t: dict) -> str:
+def _writer(mlflow_async: bool) -> str:
     """Which thread wrote the epochs: older results were measured with MLflow's asynchronous logging."""
-    return "asynchronous logging" if t.get("mlflow_async_logging", True) else "epochs written by EpochLog's thread"
+    return "asynchronous logging" if mlflow_async else "epochs written by EpochLog's thread"
 
 
 def _logging_time(own: dict | None, mlflow_async: bool) -> list[str]:

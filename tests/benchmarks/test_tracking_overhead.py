@@ -22,7 +22,7 @@ An epoch's time is the wall time from the end of the first epoch (which includes
 to the end of the run's epoch logging, over the epochs after the first: the training epochs, the
 validation passes, the logging calls, whatever the logging's background thread takes from the training
 thread meanwhile, and, for "on", the sending and writing of the epochs still pending at the end (which
-the runner does when it ends the run: EpochLog's flush and wait). The rest of starting and ending a run
+the runner does when it ends the run: EpochLog's wait). The rest of starting and ending a run
 (params, final metrics, artifacts) is once per run and not timed.
 
 The rounds are paired, as in test_speed.py: every timed round of "on" (pytest-benchmark's own timing,
