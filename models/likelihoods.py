@@ -35,6 +35,45 @@ PER_PIXEL, SHARED, OPTIMAL = "per_pixel", "shared", "optimal"
 LEVELS = 256  # pixel values of 8-bit data
 
 
+class _LogSigmoid(torch.autograd.Function):
+    """log σ(x) = min(x, 0) − log1p(e^(−|x|)) on a CPU, with log1p(e) = log u − (u − 1 − e)/u, u = 1 + e
+    rounded: the correction gives back what rounding u lost (≤ 1.5 ulp from float64's log σ in float32,
+    tests/test_likelihoods.py). torch's CPU log1p, which F.logsigmoid and softplus use, is not
+    vectorised: 0.5 ms for one 128×784 batch on 2 cores, about a tenth of a Bernoulli training step,
+    against 0.18 ms here. Its gradient is σ(−x), also at x = 0, where the formula has a kink."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        e = x.abs().neg_().exp_()  # e^(−|x|) in (0, 1]
+        u = e + 1
+        log1p_e = u.log().sub_((u - 1).sub_(e).div_(u))
+        return x.clamp_max(0).sub_(log1p_e)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(-x)
+
+
+def log_sigmoid(x: Tensor) -> Tensor:
+    """log σ(x), as F.logsigmoid; faster on a CPU (`_LogSigmoid`). Elsewhere F.logsigmoid's one kernel."""
+    return _LogSigmoid.apply(x) if x.device.type == "cpu" else F.logsigmoid(x)
+
+
+class BernoulliLogits(Bernoulli):
+    """torch's Bernoulli with log p(x) = x η + log σ(−η) at logit η (the same pmf; `log_sigmoid`'s speed)."""
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(x)
+        # x log σ(η) + (1 − x) log σ(−η), and log σ(η) − log σ(−η) = η
+        return torch.addcmul(log_sigmoid(-self.logits), x, self.logits)
+
+
 class DiscretizedLogistic(Distribution):
     """Logistic density integrated over the 256 bins of 8-bit pixels (Salimans et al. 2017, PixelCNN++).
 
@@ -57,9 +96,9 @@ class DiscretizedLogistic(Distribution):
         # lower − upper = −(bin width)/scale, written so: not ∞ − ∞ = NaN when the scale underflows
         # (float32, log-scale < −88) and both edges are ±∞
         width = 2 * half_bin / self.scale
-        interior = F.logsigmoid(upper) + F.logsigmoid(-lower) + torch.log(-torch.expm1(-width))
-        first = F.logsigmoid(upper)  # k = 0: all mass below the upper edge
-        last = F.logsigmoid(-lower)  # k = 255: all mass above the lower edge
+        first = log_sigmoid(upper)  # k = 0: all mass below the upper edge
+        last = log_sigmoid(-lower)  # k = 255: all mass above the lower edge
+        interior = first + last + torch.log(-torch.expm1(-width))
         return torch.where(x < half_bin, first, torch.where(x > 1 - half_bin, last, interior))
 
     @property
@@ -80,9 +119,9 @@ class ContinuousBernoulliLogits(ContinuousBernoulli):
     unbounded. Sampling is torch's."""
 
     def log_prob(self, x: Tensor) -> Tensor:
-        # λ^x (1 − λ)^(1−x) C(λ), log λ^x (1 − λ)^(1−x) = x η − softplus(η)
+        # λ^x (1 − λ)^(1−x) C(λ), log λ^x (1 − λ)^(1−x) = x η + log σ(−η)
         eta, x = torch.broadcast_tensors(self.logits, x)
-        return _cb_log_norm(eta) - F.binary_cross_entropy_with_logits(eta, x, reduction="none")
+        return torch.addcmul(_cb_log_norm(eta).add_(log_sigmoid(-eta)), x, eta)
 
     @property
     def mean(self) -> Tensor:
@@ -208,7 +247,7 @@ FAMILIES: dict[str, Family] = {
     for f in [
         Family(
             name="bernoulli", n_params=1, support=BINARY, is_pmf=True,
-            make=lambda raw, scale, ms, shared, x: Bernoulli(logits=_only(raw), **_V),
+            make=lambda raw, scale, ms, shared, x: BernoulliLogits(logits=_only(raw), **_V),
             summary="Bernoulli(logits): the pmf of binary pixels", score=_bernoulli_score,
         ),
         Family(

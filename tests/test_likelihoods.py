@@ -281,6 +281,35 @@ def test_discretized_logistic_underflowed_scale_gives_no_nan(flush):
 
 
 # ---------------------------------------------------------------------------------------------------
+# log σ on a CPU (likelihoods.log_sigmoid), which the Bernoulli, continuous Bernoulli and discretized
+# logistic use: its own formula there, since torch's CPU log1p is slow.
+# ---------------------------------------------------------------------------------------------------
+
+LOG_SIGMOID_AT = np.concatenate([np.linspace(-120, 120, 240_001), np.logspace(-30, 2, 3_201),
+                                 -np.logspace(-30, 2, 3_201)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_sigmoid_is_within_two_ulp_of_the_exact_value(dtype):
+    x = torch.as_tensor(LOG_SIGMOID_AT, dtype=dtype)
+    at = x.double().numpy()  # the inputs as rounded to dtype
+    exact = np.minimum(at, 0) - np.log1p(np.exp(-np.abs(at)))  # float64: exact to ~1 ulp of float64
+    got = likelihoods.log_sigmoid(x).double().numpy()
+    normal = np.abs(exact) > 1e-30  # below, float32 reaches its subnormals, which training flushes to 0
+    rel = np.abs(got - exact)[normal] / np.abs(exact)[normal]
+    assert rel.max() <= 2 * torch.finfo(dtype).eps
+    ends = likelihoods.log_sigmoid(torch.tensor([-math.inf, math.inf], dtype=dtype))
+    assert ends.tolist() == [-math.inf, 0.0]
+
+
+def test_log_sigmoid_gradient_is_sigmoid_of_minus_x_also_at_its_kink():
+    x = torch.tensor([-700.0, -30.0, -1.0, -1e-8, 0.0, 1e-8, 2.0, 30.0, 700.0], dtype=torch.float64,
+                     requires_grad=True)
+    (grad,) = torch.autograd.grad(likelihoods.log_sigmoid(x).sum(), x)
+    torch.testing.assert_close(grad, torch.sigmoid(-x.detach()), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Suprema: bounded families never exceed theirs, unbounded ones can be driven without limit.
 # ---------------------------------------------------------------------------------------------------
 
