@@ -69,6 +69,33 @@ def test_a_target_is_met_only_when_the_medians_interval_is_on_its_side():
     assert verdict(None, below, 0.01, 0.04) == "met on the median only"  # no rounds: median and best
 
 
+def test_the_stacked_target_is_decided_by_the_interval_of_its_per_round_step_rate():
+    from tests.benchmarks.conftest import markdown, summarize
+
+    def bench(kind, ms_per_step, variants=1, **paired_ms):
+        info = {"kind": kind, "device": "cuda", "family": "bernoulli", "n_samples": 1, "n_params": 1,
+                "batch": 128, "steps": 20, "variants": variants,
+                "paired": {name: {"rounds": ms, "median": sorted(ms)[6], "best": min(ms)}
+                           for name, ms in paired_ms.items()}}
+        rounds = [20e-3 * ms for ms in ms_per_step]  # seconds a round of 20 steps
+        return {"name": kind, "extra_info": info,
+                "stats": {"median": sorted(rounds)[6], "min": min(rounds), "rounds": len(rounds), "data": rounds}}
+
+    single = [1.0] * 12
+    ours = bench("ours", single, floor=[0.5] * 12)
+
+    def stacked(rates):  # step rates vs the single variant's, round by round
+        return summarize([ours, bench("stacked", [1 / r for r in rates], 16, single=single)], "cmd")
+
+    spread = stacked([0.40, 0.44, 0.45, 0.47, 0.48, 0.49, 0.50, 0.51, 0.52, 0.53, 0.55, 0.60])
+    d = spread["ratios"]["cuda"]
+    assert d["stacked_16_step_rate_vs_single_interval"][:2] == pytest.approx([0.45, 0.53])
+    assert d["target_stacked"].startswith("not resolved")  # median 0.495, but the interval spans 0.5
+    assert "(96 % interval of the median 0.45 to 0.53; target ≥ 0.5: not resolved" in markdown(spread)
+    assert stacked([0.51 + 0.01 * i for i in range(12)])["ratios"]["cuda"]["target_stacked"] == "met"
+    assert stacked([0.30 + 0.01 * i for i in range(12)])["ratios"]["cuda"]["target_stacked"] == "not met"
+
+
 def test_logging_decides_the_overhead_only_where_the_wall_clock_cannot():
     from tests.benchmarks.conftest import tracking_verdict
 
