@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class TrainConfig:
     # | autograd: torch.autograd through the whole loss, the reference it is tested against
     backward: str = "manual"
     cuda_graph: bool = True  # on a GPU, capture the step once as a CUDA graph and replay it per batch
+    # on a CPU, run the manual gradient through torch.compile: fused loops for its small operations; the
+    # first step compiles (seconds; needs a C++ compiler); not used on a GPU, where the CUDA graph is
+    compile: bool = False
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
     # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
     scale_collapse: float = 0.01
@@ -359,6 +363,14 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "an integer ≥ 1 (L)")
     _check(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
     _check(t.backward in BACKWARDS, "train.backward", t.backward, f"one of {', '.join(BACKWARDS)}")
+    if t.compile:
+        _check(t.backward == "manual", "train.compile", t.compile,
+               "false with train.backward=autograd (it compiles the written-out gradient: set train.backward=manual)")
+        if t.device != "cuda":
+            cxx = os.environ.get("CXX", "g++")
+            _check(shutil.which(cxx) is not None, "train.compile", t.compile,
+                   f"false on this machine: torch.compile's CPU code needs a C++ compiler, and {cxx} (the CXX "
+                   "environment variable, else g++) was not found")
     _check(math.isfinite(t.scale_collapse) and t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse,
            "a finite number ≥ 0")
     _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")

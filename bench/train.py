@@ -191,7 +191,8 @@ def flush_subnormals(device: torch.device) -> None:
 
 def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:
     """A step function x (B, D) -> the batch's ELBO terms, after one Adam step (lr train.lr) on its
-    β-objective, with train.backward's gradient; replayed as a CUDA graph on a GPU (train.cuda_graph)."""
+    β-objective, with train.backward's gradient; replayed as a CUDA graph on a GPU (train.cuda_graph),
+    compiled on a CPU (train.compile)."""
     t = cfg.train
     device = next(model.parameters()).device
     flush_subnormals(device)
@@ -204,7 +205,7 @@ def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:
             optimizer_step(opt, -terms.objective(t.beta).mean())
             return terms
     else:
-        manual = ManualGradient(model, lr=t.lr)
+        manual = ManualGradient(model, lr=t.lr, compiled=t.compile and device.type == "cpu")
 
         def step(x: Tensor) -> ElboTerms:
             return manual.step(x, t.n_samples, t.beta)

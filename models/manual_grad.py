@@ -18,6 +18,8 @@ family; tests/benchmarks/test_speed.py times both (train.backward).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import Independent
@@ -126,6 +128,15 @@ class FlatAdam:
              amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
 
 
+@functools.cache
+def _compiled_gradient():
+    # One compiled function for the process, with a graph per family and shape under it. A study trains
+    # many of those in one process, past dynamo's default of 8 graphs a function (after which it would run
+    # the rest uncompiled).
+    compiled = torch.compile(_gradient, dynamic=False)
+    return torch._dynamo.config.patch(recompile_limit=256)(compiled)
+
+
 class ManualGradient:
     """`step(x, n_samples, beta)` makes one training step on x (B, D): the β-weighted loss's gradient,
     then Adam's update with learning rate `lr`. `grad(...)` stops after the gradient, left in every
@@ -133,13 +144,20 @@ class ManualGradient:
     `elbo_terms` does (detached); the L samples draw the same ε as `elbo_terms` from the same random
     state.
 
+    With `compiled`, the gradient runs through `torch.compile` (inductor) for the first call's batch
+    shape, so that its many small elementwise operations run as a few fused loops; the first call
+    compiles (seconds), and a batch of another shape (an epoch's short last batch) runs uncompiled rather
+    than compiling again. The arithmetic is the same up to rounding (tests/test_manual_grad.py).
+
     The model's parameters, and their gradients, become views of one flat buffer each, so that Adam
     updates one tensor in one kernel; the model, its state dict and its `.grad`s are used as before, but
     it must not be moved or cast afterwards (`.to(...)` gives it new tensors, which Adam would not see:
     a step then raises)."""
 
-    def __init__(self, model: VAE, lr: float | None = None):
+    def __init__(self, model: VAE, lr: float | None = None, compiled: bool = False):
         self.model = model
+        self.compiled = _compiled_gradient() if compiled else None
+        self.compiled_shape: torch.Size | None = None  # the batch shape the compiled gradient is used for
         params = list(model.parameters())
         self.flat = torch.cat([p.detach().flatten() for p in params])  # (n_params,)
         self.flat_grad = torch.zeros_like(self.flat)
@@ -158,7 +176,9 @@ class ManualGradient:
                                "train stale copies of its parameters: make the ManualGradient after `.to(...)`")
         B, model = x.shape[0], self.model
         eps = torch.randn((n_samples, B, model.latent_dim), device=x.device, dtype=x.dtype)  # sample_z's draw
-        return _gradient(model, x, eps, beta, self.grads)
+        self.compiled_shape = self.compiled_shape or eps.shape
+        compiled = self.compiled is not None and eps.shape == self.compiled_shape
+        return (self.compiled if compiled else _gradient)(model, x, eps, beta, self.grads)
 
     def step(self, x: Tensor, n_samples: int, beta: float) -> ElboTerms:
         if self.adam is None:

@@ -173,6 +173,8 @@ CASES = [
     ("cuda without a GPU", ["study=smoke", "train.device=cuda"], ["train.device=cuda", "use auto or cpu"]),
     ("unknown backward", ["study=smoke", "train.backward=jax"],
      ["train.backward='jax' is invalid", "one of manual, autograd"]),
+    ("compile with autograd", ["study=smoke", "train.compile=true", "train.backward=autograd"],
+     ["train.compile=True is invalid", "set train.backward=manual"]),
 ]
 
 
@@ -201,6 +203,17 @@ def test_at_least_20_distinct_bad_inputs():
 @pytest.mark.parametrize("args, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(args, needles, tmp_path, monkeypatch,
                                                                    capsys):
+    _assert_refused(args, needles, tmp_path, monkeypatch, capsys)
+
+
+def test_compile_without_a_cpp_compiler_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-c++")
+    _assert_refused(["study=smoke", "train.compile=true"], ["train.compile=True is invalid",
+                    "needs a C++ compiler, and no-such-c++ (the CXX environment variable, else g++) was not found"],
+                    tmp_path, monkeypatch, capsys)
+
+
+def _assert_refused(args, needles, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no GPU", also on a machine with one
     _inputs(tmp_path)

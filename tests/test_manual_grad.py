@@ -9,8 +9,8 @@ import torch
 
 from bench import config
 from bench.data import load
-from bench.train import build, make_optimizer, make_step
-from models import likelihoods
+from bench.train import build, make_optimizer, make_step, train
+from models import likelihoods, manual_grad
 from models.estimators import elbo_terms
 from models.manual_grad import ManualGradient
 from models.vae import VAE
@@ -128,3 +128,41 @@ def test_a_step_without_a_learning_rate_is_refused():
     manual = ManualGradient(VAE(D, [7], Z, likelihoods.get("bernoulli")).double())
     with pytest.raises(RuntimeError, match="without lr computes gradients only"):
         manual.step(_inputs("bernoulli"), 1, 1.0)
+
+
+@pytest.mark.parametrize("family", likelihoods.NAMES)
+def test_a_compiled_gradient_trains_what_the_eager_one_trains(family):
+    """train.compile: steps through torch.compile end where eager steps end (up to rounding), and a batch
+    of another shape than the first (an epoch's short last one) runs uncompiled."""
+    torch.manual_seed(0)
+    model = VAE(D, [7, 5], Z, likelihoods.get(family, scale=0.5)).double()
+    reference = copy.deepcopy(model)
+    compiled, eager = ManualGradient(model, lr=1e-2, compiled=True), ManualGradient(reference, lr=1e-2)
+    for i, batch in enumerate([B, B, B, B - 2]):
+        x = _inputs(family)[:batch]
+        for manual in (compiled, eager):
+            torch.manual_seed(i)
+            manual.step(x, 2, 0.7)
+    assert compiled.compiled is not None and compiled.compiled_shape == (2, B, Z)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_train_compile_trains_through_the_compiled_gradient(monkeypatch):
+    """train.compile=true: the runner's steps on a CPU go through the compiled gradient (the full batches;
+    digits: 1199 training images, batches of 64) and train what eager steps train."""
+    calls = []
+    real = manual_grad._compiled_gradient()
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(manual_grad, "_compiled_gradient", lambda: counted)
+    args = ["data.name=digits", "likelihood.name=gaussian", "data.binarize=none", "model.hidden=[16]",
+            "model.latent_dim=4", "train.batch_size=64", "train.epochs=1", "eval.iwae_k=4", "eval.iwae_examples=8",
+            "eval.figures=false", "train.device=cpu"]
+    compiled, eager = (train(config.load([*args, f"train.compile={c}"])) for c in ("true", "false"))
+    assert calls and set(calls) == {(64, 64)}
+    for (name, p), q in zip(compiled.model.named_parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

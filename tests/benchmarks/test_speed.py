@@ -335,15 +335,16 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
 # --- what each default buys ---------------------------------------------------------------------------
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-SETTINGS = [("cpu", "train.backward", "autograd"), pytest.param("cuda", "train.backward", "autograd", marks=CUDA),
+SETTINGS = [("cpu", "train.backward", "autograd"), ("cpu", "train.compile", True),
+            pytest.param("cuda", "train.backward", "autograd", marks=CUDA),
             pytest.param("cuda", "train.cuda_graph", False, marks=CUDA)]
 
 
 @pytest.mark.parametrize(("device", "key", "value"), SETTINGS)
 def test_step_setting(benchmark, mnist, device, key, value):
     """Our step (bernoulli, L = 1) with one setting away from its default (autograd's backward instead of
-    the written-out one; every op launched from Python instead of one CUDA graph), paired with the
-    default step."""
+    the written-out one; the gradient compiled; every op launched from Python instead of one CUDA graph),
+    paired with the default step. A compiled step compiles in the warm-up rounds."""
     cfg = _config("bernoulli", 1, device)
     data = mnist(cfg, device)
     paired = Paired(WARMUP, default=ours_round(cfg, data))
