@@ -81,7 +81,7 @@ class TrainConfig:
     backward: str = "manual"
     cuda_graph: bool = True  # on a GPU, capture the step once as a CUDA graph and replay it per batch
     # on a CPU, run the manual gradient through torch.compile: fused loops for its small operations; the
-    # first step compiles (seconds; needs a C++ compiler); not used on a GPU, where the CUDA graph is
+    # first step compiles (seconds; needs a C++ compiler); not used on a GPU (there: train.cuda_graph)
     compile: bool = False
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
     # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
