@@ -96,6 +96,27 @@ def test_the_stacked_target_is_decided_by_the_interval_of_its_per_round_step_rat
     assert stacked([0.30 + 0.01 * i for i in range(12)])["ratios"]["cuda"]["target_stacked"] == "not met"
 
 
+
+def test_a_setting_row_states_which_step_is_faster_with_its_interval():
+    """A setting away from the default (say train.compile=true) is paired with the default step: the line
+    names the faster of the two, with the interval of the median per-round ratio in that direction."""
+    from tests.benchmarks.conftest import markdown, summarize
+
+    def setting(name, ratios):  # the setting's round over the default's round, round by round
+        info = {"kind": "ours_setting", "device": "cpu", "family": "bernoulli", "n_samples": 1, "n_params": 1,
+                "batch": 128, "steps": 20, "variants": 1, "setting": name,
+                "paired": {"default": {"rounds": [1.0] * 12, "median": 1.0, "best": 1.0}}}
+        rounds = [20e-3 * r for r in ratios]
+        return {"name": name, "extra_info": info,
+                "stats": {"median": sorted(rounds)[6], "min": min(rounds), "rounds": 12, "data": rounds}}
+
+    text = markdown(summarize([setting("train.backward=autograd", [1.1 + 0.01 * i for i in range(12)]),
+                               setting("train.compile=true", [0.8 + 0.01 * i for i in range(12)])], "cmd"))
+    assert ("- the default instead of `train.backward=autograd` (bernoulli, L = 1): **1.16 (1.10)× faster** "
+            "(96 % interval of the median 1.12 to 1.19)") in text
+    assert ("- `train.compile=true` instead of the default (bernoulli, L = 1): **1.17 (1.25)× faster** "
+            "(96 % interval of the median 1.12 to 1.22)") in text
+
 def test_logging_decides_the_overhead_only_where_the_wall_clock_cannot():
     from tests.benchmarks.conftest import tracking_verdict
 

@@ -85,7 +85,8 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
         if "floor" in paired:  # ours over the floor at its shapes (P outputs per pixel, L samples)
             r["x_floor"], r["x_floor_best"], _ = _over(r, "floor")
         if "default" in paired:  # the step with one setting changed vs the default step
-            r["default_speedup"], r["default_speedup_best"], _ = _over(r, "default")
+            r["default_speedup"], r["default_speedup_best"], rounds = _over(r, "default")
+            r["default_speedup_interval"] = median_interval(rounds)
         if "single" in paired:  # a stacked step advances N variants: its step rate vs one ordinary variant's
             median, best, rounds = _over(r, "single")
             r["step_rate_vs_single"], r["step_rate_vs_single_best"] = 1 / median, 1 / best
@@ -261,14 +262,20 @@ def markdown(summary: dict) -> str:
                          "transform, and the Python dispatch of each small operation); the floor target leaves "
                          f"{(TARGET_FLOOR - 1) * p['floor']:.2f} ms for all but the products")
         for r in dev:
-            if r["kind"] == "ours_setting" and r["default_speedup"] >= 1:
+            if r["kind"] != "ours_setting":
+                continue
+            i = r.get("default_speedup_interval")
+            if r["default_speedup"] >= 1:
                 lines.append(f"- the default instead of `{r['setting']}` ({r['family']}, L = {r['n_samples']}): "
-                             f"**{r['default_speedup']:.2f} ({r['default_speedup_best']:.2f})× faster**; paired "
-                             f"rounds: default {_ms(r['paired']['default'])} ms/step")
-            elif r["kind"] == "ours_setting":  # a setting that beats the default (train.compile on a CPU)
+                             f"**{r['default_speedup']:.2f} ({r['default_speedup_best']:.2f})× faster**"
+                             + (f" ({100 * i[2]:.0f} % interval of the median {i[0]:.2f} to {i[1]:.2f})" if i else "")
+                             + f"; paired rounds: default {_ms(r['paired']['default'])} ms/step")
+            else:  # a setting that beats the default (train.compile on a CPU)
                 lines.append(f"- `{r['setting']}` instead of the default ({r['family']}, L = {r['n_samples']}): "
-                             f"**{1 / r['default_speedup']:.2f} ({1 / r['default_speedup_best']:.2f})× faster**; "
-                             f"paired rounds: default {_ms(r['paired']['default'])} ms/step")
+                             f"**{1 / r['default_speedup']:.2f} ({1 / r['default_speedup_best']:.2f})× faster**"
+                             + (f" ({100 * i[2]:.0f} % interval of the median {1 / i[1]:.2f} to {1 / i[0]:.2f})"
+                                if i else "")
+                             + f"; paired rounds: default {_ms(r['paired']['default'])} ms/step")
         stacked = [r for r in dev if r["kind"] == "stacked"]
         if stacked:
             header = ("| stacked variants N (bernoulli, L = 1) | ms/step | variant-samples/s | one variant's "
