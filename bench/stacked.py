@@ -5,7 +5,8 @@ of the training set, its own β in the objective and its own lr (`StackedAdam`).
 One random stream serves all variants, so results agree with N separate `train` runs in
 distribution, not bit for bit. Validation, divergence checks and everything after training use the
 single-variant functions on `StackedVAE.variants[i]`, an ordinary `VAE`. The gradient is autograd's
-through the batched matrix products (train.backward, a setting of the single-variant step, is not read).
+through the batched matrix products (train.backward and train.compile, settings of the single-variant
+step, are not read).
 The study runner trains variants one at a time; this path is for several variants on one GPU, benchmarked
 by tests/benchmarks (test_stacked_step).
 """
