@@ -60,8 +60,12 @@ class _LogSigmoid(torch.autograd.Function):
 
 
 def log_sigmoid(x: Tensor) -> Tensor:
-    """log σ(x), as F.logsigmoid; faster on a CPU (`_LogSigmoid`). Elsewhere F.logsigmoid's one kernel."""
-    return _LogSigmoid.apply(x) if x.device.type == "cpu" else F.logsigmoid(x)
+    """log σ(x), as F.logsigmoid; faster on a CPU (`_LogSigmoid`). Elsewhere F.logsigmoid's one kernel.
+    Without a gradient to record, its forward is called as a plain function: `Function.apply` binds its
+    arguments through `inspect` at every call (0.05 to 0.08 ms of a Bernoulli step on 2 CPU cores)."""
+    if x.device.type != "cpu":
+        return F.logsigmoid(x)
+    return _LogSigmoid.apply(x) if torch.is_grad_enabled() and x.requires_grad else _LogSigmoid.forward(x)
 
 
 class BernoulliLogits(Bernoulli):
