@@ -302,11 +302,39 @@ def test_log_sigmoid_is_within_two_ulp_of_the_exact_value(dtype):
     assert ends.tolist() == [-math.inf, 0.0]
 
 
-def test_log_sigmoid_gradient_is_sigmoid_of_minus_x_also_at_its_kink():
-    x = torch.tensor([-700.0, -30.0, -1.0, -1e-8, 0.0, 1e-8, 2.0, 30.0, 700.0], dtype=torch.float64,
-                     requires_grad=True)
-    (grad,) = torch.autograd.grad(likelihoods.log_sigmoid(x).sum(), x)
-    torch.testing.assert_close(grad, torch.sigmoid(-x.detach()), rtol=1e-12, atol=0)
+KINK = [-700.0, -30.0, -1.0, -1e-8, 0.0, 1e-8, 2.0, 30.0, 700.0]
+
+
+def _log_sigmoid_sum(x):
+    return likelihoods.log_sigmoid(x).sum()
+
+
+LOG_SIGMOID_DERIVATIVES = {  # x -> d log σ(x) / dx, elementwise, each way torch takes derivatives
+    "autograd": lambda x: torch.autograd.grad(_log_sigmoid_sum(x.requires_grad_()), x)[0],
+    "torch.func.grad": torch.func.grad(_log_sigmoid_sum),
+    # inside vmap the tensor does not require grad, yet grad records its derivative
+    "grad of vmap": torch.func.grad(lambda x: torch.func.vmap(likelihoods.log_sigmoid)(x).sum()),
+}
+
+
+@pytest.mark.parametrize("way", LOG_SIGMOID_DERIVATIVES)
+def test_log_sigmoid_derivative_is_sigmoid_of_minus_x_also_at_its_kink(way):
+    x = torch.tensor(KINK, dtype=torch.float64)
+    torch.testing.assert_close(LOG_SIGMOID_DERIVATIVES[way](x.clone()), torch.sigmoid(-x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func.jvp's own use
+def test_log_sigmoid_has_no_forward_mode_derivative_rather_than_a_wrong_one():
+    x = torch.tensor(KINK, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(likelihoods.log_sigmoid, (x,), (torch.ones_like(x),))
+
+
+def test_log_sigmoid_under_no_grad_is_the_same_value():
+    x = torch.tensor(KINK, dtype=torch.float64)
+    with torch.no_grad():
+        plain = likelihoods.log_sigmoid(x)
+    assert torch.equal(plain, likelihoods.log_sigmoid(x.requires_grad_()).detach())
 
 
 # ---------------------------------------------------------------------------------------------------
