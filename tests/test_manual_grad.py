@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from bench import config
 from bench.data import load
@@ -138,12 +139,16 @@ def test_a_compiled_gradient_trains_what_the_eager_one_trains(family):
     model = VAE(D, [7, 5], Z, likelihoods.get(family, scale=0.5)).double()
     reference = copy.deepcopy(model)
     compiled, eager = ManualGradient(model, lr=1e-2, compiled=True), ManualGradient(reference, lr=1e-2)
+    torch._dynamo.reset()  # compile afresh, not from an earlier test's cache, so that the counters see it
+    counters.clear()
     for i, batch in enumerate([B, B, B, B - 2]):
         x = _inputs(family)[:batch]
         for manual in (compiled, eager):
             torch.manual_seed(i)
             manual.step(x, 2, 0.7)
     assert compiled.compiled is not None and compiled.compiled_shape == (2, B, Z)
+    # compiled whole, as one graph: no graph break, and not silently run eagerly
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
