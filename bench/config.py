@@ -14,11 +14,13 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -366,10 +368,11 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     if t.compile:
         _check(t.backward == "manual", "train.compile", t.compile,
                "false with train.backward=autograd (it compiles the written-out gradient: set train.backward=manual)")
-        if t.device != "cuda":
+        if t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()):  # on a GPU: not used
             cxx = os.environ.get("CXX", "g++")
-            _check(shutil.which(cxx) is not None, "train.compile", t.compile,
-                   f"false on this machine: torch.compile's CPU code needs a C++ compiler, and {cxx} (the CXX "
+            program = (shlex.split(cxx) or [""])[0]  # as inductor runs it: CXX="ccache g++" runs ccache
+            _check(shutil.which(program) is not None, "train.compile", t.compile,
+                   f"false on this machine: torch.compile's CPU code needs a C++ compiler, and {cxx!r} (the CXX "
                    "environment variable, else g++) was not found")
     _check(math.isfinite(t.scale_collapse) and t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse,
            "a finite number ≥ 0")

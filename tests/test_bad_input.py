@@ -207,10 +207,19 @@ def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(args, needles
 
 
 def test_compile_without_a_cpp_compiler_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CXX", "no-such-c++")
+    monkeypatch.setenv("CXX", "no-such-c++ -O2")
     _assert_refused(["study=smoke", "train.compile=true"], ["train.compile=True is invalid",
-                    "needs a C++ compiler, and no-such-c++ (the CXX environment variable, else g++) was not found"],
+                    "needs a C++ compiler, and 'no-such-c++ -O2' (the CXX environment variable, else g++) was not found"],
                     tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("cxx", "device", "gpu"), [("env no-such-c++", "cpu", False),  # runs `env`, as inductor does
+                                                    ("no-such-c++", "auto", True),  # a GPU compiles nothing
+                                                    ("no-such-c++", "cuda", True)])
+def test_compile_checks_only_the_compiler_inductor_would_run(cxx, device, gpu, monkeypatch):
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert config.load(["train.compile=true", f"train.device={device}"]).train.compile
 
 
 def _assert_refused(args, needles, tmp_path, monkeypatch, capsys) -> None:
