@@ -10,7 +10,7 @@
   L ∈ {1, 5}: the permutation, the uint8 gather and data transform on the device, the step, the
   metric sums and the one read-back per epoch;
 - ours_setting: our step with one setting away from its default, paired with the default step:
-  train.backward=autograd (CPU, GPU), train.cuda_graph=false (GPU);
+  train.backward=autograd (CPU, GPU), train.compile=true (CPU), train.cuda_graph=false (GPU);
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU;
 - parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
   log p(x|z) with its gradient, which with the floor say where the step's time goes.
