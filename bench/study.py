@@ -394,11 +394,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
-        epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id, f"{trial.number}: {label}",
-                                                           tags))
-        trial.set_user_attr(RUN_ID, epoch_log.run_id)
-        trial.set_user_attr(COMPARABLE, measure.comparable)
-        trial.set_user_attr(SCALE, measure.scale)
+        with _ctrl_c_deferred():  # storage writes (see _ctrl_c_deferred); the run is ended below if one came
+            epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id,
+                                                               f"{trial.number}: {label}", tags))
+            trial.set_user_attr(RUN_ID, epoch_log.run_id)
+            trial.set_user_attr(COMPARABLE, measure.comparable)
+            trial.set_user_attr(SCALE, measure.scale)
     except KeyboardInterrupt:
         _interrupted(study, trial, epoch_log, cfg, base)  # ends the run, once there is one
         raise
@@ -411,19 +412,21 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
-        if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
-            last_beat = time.time()
-            trial.set_user_attr(HEARTBEAT, last_beat)
-        if math.isfinite(metrics["val_elbo"]):
-            trial.report(metrics["val_elbo"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
+        with _ctrl_c_deferred():
+            if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
+                last_beat = time.time()
+                trial.set_user_attr(HEARTBEAT, last_beat)
+            if math.isfinite(metrics["val_elbo"]):
+                trial.report(metrics["val_elbo"], epoch)
+        if math.isfinite(metrics["val_elbo"]) and trial.should_prune():
+            raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
     result, history = None, []
     try:
         result = train(cfg, data, on_epoch)
         history = result.history
-        trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
+        with _ctrl_c_deferred():
+            trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
         final = final_metrics(result, cfg)
         state, reason = result.status, result.reason
     except optuna.TrialPruned as e:
@@ -463,10 +466,12 @@ def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, l
 
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
-    """A Ctrl-C inside takes effect (KeyboardInterrupt) once the block is done. Without this, one that came
-    while a finished trial was being recorded left its run and trial RUNNING, which the next command took
-    for a dead worker's, throwing the trained variant away. Only where Ctrl-C raises KeyboardInterrupt:
-    in the main thread, with Python's own handler."""
+    """A Ctrl-C inside takes effect (KeyboardInterrupt) once the block is done: around the worker's storage
+    writes. Without this, one that came while a finished trial was being recorded left its run and trial
+    RUNNING, which the next command took for a dead worker's, throwing the trained variant away; and one
+    that came inside a write could leave its SQLite transaction open, holding a lock that the
+    interruption's own writes, and other workers', would wait on until the store's timeout.
+    Only where Ctrl-C raises KeyboardInterrupt: in the main thread, with Python's own handler."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield

@@ -187,6 +187,29 @@ def test_ctrl_c_while_a_finished_trial_is_recorded_waits_for_the_record(tmp_path
     assert list(runs.status) == ["FINISHED"] and runs["tags.state"].item() == "complete"
 
 
+def test_ctrl_c_while_a_trial_starts_its_run_waits_for_the_run(tmp_path, monkeypatch):
+    # A real SIGINT as the second trial creates its MLflow run: the run is created and its trial names it,
+    # then the interruption ends both (run KILLED, trial interrupted), rather than landing inside a write.
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real, calls = tracking.start_child, []
+
+    def interrupted_second_time(*a, **kw):
+        calls.append(a)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, before the writes
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "start_child", interrupted_second_time)
+        assert run.main(args) == 130
+    trials, runs = _state(tmp_path, args)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["status"] == "interrupted"
+    killed = runs.loc[trials[1].user_attrs["mlflow_run_id"]]
+    assert killed["status"] == "KILLED" and killed["tags.state"] == "interrupted"
+
+
 @pytest.mark.parametrize("where", ["loading its data", "logging its run's params"])
 def test_ctrl_c_while_a_trial_sets_up_is_an_interruption(tmp_path, monkeypatch, where):
     # The second trial is interrupted before it has an MLflow run id: recorded as interrupted (not left
