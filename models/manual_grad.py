@@ -135,8 +135,9 @@ class FlatAdam:
 def _compiled_gradient():
     # One compiled function for the process, with a graph under it per family, shape, and value of the
     # numbers it reads as constants (β, a family's fixed scale). A study trains many of those in one
-    # process, past dynamo's default of 8 graphs a function (after which it would run the rest uncompiled). Tracing autograd.grad (the likelihood's gradient where it has no closed form)
-    # keeps such a family's gradient one graph, where dynamo would otherwise split it around that call.
+    # process, past dynamo's default of 8 graphs a function (after which it would run the rest
+    # uncompiled). Tracing autograd.grad (the likelihood's gradient where it has no closed form) keeps
+    # such a family's gradient one graph, where dynamo would otherwise split it around that call.
     compiled = torch.compile(_gradient, dynamic=False)
     return torch._dynamo.config.patch(recompile_limit=256, trace_autograd_ops=True)(compiled)
 
