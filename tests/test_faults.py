@@ -166,21 +166,30 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
+def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int) -> None:
+    """Runs the study with a real SIGINT sent as `tracking.<name>` is called for the `call`-th time (handled
+    at the next bytecode: inside the wrapper, before that function's writes); the command stops as for any
+    Ctrl-C."""
+    real, calls = getattr(tracking, name), []
+
+    def interrupted(*a, **kw):
+        calls.append(a)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, name, interrupted)
+        assert run.main(args) == 130
+
+
 def test_ctrl_c_while_a_finished_trial_is_recorded_waits_for_the_record(tmp_path, monkeypatch):
     # A real SIGINT in the middle of recording trial 0 (its MLflow run being closed): the record is
     # finished first (trial COMPLETE, run FINISHED, not RUNNING for the next command to take for a dead
     # worker's and train again), then the command stops as for any Ctrl-C.
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
-    real = tracking.finish_child
-
-    def interrupted_while_finishing(*a, **kw):
-        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, before the writes
-        return real(*a, **kw)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tracking, "finish_child", interrupted_while_finishing)
-        assert run.main(args) == 130
+    _real_ctrl_c_at(monkeypatch, args, "finish_child", call=1)
     before, runs = _state(tmp_path, args)
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.WAITING, TrialState.WAITING]
     assert before[0].user_attrs["status"] == "complete"
@@ -192,17 +201,7 @@ def test_ctrl_c_while_a_trial_starts_its_run_waits_for_the_run(tmp_path, monkeyp
     # then the interruption ends both (run KILLED, trial interrupted), rather than landing inside a write.
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
-    real, calls = tracking.start_child, []
-
-    def interrupted_second_time(*a, **kw):
-        calls.append(a)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, before the writes
-        return real(*a, **kw)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tracking, "start_child", interrupted_second_time)
-        assert run.main(args) == 130
+    _real_ctrl_c_at(monkeypatch, args, "start_child", call=2)
     trials, runs = _state(tmp_path, args)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert trials[1].user_attrs["status"] == "interrupted"
