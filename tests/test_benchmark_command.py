@@ -97,6 +97,51 @@ def test_the_stacked_target_is_decided_by_the_interval_of_its_per_round_step_rat
 
 
 
+def test_the_breakdown_inside_the_step_is_of_the_same_rounds_as_the_parts_alone():
+    from tests.benchmarks.conftest import markdown, summarize
+
+    def paired(ms):
+        return {"rounds": list(ms), "median": sorted(ms)[6], "best": min(ms)}
+
+    rounds = [20e-3 * 4.0] * 12  # ours: 4 ms a step
+    info = {"kind": "ours", "device": "cpu", "family": "bernoulli", "n_samples": 1, "n_params": 1, "batch": 128,
+            "steps": 20, "variants": 1,
+            "paired": {"floor": paired([2.0] * 12), "adam": paired([0.2] * 12), "likelihood": paired([0.3] * 12),
+                       "in_step": paired([4.4] * 12)},
+            "in_step_parts": {"mlp": [2.2] * 12, "likelihood": [0.6] * 12, "adam": [0.5] * 12}}
+    summary = summarize([{"name": "ours", "extra_info": info,
+                          "stats": {"median": rounds[6], "min": min(rounds), "rounds": 12, "data": rounds}}], "cmd")
+    q = summary["ratios"]["cpu"]["in_step_ms"]
+    assert q["rest"] == pytest.approx(4.4 - 2.2 - 0.6 - 0.5)
+    assert (q["mlp_over_floor"], q["likelihood_over_alone"], q["adam_over_alone"]) == pytest.approx((1.1, 2.0, 2.5))
+    text = markdown(summary)
+    assert "the 11 matrix products (the floor) 2.00 ms, Adam's update of all parameters 0.20 ms" in text
+    assert ("- the same, timed inside the step (a copy of our round, 4.40 ms/step, its parts timed where they run; "
+            "medians of the same rounds): the two MLPs' passes (the 11 products with their ReLUs and bias sums) "
+            "2.20 ms (1.10× the floor), log p(x|z) and its gradient 0.60 ms (2.00× its time alone), Adam 0.50 ms "
+            "(2.50× alone), and 1.10 ms for the rest (the reparameterisation, KL, data transform, and the Python "
+            "between these parts)") in text
+    del info["in_step_parts"]  # a run from before in_step (the Xeon's JSON): the breakdown alone
+    assert "timed inside the step" not in markdown(summarize([{"name": "ours", "extra_info": info, "stats": {
+        "median": rounds[6], "min": min(rounds), "rounds": 12, "data": rounds}}], "cmd"))
+
+
+def test_the_in_step_round_times_its_parts_inside_our_round_and_unwraps_them():
+    from bench import data as data_mod
+    from tests.benchmarks import test_speed as speed
+
+    cfg = speed._config("bernoulli", 1, "cpu")
+    originals = {(owner, name): getattr(owner, name) for owner, names in speed.IN_STEP_PARTS.values() for name in names}
+    timed_round = speed.in_step_round(cfg, data_mod.load(cfg.data, "cpu"))
+    start = time.perf_counter()
+    timed_round()
+    round_ms = 1e3 * (time.perf_counter() - start) / speed.STEPS
+    assert all(getattr(owner, name) is fn for (owner, name), fn in originals.items())
+    parts = timed_round.parts
+    assert set(parts) == {"mlp", "likelihood", "adam"} and all(len(ms) == 1 and ms[0] > 0 for ms in parts.values())
+    assert sum(ms[0] for ms in parts.values()) < round_ms
+
+
 def test_a_setting_row_states_which_step_is_faster_with_its_interval():
     """A setting away from the default (say train.compile=true) is paired with the default step: the line
     names the faster of the two, with the interval of the median per-round ratio in that direction."""

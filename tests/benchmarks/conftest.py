@@ -113,6 +113,16 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
                 d["parts_ms"]["ours"] = ours["ms_per_step"]
                 d["parts_ms"]["rest"] = statistics.median(
                     o - sum(p) for o, *p in zip(ours["round_ms"], *parts.values()))
+            in_step, totals = ours.get("in_step_parts"), ours["paired"].get("in_step", {}).get("rounds")
+            if in_step and all(len(ms) == len(totals) == len(parts["floor"]) for ms in in_step.values()):
+                d["in_step_ms"] = {k: statistics.median(v) for k, v in in_step.items()}
+                d["in_step_ms"]["step"] = statistics.median(totals)
+                d["in_step_ms"]["rest"] = statistics.median(t - sum(p) for t, *p in zip(totals, *in_step.values()))
+                d["in_step_ms"]["mlp_over_floor"] = statistics.median(
+                    m / f for m, f in zip(in_step["mlp"], parts["floor"]))
+                for part in ("likelihood", "adam"):  # the same rounds' part inside the step over the part alone
+                    d["in_step_ms"][f"{part}_over_alone"] = statistics.median(
+                        i / a for i, a in zip(in_step[part], parts[part]))
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
             d["stacked_16_step_rate_vs_single"] = rate = big["step_rate_vs_single"]
@@ -261,6 +271,15 @@ def markdown(summary: dict) -> str:
                          f"{p['rest']:.2f} ms for the rest (the reparameterisation, KL, ReLUs, bias sums, data "
                          "transform, and the Python dispatch of each small operation); the floor target leaves "
                          f"{(TARGET_FLOOR - 1) * p['floor']:.2f} ms for all but the products")
+        if "in_step_ms" in d:
+            q = d["in_step_ms"]
+            lines.append(f"- the same, timed inside the step (a copy of our round, {q['step']:.2f} ms/step, its parts "
+                         f"timed where they run; medians of the same rounds): the two MLPs' passes (the 11 products "
+                         f"with their ReLUs and bias sums) {q['mlp']:.2f} ms ({q['mlp_over_floor']:.2f}× the floor), "
+                         f"log p(x|z) and its gradient {q['likelihood']:.2f} ms ({q['likelihood_over_alone']:.2f}× "
+                         f"its time alone), Adam {q['adam']:.2f} ms ({q['adam_over_alone']:.2f}× alone), and "
+                         f"{q['rest']:.2f} ms for the rest (the reparameterisation, KL, data transform, and the Python between "
+                         "these parts)")
         for r in dev:
             if r["kind"] != "ours_setting":
                 continue

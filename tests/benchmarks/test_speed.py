@@ -13,7 +13,8 @@
   train.backward=autograd (CPU, GPU), train.compile=true (CPU), train.cuda_graph=false (GPU);
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU;
 - parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
-  log p(x|z) with its gradient, which with the floor say where the step's time goes.
+  log p(x|z) with its gradient, which with the floor say where the step's time goes; and a copy of our
+  round with its parts timed where they run, inside the step (in_step).
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
 taken from paired rounds: right before each round of ours, a test also times a round of the floor at
@@ -46,7 +47,7 @@ from bench import config
 from bench import data as data_mod
 from bench.stacked import build_stacked, make_stacked_step, train_epoch_stacked
 from bench.train import build, make_step, train_epoch
-from models import likelihoods
+from models import likelihoods, manual_grad
 from models.manual_grad import ManualGradient, log_px_and_grad
 
 BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
@@ -313,6 +314,49 @@ def parts_rounds(cfg: config.Config, data: data_mod.Data) -> dict[str, Round]:
     return {"adam": adam, "likelihood": likelihood}
 
 
+IN_STEP_PARTS = {"mlp": (manual_grad, ("_forward", "_backward")),  # the 11 products, ReLUs and bias sums
+                 "likelihood": (manual_grad, ("log_px_and_grad",)),
+                 "adam": (manual_grad.FlatAdam, ("step",))}
+
+
+def in_step_round(cfg: config.Config, data: data_mod.Data) -> Round:
+    """A copy of our round (its own model) with three parts of its step timed where they run: the two
+    MLPs' passes (manual_grad's `_forward` and `_backward`: the 11 products with their ReLUs and bias
+    sums), log p(x|z) with its gradient (`log_px_and_grad`) and Adam's update (`FlatAdam.step`). Alone,
+    a part runs on the caches it left itself; inside the step it follows the products. The round's
+    `parts` keeps each round's ms/step of each part; the functions are wrapped during the round only
+    (a few µs a step). On a CPU only: on a GPU the step is one graph replay."""
+    run = ours_round(cfg, data)
+    spent = dict.fromkeys(IN_STEP_PARTS, 0.0)  # seconds in each part, this round
+    parts: dict[str, list[float]] = {part: [] for part in IN_STEP_PARTS}
+
+    def timed(part: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - start
+        return wrapper
+
+    def timed_round() -> None:
+        originals = [(owner, name, getattr(owner, name)) for owner, names in IN_STEP_PARTS.values() for name in names]
+        for part, (owner, names) in IN_STEP_PARTS.items():
+            for name in names:
+                setattr(owner, name, timed(part, getattr(owner, name)))
+        spent.update(dict.fromkeys(spent, 0.0))
+        try:
+            run()
+        finally:
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
+        for part, seconds in spent.items():
+            parts[part].append(1e3 * seconds / STEPS)
+
+    timed_round.parts = parts
+    return timed_round
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_samples", [1, 5])
 @pytest.mark.parametrize("family", likelihoods.NAMES)
@@ -323,12 +367,14 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     if family == "bernoulli" and n_samples == 1:  # the headline comparison
         references["classic"] = classic_round(torchvision_root, device)
         if device == "cpu":
-            references.update(parts_rounds(cfg, mnist(cfg, device)))
+            references.update(parts_rounds(cfg, mnist(cfg, device)), in_step=in_step_round(cfg, mnist(cfg, device)))
     paired = Paired(WARMUP, **references)
     _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples, n_params=n_params)
     metrics = benchmark.pedantic(ours_round(cfg, mnist(cfg, device)), setup=paired, rounds=ROUNDS,
                                  warmup_rounds=WARMUP)
     benchmark.extra_info["paired"] = paired.info()
+    if "in_step" in references:  # each part's ms/step in the timed rounds of the in_step copy
+        benchmark.extra_info["in_step_parts"] = {part: ms[WARMUP:] for part, ms in references["in_step"].parts.items()}
     assert not math.isnan(metrics["train_elbo"])
 
 
