@@ -184,6 +184,27 @@ def test_logging_decides_the_overhead_only_where_the_wall_clock_cannot():
     assert tracking_verdict(overhead(-0.2, 0.3, None)).startswith("not resolved on this machine")
 
 
+def test_logged_samples_per_s_are_compared_round_by_round_with_an_interval():
+    """As every ratio of the suite: each logged run over the benchmark round right before it; results from
+    before this (no per-round ratios) keep the ratio of the two medians alone."""
+    import copy
+    import json
+
+    from tests.benchmarks.conftest import markdown, summarize
+
+    committed = json.loads((REPO / "reports" / "benchmarks" / "cpu-amd-epyc.json").read_text())["benchmarks"]
+    runs = copy.deepcopy(committed)
+    samples = next(b["extra_info"]["tracking_overhead"]["samples_per_s"] for b in runs
+                   if "tracking_overhead" in b.get("extra_info", {}))
+    samples["logged_over_benchmark_per_round"] = [0.95 + 0.01 * i for i in range(12)][::-1]  # 1.06 … 0.95
+    samples["logged_over_benchmark_paired_median"] = 1.005
+    text = markdown(summarize(runs, "cmd"))
+    assert ("as the suite's other ratios): logged / benchmark **1.005** (96 % interval of the median 0.970 to "
+            "1.040); per round: 1.060, 1.050,") in text
+    del samples["logged_over_benchmark_per_round"], samples["logged_over_benchmark_paired_median"]
+    assert "Round by round" not in markdown(summarize(runs, "cmd"))
+
+
 def test_the_logging_share_is_of_the_epoch_without_it_and_scales_only_the_sampler_to_mlflows_rate():
     from tests.benchmarks.test_tracking_overhead import (
         MLFLOW_SYSTEM_METRICS_S,

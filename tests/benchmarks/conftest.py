@@ -71,6 +71,9 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
     for t in tracking:
         t["overhead_interval"] = median_interval(t["overhead_per_round"])
         t["verdict"] = tracking_verdict(t)
+        s = t["samples_per_s"]
+        if "logged_over_benchmark_per_round" in s:  # runs before it kept the ratio of medians only
+            s["logged_over_benchmark_paired_interval"] = median_interval(s["logged_over_benchmark_per_round"])
     for t in tracking:  # the benchmark's samples/s from test_speed's row of the same run, if it ran
         ours = next((r for r in rows if r["kind"] == "ours" and r["device"] == t["device"]
                      and r["family"] == "bernoulli" and r["n_samples"] == 1), None)
@@ -360,6 +363,14 @@ def tracking_markdown(t: dict, m: dict, command: str) -> list[str]:
               "machine's speed drifts in between; only the same-rounds ratio compares like with like. "
               f"In the same rounds, `train_epoch`'s own samples_per_s over the one timed from outside: "
               f"{s['reported_over_wall_same_rounds']:.3f}."), ""]
+    if "logged_over_benchmark_per_round" in s:
+        i = s["logged_over_benchmark_paired_interval"]
+        spread = ("no interval: too few rounds" if i is None
+                  else f"{100 * i[2]:.0f} % interval of the median {i[0]:.3f} to {i[1]:.3f}")
+        lines += [(f"Round by round (each logged run's median epoch over the benchmark round right before it, "
+                   f"as the suite's other ratios): logged / benchmark **{s['logged_over_benchmark_paired_median']:.3f}**"
+                   f" ({spread}); per round: {', '.join(f'{r:.3f}' for r in s['logged_over_benchmark_per_round'])}."),
+                  ""]
     return lines
 
 
