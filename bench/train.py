@@ -12,6 +12,8 @@ clock on the CPU).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import re
 import resource
@@ -184,9 +186,47 @@ def flush_subnormals(device: torch.device) -> None:
     written as 0. Training makes them: log p of a confidently predicted pixel (log σ(η), |η| > 87) and
     Adam's second moments of tiny gradients, and x86 cores compute on them some 100× slower: without
     this, after ~600 steps a CPU step slowed from 2.7 to 4.1 ms (bernoulli, L = 1, 2 cores). Nothing the
-    suite reports comes near 1e-38; float64 is unaffected in practice (its subnormals lie below 2e-308)."""
+    suite reports comes near 1e-38; float64 is unaffected in practice (its subnormals lie below 2e-308).
+
+    x86 keeps this mode per thread, and `torch.set_flush_denormal` sets the calling thread's; a thread
+    starts with its creator's. OpenMP's worker threads, torch's intra-op threads, start at the process's
+    first parallel operation, usually before this (loading the data), so the mode is set on each of them
+    too: without that, their share of every parallel operation kept computing on subnormals."""
     if device.type == "cpu":
-        torch.set_flush_denormal(True)
+        _on_every_openmp_thread(lambda: torch.set_flush_denormal(True))
+
+
+def _on_every_openmp_thread(fn: Callable[[], object]) -> None:
+    """Calls fn on every thread of torch's OpenMP team, the calling thread among them, through libgomp's
+    `GOMP_parallel` (the call `#pragma omp parallel` compiles to, on the team torch's own parallel regions
+    reuse); only on the calling thread where torch's OpenMP is not a libgomp this process has loaded."""
+    gomp = _libgomp()
+    if gomp is None:
+        fn()
+        return
+    body = _GOMP_BODY(lambda _: fn())  # runs on each thread, taking the GIL, which the ctypes call released
+    gomp.GOMP_parallel(body, None, torch.get_num_threads(), 0)
+
+
+_GOMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void (*fn) (void *data)
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The libgomp loaded in this process (Linux), torch's own (in torch/lib, as PyPI's wheels ship it)
+    before any other."""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return None
+    if not loaded:
+        return None
+    torch_dir = str(Path(torch.__file__).parent)
+    gomp = ctypes.CDLL(min(loaded, key=lambda path: (not path.startswith(torch_dir), path)))
+    gomp.GOMP_parallel.argtypes = [_GOMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    gomp.GOMP_parallel.restype = None
+    return gomp
 
 
 def make_step(model: VAE, cfg: Config) -> Callable[[Tensor], ElboTerms]:

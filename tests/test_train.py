@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,6 +229,25 @@ def test_a_cpu_training_step_flushes_subnormal_floats():
     data = load(cfg.data, torch.device("cpu"))
     train.make_step(train.build(cfg, data.dim), cfg)
     assert (subnormal * 1.0).item() == 0.0
+
+
+def test_subnormals_are_flushed_on_the_intra_op_threads_started_before_the_step_too():
+    """x86 keeps the mode per thread: OpenMP's worker threads, started by a parallel operation before the
+    step was built (loading the data does), must flush subnormals too, not only the thread that asked.
+    In a fresh process: the test session's own threads have long started."""
+    code = (
+        "import torch\n"
+        "from bench.train import flush_subnormals\n"
+        "torch.set_num_threads(2)\n"
+        "torch.randn(1000, 1000).exp()  # OpenMP's worker thread starts here\n"
+        "subnormal = torch.full((1 << 20,), 1 << 20, dtype=torch.int32).view(torch.float32)  # 1.5e-39 each\n"
+        "kept = lambda: int(((subnormal * 1.0).view(torch.int32) != 0).sum())  # bits: a float compare would flush\n"
+        "before = kept()\n"
+        "flush_subnormals(torch.device('cpu'))\n"
+        "print(before, kept())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert [int(n) for n in out.stdout.split()] == [1 << 20, 0]  # every element: both threads' shares
 
 
 def test_the_cuda_graph_is_captured_for_a_full_batch_not_the_short_last_one(monkeypatch):

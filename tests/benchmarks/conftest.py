@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.train import flush_subnormals
+
 TARGET_SPEEDUP, TARGET_FLOOR, TARGET_STACKED = 3.0, 1.3, 0.5  # ours ≥ 3× classic; ≤ 1.3× floor; 16 at ≥ 50 %
 TARGET_TRACKING = 0.03  # MLflow logging on costs < 3 % of an epoch (test_tracking_overhead.py)
 
@@ -34,7 +36,7 @@ def _flush_subnormals():
     """Training reads and writes subnormal floats as 0 on a CPU (bench.train.flush_subnormals), a
     process-wide mode: set here for the whole session, so that every loop (the classic one and the
     floor included) runs in the same mode whatever order the tests run in."""
-    torch.set_flush_denormal(True)
+    flush_subnormals(torch.device("cpu"))
 
 
 def machine() -> dict:
