@@ -199,7 +199,7 @@ def flush_subnormals(device: torch.device) -> None:
 def _on_every_openmp_thread(fn: Callable[[], object]) -> None:
     """Calls fn on every thread of torch's OpenMP team, the calling thread among them, through libgomp's
     `GOMP_parallel` (the call `#pragma omp parallel` compiles to, on the team torch's own parallel regions
-    reuse); only on the calling thread where torch's OpenMP is not a libgomp this process has loaded."""
+    reuse); only on the calling thread where torch's OpenMP is not its own libgomp (`_libgomp`)."""
     gomp = _libgomp()
     if gomp is None:
         fn()
@@ -213,19 +213,20 @@ _GOMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void (*fn) (void *data)
 
 @functools.cache
 def _libgomp() -> ctypes.CDLL | None:
-    """The libgomp loaded in this process (Linux), torch's own (in torch/lib, as PyPI's wheels ship it)
-    before any other."""
+    """torch's own libgomp, as PyPI's Linux wheels ship it in torch/lib, once this process has loaded it;
+    None elsewhere (another OpenMP runtime, or another libgomp, such as scikit-learn's, whose team torch
+    does not use)."""
+    torch_lib = Path(torch.__file__).parent / "lib"
     try:
-        with open("/proc/self/maps") as maps:
-            loaded = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
-    except OSError:
+        with open("/proc/self/maps") as maps:  # address, perms, offset, dev, inode, then the path
+            paths = {Path(fields[5].strip()) for fields in (line.split(maxsplit=5) for line in maps) if len(fields) == 6}
+        gomp = next((ctypes.CDLL(str(p)) for p in sorted(paths) if p.parent == torch_lib and p.name.startswith("libgomp")),
+                    None)
+    except OSError:  # no /proc (not Linux), or a library that cannot be opened again
         return None
-    if not loaded:
-        return None
-    torch_dir = str(Path(torch.__file__).parent)
-    gomp = ctypes.CDLL(min(loaded, key=lambda path: (not path.startswith(torch_dir), path)))
-    gomp.GOMP_parallel.argtypes = [_GOMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    gomp.GOMP_parallel.restype = None
+    if gomp is not None:
+        gomp.GOMP_parallel.argtypes = [_GOMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        gomp.GOMP_parallel.restype = None
     return gomp
 
 
