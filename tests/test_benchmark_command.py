@@ -4,6 +4,7 @@ the targets, by a confidence interval for the median over the rounds."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,34 @@ def test_the_in_step_round_times_its_parts_inside_our_round_and_unwraps_them():
     parts = timed_round.parts
     assert set(parts) == {"mlp", "likelihood", "adam"} and all(len(ms) == 1 and ms[0] > 0 for ms in parts.values())
     assert sum(ms[0] for ms in parts.values()) < round_ms
+
+
+def test_the_core_to_core_probe_is_summarised_from_its_rounds_and_only_when_it_ran():
+    from tests.benchmarks.conftest import markdown, summarize
+
+    def summary(**extra):
+        rounds = [20e-3 * 4.0] * 12
+        info = {"kind": "ours", "device": "cpu", "family": "bernoulli", "n_samples": 1, "n_params": 1, "batch": 128,
+                "steps": 20, "variants": 1, "paired": {"floor": {"rounds": [2.0] * 12, "median": 2.0, "best": 2.0}},
+                **extra}
+        return summarize([{"name": "ours", "extra_info": info,
+                           "stats": {"median": rounds[6], "min": min(rounds), "rounds": 12, "data": rounds}}], "cmd")
+
+    probed = summary(core_to_core_ns_per_line=[0.2] * 5 + [2.1] * 7)
+    assert probed["ratios"]["cpu"]["core_to_core_ns_per_line"] == {"median": 2.1, "range": [0.2, 2.1]}
+    assert ("a line one thread writes after another thread's core had it costs **2.1 ns** more than one it wrote "
+            "itself (median of the same rounds; 0.2 to 2.1)") in markdown(probed)
+    plain = summary()  # a run from before the probe, or with an odd number of threads
+    assert "core_to_core_ns_per_line" not in plain["ratios"]["cpu"] and "between cores" not in markdown(plain)
+
+
+def test_the_core_to_core_round_keeps_one_figure_per_round():
+    from tests.benchmarks import test_speed as speed
+
+    probe = speed.core_to_core_round(n=1 << 16, repeats=2)
+    probe()
+    probe()
+    assert len(probe.ns_per_line) == 2 and all(math.isfinite(x) for x in probe.ns_per_line)
 
 
 def test_a_setting_row_states_which_step_is_faster_with_its_interval():

@@ -128,6 +128,8 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
                 for part in ("likelihood", "adam"):  # the same rounds' part inside the step over the part alone
                     d["in_step_ms"][f"{part}_over_alone"] = statistics.median(
                         i / a for i, a in zip(in_step[part], parts[part]))
+        if probe := ours.get("core_to_core_ns_per_line"):  # test_speed.core_to_core_round, in the same rounds
+            d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)]}
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
             d["stacked_16_step_rate_vs_single"] = rate = big["step_rate_vs_single"]
@@ -285,6 +287,12 @@ def markdown(summary: dict) -> str:
                          f"its time alone), Adam {q['adam']:.2f} ms ({q['adam_over_alone']:.2f}× alone), and "
                          f"{q['rest']:.2f} ms for the rest (the reparameterisation, KL, data transform, and the Python between "
                          "these parts)")
+        if "core_to_core_ns_per_line" in d:
+            c = d["core_to_core_ns_per_line"]
+            lines.append(f"- moving cache lines between cores (what Adam's writes of the parameters do, right after both "
+                         f"threads' products read them): a line one thread writes after another thread's core had it "
+                         f"costs **{c['median']:.1f} ns** more than one it wrote itself (median of the same rounds; "
+                         f"{c['range'][0]:.1f} to {c['range'][1]:.1f})")
         for r in dev:
             if r["kind"] != "ours_setting":
                 continue

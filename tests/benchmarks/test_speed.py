@@ -14,7 +14,9 @@
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU;
 - parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
   log p(x|z) with its gradient, which with the floor say where the step's time goes; and a copy of our
-  round with its parts timed where they run, inside the step (in_step).
+  round with its parts timed where they run, inside the step (in_step); and what the machine charges
+  for moving a cache line from one thread's core to another's (core_to_core), which our step does with
+  every parameter, every step.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
 taken from paired rounds: right before each round of ours, a test also times a round of the floor at
@@ -357,6 +359,33 @@ def in_step_round(cfg: config.Config, data: data_mod.Data) -> Round:
     return timed_round
 
 
+def core_to_core_round(n: int = 1 << 19, repeats: int = 40) -> Round:
+    """What this machine charges for a cache line that one of torch's threads writes after another thread's
+    core has it: our step does that with every parameter (Adam writes them, on both threads, right after
+    both threads' matrix products read them). Two writes (x *= 1) of n floats each: A over buf[:n], B over
+    buf[n/2 : 3n/2]. OpenMP splits both statically, so with an even thread count each thread writes in B
+    half what another thread wrote in A, and the reverse in the next A: alternating A and B moves n/2
+    floats' lines between cores per write; A after A moves none. The round's `ns_per_line` keeps, round by
+    round, the alternating writes' extra time per line moved (a throughput: many lines are in flight)."""
+    buf = torch.ones(3 * n // 2)
+    a, b = buf[:n], buf[n // 2:]
+    lines_moved = n // 2 * buf.element_size() // 64  # per write; 64-byte lines
+
+    def writes(*views: Tensor) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for view in views:
+                view.mul_(1.0)
+        return time.perf_counter() - start
+
+    def probe_round() -> None:
+        own, moved = writes(a, a), writes(a, b)
+        probe_round.ns_per_line.append(1e9 * (moved - own) / (2 * repeats * lines_moved))
+
+    probe_round.ns_per_line = []
+    return probe_round
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_samples", [1, 5])
 @pytest.mark.parametrize("family", likelihoods.NAMES)
@@ -368,6 +397,8 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
         references["classic"] = classic_round(torchvision_root, device)
         if device == "cpu":
             references.update(parts_rounds(cfg, mnist(cfg, device)), in_step=in_step_round(cfg, mnist(cfg, device)))
+            if torch.get_num_threads() % 2 == 0:  # the probe's split: see core_to_core_round
+                references["core_to_core"] = core_to_core_round()
     paired = Paired(WARMUP, **references)
     _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples, n_params=n_params)
     metrics = benchmark.pedantic(ours_round(cfg, mnist(cfg, device)), setup=paired, rounds=ROUNDS,
@@ -375,6 +406,8 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     benchmark.extra_info["paired"] = paired.info()
     if "in_step" in references:  # each part's ms/step in the timed rounds of the in_step copy
         benchmark.extra_info["in_step_parts"] = {part: ms[WARMUP:] for part, ms in references["in_step"].parts.items()}
+    if "core_to_core" in references:
+        benchmark.extra_info["core_to_core_ns_per_line"] = references["core_to_core"].ns_per_line[WARMUP:]
     assert not math.isnan(metrics["train_elbo"])
 
 
