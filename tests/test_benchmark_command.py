@@ -149,15 +149,22 @@ def test_the_core_to_core_probe_is_summarised_from_its_rounds_and_only_when_it_r
     def summary(**extra):
         rounds = [20e-3 * 4.0] * 12
         info = {"kind": "ours", "device": "cpu", "family": "bernoulli", "n_samples": 1, "n_params": 1, "batch": 128,
-                "steps": 20, "variants": 1, "paired": {"floor": {"rounds": [2.0] * 12, "median": 2.0, "best": 2.0}},
-                **extra}
+                "steps": 20, "variants": 1, "paired": {"floor": {"rounds": [2.0] * 12, "median": 2.0, "best": 2.0}}}
+        info.update(extra)
         return summarize([{"name": "ours", "extra_info": info,
                            "stats": {"median": rounds[6], "min": min(rounds), "rounds": 12, "data": rounds}}], "cmd")
 
-    probed = summary(core_to_core_ns_per_line=[0.2] * 5 + [2.1] * 7)
-    assert probed["ratios"]["cpu"]["core_to_core_ns_per_line"] == {"median": 2.1, "range": [0.2, 2.1]}
+    probe = [0.2] * 5 + [2.1] * 7
+    probed = summary(core_to_core_ns_per_line=probe)
+    assert probed["ratios"]["cpu"]["core_to_core_ns_per_line"] == {"median": 2.1, "range": [0.2, 2.1], "rounds": probe}
     assert ("a line one thread writes after another thread's core had it costs **2.1 ns** more than one it wrote "
-            "itself (median of the same rounds; 0.2 to 2.1)") in markdown(probed)
+            "itself (median of the same rounds; 0.2 to 2.1)\n") in markdown(probed)
+    with_in_step = summary(core_to_core_ns_per_line=probe, paired={
+        name: {"rounds": [ms] * 12, "median": ms, "best": ms}
+        for name, ms in (("floor", 2.0), ("adam", 0.2), ("likelihood", 0.3), ("in_step", 4.4))}, in_step_parts={
+        "mlp": [2.2] * 12, "likelihood": [0.6] * 12, "adam": [0.3] * 5 + [1.4] * 7})
+    assert ("round by round, beside Adam inside the step (ns per line / ms): " + ", ".join(
+        ["0.2 / 0.30"] * 5 + ["2.1 / 1.40"] * 7)) in markdown(with_in_step)
     plain = summary()  # a run from before the probe, or with an odd number of threads
     assert "core_to_core_ns_per_line" not in plain["ratios"]["cpu"] and "between cores" not in markdown(plain)
 

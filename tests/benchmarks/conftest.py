@@ -129,7 +129,10 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
                     d["in_step_ms"][f"{part}_over_alone"] = statistics.median(
                         i / a for i, a in zip(in_step[part], parts[part]))
         if probe := ours.get("core_to_core_ns_per_line"):  # test_speed.core_to_core_round, in the same rounds
-            d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)]}
+            d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)],
+                                             "rounds": probe}
+            if "in_step_ms" in d:  # beside Adam inside the step, whose writes move every parameter's lines
+                d["core_to_core_ns_per_line"]["adam_in_step_ms"] = ours["in_step_parts"]["adam"]
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
             d["stacked_16_step_rate_vs_single"] = rate = big["step_rate_vs_single"]
@@ -291,8 +294,11 @@ def markdown(summary: dict) -> str:
             c = d["core_to_core_ns_per_line"]
             lines.append(f"- moving cache lines between cores (what Adam's writes of the parameters do, right after both "
                          f"threads' products read them): a line one thread writes after another thread's core had it "
-                         f"costs **{c['median']:.1f} ns** more than one it wrote itself (median of the same rounds; "
-                         f"{c['range'][0]:.1f} to {c['range'][1]:.1f})")
+                         f"costs **{_ns(c['median'])} ns** more than one it wrote itself (median of the same rounds; "
+                         f"{_ns(c['range'][0])} to {_ns(c['range'][1])})" + (
+                             "; round by round, beside Adam inside the step (ns per line / ms): " + ", ".join(
+                                 f"{_ns(x)} / {ms:.2f}" for x, ms in zip(c["rounds"], c["adam_in_step_ms"]))
+                             if "adam_in_step_ms" in c else ""))
         for r in dev:
             if r["kind"] != "ours_setting":
                 continue
@@ -433,6 +439,11 @@ def _system_metrics(t: dict) -> str:
 def _tracking_interval(t: dict) -> str:
     i = t["overhead_interval"]
     return "—" if i is None else f"{100 * i[0]:+.2f} % to {100 * i[1]:+.2f} % ({100 * i[2]:.0f} %)"
+
+
+def _ns(x: float) -> str:
+    """ns to one decimal, 0.0 for a round's noise just below 0 (not -0.0)."""
+    return f"{round(x, 1) + 0.0:.1f}"
 
 
 def _ms(r: dict) -> str:
