@@ -157,8 +157,8 @@ def test_the_core_to_core_probe_is_summarised_from_its_rounds_and_only_when_it_r
     probe = [0.2] * 5 + [2.1] * 7
     probed = summary(core_to_core_ns_per_line=probe)
     assert probed["ratios"]["cpu"]["core_to_core_ns_per_line"] == {"median": 2.1, "range": [0.2, 2.1], "rounds": probe}
-    assert ("a line one thread writes after another thread's core had it costs **2.1 ns** more than one it wrote "
-            "itself (median of the same rounds; 0.2 to 2.1)\n") in markdown(probed)
+    assert ("a line one thread wrote, another thread's core read, and the first writes again costs **2.1 ns** "
+            "more than one that stays with its core (median of the same rounds; 0.2 to 2.1)\n") in markdown(probed)
     with_in_step = summary(core_to_core_ns_per_line=probe, paired={
         name: {"rounds": [ms] * 12, "median": ms, "best": ms}
         for name, ms in (("floor", 2.0), ("adam", 0.2), ("likelihood", 0.3), ("in_step", 4.4))}, in_step_parts={
@@ -167,6 +167,16 @@ def test_the_core_to_core_probe_is_summarised_from_its_rounds_and_only_when_it_r
         ["0.2 / 0.30"] * 5 + ["2.1 / 1.40"] * 7)) in markdown(with_in_step)
     plain = summary()  # a run from before the probe, or with an odd number of threads
     assert "core_to_core_ns_per_line" not in plain["ratios"]["cpu"] and "between cores" not in markdown(plain)
+
+
+def test_paired_rounds_run_their_probes_untimed_after_the_references():
+    from tests.benchmarks import test_speed as speed
+
+    calls = []
+    paired = speed.Paired(0, probes=[lambda: calls.append("probe")], floor=lambda: calls.append("floor"))
+    paired()
+    paired()
+    assert calls == ["floor", "probe"] * 2 and set(paired.info()) == {"floor"}
 
 
 def test_the_core_to_core_round_keeps_one_figure_per_round():

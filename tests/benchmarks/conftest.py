@@ -131,7 +131,7 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
         if probe := ours.get("core_to_core_ns_per_line"):  # test_speed.core_to_core_round, in the same rounds
             d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)],
                                              "rounds": probe}
-            if "in_step_ms" in d:  # beside Adam inside the step, whose writes move every parameter's lines
+            if "in_step_ms" in d and len(probe) == len(ours["in_step_parts"]["adam"]):  # beside Adam inside the step
                 d["core_to_core_ns_per_line"]["adam_in_step_ms"] = ours["in_step_parts"]["adam"]
         big = find("stacked", device, variants=16)
         if big and "step_rate_vs_single" in big and device == "cuda":
@@ -292,9 +292,10 @@ def markdown(summary: dict) -> str:
                          "these parts)")
         if "core_to_core_ns_per_line" in d:
             c = d["core_to_core_ns_per_line"]
-            lines.append(f"- moving cache lines between cores (what Adam's writes of the parameters do, right after both "
-                         f"threads' products read them): a line one thread writes after another thread's core had it "
-                         f"costs **{_ns(c['median'])} ns** more than one it wrote itself (median of the same rounds; "
+            lines.append(f"- cache lines between cores (what the step does with every parameter: both threads' products "
+                         f"read them, then Adam writes them): a line one thread wrote, another thread's core read, and "
+                         f"the first writes again costs **{_ns(c['median'])} ns** more than one that stays with its core "
+                         f"(median of the same rounds; "
                          f"{_ns(c['range'][0])} to {_ns(c['range'][1])})" + (
                              "; round by round, beside Adam inside the step (ns per line / ms): " + ", ".join(
                                  f"{_ns(x)} / {ms:.2f}" for x, ms in zip(c["rounds"], c["adam_in_step_ms"]))

@@ -15,8 +15,8 @@
 - parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
   log p(x|z) with its gradient, which with the floor say where the step's time goes; and a copy of our
   round with its parts timed where they run, inside the step (in_step); and what the machine charges
-  for moving a cache line from one thread's core to another's (core_to_core), which our step does with
-  every parameter, every step.
+  for a cache line written on one thread's core, read on another's and written again (core_to_core),
+  which our step does with every parameter, every step.
 
 Each runs on the CPU, and on CUDA when there is a GPU, timed in rounds of 20 steps. The ratios are
 taken from paired rounds: right before each round of ours, a test also times a round of the floor at
@@ -37,7 +37,7 @@ import gzip
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -73,16 +73,20 @@ def require_mnist() -> None:
 
 class Paired:
     """Rounds of reference loops, run and timed between the benchmark's own rounds (as pytest-benchmark's
-    `setup`, which is called before every round, the warm-up rounds included)."""
+    `setup`, which is called before every round, the warm-up rounds included); then the probes, which
+    keep their own figures and are not timed here."""
 
-    def __init__(self, warmup: int, **rounds: Round):
-        self.warmup, self.rounds, self.ms = warmup, rounds, {name: [] for name in rounds}
+    def __init__(self, warmup: int, probes: Sequence[Round] = (), **rounds: Round):
+        self.warmup, self.probes, self.rounds = warmup, probes, rounds
+        self.ms = {name: [] for name in rounds}
 
     def __call__(self) -> None:
         for name, run in self.rounds.items():
             start = time.perf_counter()
             run()
             self.ms[name].append(1e3 * (time.perf_counter() - start) / STEPS)
+        for probe in self.probes:
+            probe()
 
     def info(self) -> dict[str, dict]:
         """ms/step of each reference over the timed rounds: each round's (the one run right before the
@@ -360,27 +364,30 @@ def in_step_round(cfg: config.Config, data: data_mod.Data) -> Round:
 
 
 def core_to_core_round(n: int = 1 << 19, repeats: int = 40) -> Round:
-    """What this machine charges for a cache line that one of torch's threads writes after another thread's
-    core has it: our step does that with every parameter (Adam writes them, on both threads, right after
-    both threads' matrix products read them). Two writes (x *= 1) of n floats each: A over buf[:n], B over
-    buf[n/2 : 3n/2]. OpenMP splits both statically, so with an even thread count each thread writes in B
-    half what another thread wrote in A, and the reverse in the next A: alternating A and B moves n/2
-    floats' lines between cores per write; A after A moves none. The round's `ns_per_line` keeps, round by
-    round, the alternating writes' extra time per line moved (a throughput: many lines are in flight)."""
+    """What this machine charges for a cache line that one of torch's threads writes, another thread's
+    core then reads, and the first writes again: what our step does with every parameter (both threads'
+    matrix products read them, then Adam writes them, each thread its half). A buffer of 3n/2 floats,
+    a = buf[:n] and b = buf[n/2:]; ATen's parallel_for gives each thread a contiguous chunk of an
+    operation's range, so with two or more threads a read of b (a sum) reads n/2 floats of a that other
+    threads wrote, and a write of a (x *= 1) writes them back from their own threads; a read of a reads
+    only what each thread wrote itself. The round's `ns_per_line` keeps, round by round, the extra time
+    per such line of (read b, write a) over (read a, write a): a throughput, many lines in flight."""
     buf = torch.ones(3 * n // 2)
     a, b = buf[:n], buf[n // 2:]
-    lines_moved = n // 2 * buf.element_size() // 64  # per write; 64-byte lines
+    lines_shared = n // 2 * buf.element_size() // 64  # per read of b; 64-byte lines
 
-    def writes(*views: Tensor) -> float:
+    def read_then_write(read: Tensor) -> float:
         start = time.perf_counter()
         for _ in range(repeats):
-            for view in views:
-                view.mul_(1.0)
+            read.sum()
+            a.mul_(1.0)
         return time.perf_counter() - start
 
     def probe_round() -> None:
-        own, moved = writes(a, a), writes(a, b)
-        probe_round.ns_per_line.append(1e9 * (moved - own) / (2 * repeats * lines_moved))
+        a.mul_(1.0)  # a's lines back with their writers after the last round's reads of b
+        own = read_then_write(a)
+        shared = read_then_write(b)
+        probe_round.ns_per_line.append(1e9 * (shared - own) / (repeats * lines_shared))
 
     probe_round.ns_per_line = []
     return probe_round
@@ -393,21 +400,22 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
     cfg = _config(family, n_samples, device)
     n_params = likelihoods.FAMILIES[family].n_params
     references = {"floor": floor_round(n_params, n_samples, device)}
+    probe = None
     if family == "bernoulli" and n_samples == 1:  # the headline comparison
         references["classic"] = classic_round(torchvision_root, device)
         if device == "cpu":
             references.update(parts_rounds(cfg, mnist(cfg, device)), in_step=in_step_round(cfg, mnist(cfg, device)))
-            if torch.get_num_threads() % 2 == 0:  # the probe's split: see core_to_core_round
-                references["core_to_core"] = core_to_core_round()
-    paired = Paired(WARMUP, **references)
+            if torch.get_num_threads() > 1:  # one thread moves no lines between cores
+                probe = core_to_core_round()
+    paired = Paired(WARMUP, probes=[probe] if probe else [], **references)
     _info(benchmark, kind="ours", device=device, family=family, n_samples=n_samples, n_params=n_params)
     metrics = benchmark.pedantic(ours_round(cfg, mnist(cfg, device)), setup=paired, rounds=ROUNDS,
                                  warmup_rounds=WARMUP)
     benchmark.extra_info["paired"] = paired.info()
     if "in_step" in references:  # each part's ms/step in the timed rounds of the in_step copy
         benchmark.extra_info["in_step_parts"] = {part: ms[WARMUP:] for part, ms in references["in_step"].parts.items()}
-    if "core_to_core" in references:
-        benchmark.extra_info["core_to_core_ns_per_line"] = references["core_to_core"].ns_per_line[WARMUP:]
+    if probe:
+        benchmark.extra_info["core_to_core_ns_per_line"] = probe.ns_per_line[WARMUP:]
     assert not math.isnan(metrics["train_elbo"])
 
 
