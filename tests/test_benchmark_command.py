@@ -165,7 +165,7 @@ def test_the_core_to_core_probe_is_summarised_from_its_rounds_and_only_when_it_r
         "mlp": [2.2] * 12, "likelihood": [0.6] * 12, "adam": [0.3] * 5 + [1.4] * 7})
     assert ("round by round, beside Adam inside the step (ns per line / ms): " + ", ".join(
         ["0.2 / 0.30"] * 5 + ["2.1 / 1.40"] * 7)) in markdown(with_in_step)
-    plain = summary()  # a run from before the probe, or with an odd number of threads
+    plain = summary()  # a run from before the probe, or with one thread
     assert "core_to_core_ns_per_line" not in plain["ratios"]["cpu"] and "between cores" not in markdown(plain)
 
 

@@ -365,14 +365,15 @@ def in_step_round(cfg: config.Config, data: data_mod.Data) -> Round:
 
 def core_to_core_round(n: int = 1 << 19, repeats: int = 40) -> Round:
     """What this machine charges for a cache line that one of torch's threads writes, another thread's
-    core then reads, and the first writes again: what our step does with every parameter (both threads'
-    matrix products read them, then Adam writes them, each thread its half). A buffer of 3n/2 floats,
-    a = buf[:n] and b = buf[n/2:]; ATen's parallel_for gives each thread a contiguous chunk of an
-    operation's range, so with two or more threads a read of b (a sum) reads n/2 floats of a that other
-    threads wrote, and a write of a (x *= 1) writes them back from their own threads; a read of a reads
-    only what each thread wrote itself. The round's `ns_per_line` keeps, round by round, the extra time
-    per such line of (read b, write a) over (read a, write a): a throughput, many lines in flight."""
-    buf = torch.ones(3 * n // 2)
+    core then reads, and the first writes again: what our step does with its parameters (the threads'
+    matrix products read them, then Adam writes them, each thread its own chunk). A buffer of 3n/2
+    floats, a = buf[:n] and b = buf[n/2:], and c, n floats never written. ATen's parallel_for gives each
+    thread a contiguous chunk of an operation's range (a sum's too), so with two or more threads a read
+    of b reads n/2 floats of a that other threads wrote, and a write of a (x *= 1) writes them back from
+    their own threads; a read of c touches as much memory and no line of a. The round's `ns_per_line`
+    keeps, round by round, the extra time per such line of (read b, write a) over (read c, write a): a
+    throughput, many lines in flight."""
+    buf, c = torch.ones(3 * n // 2), torch.ones(n)
     a, b = buf[:n], buf[n // 2:]
     lines_shared = n // 2 * buf.element_size() // 64  # per read of b; 64-byte lines
 
@@ -385,7 +386,7 @@ def core_to_core_round(n: int = 1 << 19, repeats: int = 40) -> Round:
 
     def probe_round() -> None:
         a.mul_(1.0)  # a's lines back with their writers after the last round's reads of b
-        own = read_then_write(a)
+        own = read_then_write(c)
         shared = read_then_write(b)
         probe_round.ns_per_line.append(1e9 * (shared - own) / (repeats * lines_shared))
 
