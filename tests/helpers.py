@@ -28,20 +28,22 @@ from tests.conftest import shrink_args
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-# Three variants (seeds) on all of digits, trials of a few seconds: long enough to be caught running.
+# Three variants (seeds) on all of digits, trials of ~4 s here (60 epochs of 75 steps): long enough to be
+# caught running. The catch comes ~0.6 s after a worker claims its trial (its MLflow run is made first);
+# trials of ~1 s (30 epochs of batch 64, once the step got fast) ended before it in a CI run.
 SEEDS = [0, 1, 2]
 SEED_STUDY = """study:
   grids:
     - likelihood.name: [bernoulli]
 data: {binarize: static}
 model: {hidden: [64], latent_dim: 8}
-train: {batch_size: 64}
+train: {batch_size: 16}
 """
 
 
 def seed_study_args(tmp_path: Path) -> list[str]:
     (tmp_path / "seeds.yaml").write_text(SEED_STUDY)
-    return [f"study={tmp_path / 'seeds.yaml'}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=30",
+    return [f"study={tmp_path / 'seeds.yaml'}", *shrink_args(tmp_path), "data.limit=0", "train.epochs=60",
             "eval.figures=false", f"study.seeds={SEEDS}"]
 
 
