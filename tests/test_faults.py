@@ -109,7 +109,7 @@ def test_a_killed_worker_is_named_and_its_trial_marked_killed_by_the_same_comman
     while "its trial is marked killed" not in (tmp_path / "run.log").read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    # at once: while the other worker still trains (each has its trials left: 30 epochs of digits)
+    # at once: while the other worker still trains (each has its trials left: 60 epochs of digits)
     assert proc.poll() is None, (tmp_path / "run.log").read_text()
     assert proc.wait(timeout=300) == 1
     log = (tmp_path / "run.log").read_text()
