@@ -285,19 +285,25 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     # a new, unqueued trial when the queue is empty — how GridSampler repeats points under parallel
     # workers — and pops a queued one outside the lock. The claimant names itself under the lock too: a
     # trial without an owner counts as alive for a minute, which would hold up the next command.
-    with study_lock(cfg):
-        trial_id = study._pop_waiting_trial_id()
-        if trial_id is not None:
-            trial = optuna.Trial(study, trial_id)
-        elif cfg.study.search_space:
-            trial = _search_trial(study, cfg)
-        else:
-            trial = None
+    # A Ctrl-C during the claim takes effect once the claim is written and the lock released: the claimed
+    # trial is then ended as interrupted, not left RUNNING for the next command to take for a dead worker's.
+    trial = None
+    try:
+        with _ctrl_c_deferred(), study_lock(cfg):
+            trial_id = study._pop_waiting_trial_id()
+            if trial_id is not None:
+                trial = optuna.Trial(study, trial_id)
+            elif cfg.study.search_space:
+                trial = _search_trial(study, cfg)
+            if trial is not None:
+                trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
+                trial.set_user_attr(STARTED, _process_start(os.getpid()))
+                trial.set_user_attr(OWNER, _owner())
+    except KeyboardInterrupt:
         if trial is not None:
-            trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
-            trial.set_user_attr(STARTED, _process_start(os.getpid()))
-            trial.set_user_attr(OWNER, _owner())
-        return trial
+            _interrupted(study, trial, None, cfg, cfg)
+        raise
+    return trial
 
 
 def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
@@ -380,11 +386,13 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
-    params = trial_params(trial, base)
-    cfg = config.apply(base, params)
-    label = variant_label(params)
     epoch_log: tracking.EpochLog | None = None
+    cfg = base  # the trial's own once its params are known
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
+        with _ctrl_c_deferred():  # storage writes: the trial's params
+            params = trial_params(trial, base)
+        cfg = config.apply(base, params)
+        label = variant_label(params)
         data = cache.get(cfg)
         lik = config.likelihood_of(cfg)
         measure = data.measure(lik)

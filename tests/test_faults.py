@@ -166,11 +166,11 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
-def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int) -> None:
-    """Runs the study with a real SIGINT sent as `tracking.<name>` is called for the `call`-th time (handled
+def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int, module=tracking) -> None:
+    """Runs the study with a real SIGINT sent as `module.<name>` is called for the `call`-th time (handled
     at the next bytecode: inside the wrapper, before that function's writes); the command stops as for any
     Ctrl-C."""
-    real, calls = getattr(tracking, name), []
+    real, calls = getattr(module, name), []
 
     def interrupted(*a, **kw):
         calls.append(a)
@@ -179,7 +179,7 @@ def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int) -> None:
         return real(*a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(tracking, name, interrupted)
+        patch.setattr(module, name, interrupted)
         assert run.main(args) == 130
 
 
@@ -207,6 +207,25 @@ def test_ctrl_c_while_a_trial_starts_its_run_waits_for_the_run(tmp_path, monkeyp
     assert trials[1].user_attrs["status"] == "interrupted"
     killed = runs.loc[trials[1].user_attrs["mlflow_run_id"]]
     assert killed["status"] == "KILLED" and killed["tags.state"] == "interrupted"
+
+
+@pytest.mark.parametrize("name", ["_owner", "trial_params"], ids=["claiming it", "recording its params"])
+def test_ctrl_c_while_a_worker_claims_a_trial_is_an_interruption(name, tmp_path, monkeypatch):
+    # A real SIGINT as the second trial is claimed (its owner being written; the trial is RUNNING already)
+    # or its params recorded: the claim or the record is finished, then the trial recorded as interrupted,
+    # not left RUNNING for the next command to take for a dead worker's (nor for a test waiting on a
+    # study's running trials); the same command resumes.
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    _real_ctrl_c_at(monkeypatch, args, name, call=2, module=study)
+    before, runs = _state(tmp_path, args)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert before[1].user_attrs["status"] == "interrupted" and list(runs.status) == ["FINISHED"]
+
+    assert run.main(args) == 0
+    trials, _ = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+    assert trials[1].user_attrs["status"] == "interrupted"  # not relabelled a dead worker's
 
 
 @pytest.mark.parametrize("where", ["loading its data", "logging its run's params"])
