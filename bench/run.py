@@ -14,7 +14,6 @@ process, re-running the same command resumes: finished trials are kept.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -22,14 +21,13 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
-from bench import config, report, states, study, tracking
+from bench import config, report, states, stopping, study, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.train import resolve_device
@@ -61,26 +59,6 @@ LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
 LOST_STORAGE = "the Optuna storage failed"
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c(terminated: list[int]) -> Iterator[None]:
-    """SIGTERM (timeout, docker stop, a batch scheduler's end of job) stops the study as Ctrl-C does:
-    each running trial recorded as interrupted, its run ended. Appends the signal to `terminated`. Leaves
-    a handler someone else installed as it is."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def as_ctrl_c(signum, frame) -> None:
-        terminated.append(signum)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, as_ctrl_c)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _first_line(error: Exception) -> str:
     """A database error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
     return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
@@ -102,13 +80,16 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
     # once (a second SIGINT would interrupt a worker while it records the first).
     os.setpgrp()
+    # Only the main process and the parent-death signal send it SIGINT, which must raise here even where
+    # the command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
     try:
-        with _sigterm_as_ctrl_c([]):
+        with stopping.sigterm_as_ctrl_c():
             outcomes = study.work(cfg, parent_id, experiment_id, position)
-    except KeyboardInterrupt:  # its trial is recorded as interrupted; no traceback
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
+        sys.exit(143 if isinstance(stop, stopping.Terminated) else 130)
     except MlflowException as e:
         print(f"error: worker {position}: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
@@ -156,17 +137,19 @@ def run(cfg: Config) -> bool:
                         if stale:  # trained again by the next command
                             print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
             ok = all(w.exitcode == 0 for w in workers)
-    except KeyboardInterrupt:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+    except KeyboardInterrupt as stop:
+        # a second Ctrl-C or SIGTERM must not skip the clean-up
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             for w in workers:  # each ends its trial as interrupted, then exits
                 if w.is_alive():
-                    os.kill(w.pid, signal.SIGINT)
+                    os.kill(w.pid, signal.SIGTERM if isinstance(stop, stopping.Terminated) else signal.SIGINT)
             for w in workers:
                 w.join()
             tracking.end_parent(parent_id, "KILLED")
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         raise
     # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command)
     pending = [] if cfg.study.worker else study.not_ended(optuna_study)
@@ -210,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     print(config.to_yaml(cfg))
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
     print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
-    terminated: list[int] = []
     try:
-        with _sigterm_as_ctrl_c(terminated):
+        with stopping.sigterm_as_ctrl_c():
             ok = run(cfg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, stopping.Terminated)
         print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {LOST_TRACKING}", file=sys.stderr)
         return 143 if terminated else 130
     except MlflowException as e:

@@ -7,7 +7,7 @@ TPE trials on top. A diverged trial is recorded as FAIL with its reason and not 
 or killed one is retried on the next run.
 
 Faults lose no finished work: a trial is COMPLETE in Optuna only once its MLflow run has FINISHED.
-Ctrl-C ends the trial in progress as FAIL (status interrupted, run KILLED). A SIGKILL, a lost machine
+Ctrl-C or SIGTERM (bench.stopping) ends the trial in progress as FAIL (status interrupted, run KILLED). A SIGKILL, a lost machine
 or a lost tracking store leaves it RUNNING; the next run marks it FAIL (status killed, run KILLED) once
 its worker is gone — a local process that no longer exists, or no epoch for REMOTE_STALE_S from
 another machine — and trains that variant again; one whose MLflow run had already ended (the worker died
@@ -24,10 +24,8 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,9 +38,10 @@ import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from bench import config, states, tracking
+from bench import config, states, stopping, tracking
 from bench import data as data_mod
 from bench.config import Config
+from bench.stopping import ctrl_c_deferred
 from bench.train import final_metrics, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -289,7 +288,7 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     # trial is then ended as interrupted, not left RUNNING for the next command to take for a dead worker's.
     trial = None
     try:
-        with _ctrl_c_deferred(), study_lock(cfg):
+        with ctrl_c_deferred(), study_lock(cfg):
             trial_id = study._pop_waiting_trial_id()
             if trial_id is not None:
                 trial = optuna.Trial(study, trial_id)
@@ -299,9 +298,9 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
                 trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
                 trial.set_user_attr(STARTED, _process_start(os.getpid()))
                 trial.set_user_attr(OWNER, _owner())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if trial is not None:
-            _interrupted(study, trial, None, cfg, cfg)
+            _interrupted(study, trial, None, cfg, cfg, stop)
         raise
     return trial
 
@@ -370,12 +369,12 @@ def _stored(write: Callable[[], object], tries: int = 20) -> None:
 
 
 def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config,
-                 base: Config) -> None:
+                 base: Config, stop: KeyboardInterrupt) -> None:
     """Records a Ctrl-C: the trial FAIL (not diverged: the next run trains the variant again) with status
     interrupted, and its MLflow run, if it has one yet, ended with its epochs so far. `cfg` is the trial's,
     `base` the study's."""
-    reason = "interrupted by the user (SIGINT)"
-    with _ctrl_c_deferred():  # a second SIGINT must not leave the interruption half-recorded
+    reason = stopping.reason(stop)
+    with ctrl_c_deferred():  # a second Ctrl-C or SIGTERM must not leave the interruption half-recorded
         if epoch_log is not None:
             tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
         with study_lock(base):
@@ -389,7 +388,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     epoch_log: tracking.EpochLog | None = None
     cfg = base  # the trial's own once its params are known
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
-        with _ctrl_c_deferred():  # storage writes: the trial's params
+        with ctrl_c_deferred():  # storage writes: the trial's params
             params = trial_params(trial, base)
         cfg = config.apply(base, params)
         label = variant_label(params)
@@ -402,14 +401,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
-        with _ctrl_c_deferred():  # storage writes (see _ctrl_c_deferred); the run is ended below if one came
+        with ctrl_c_deferred():  # storage writes (see ctrl_c_deferred); the run is ended below if one came
             epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id,
                                                                f"{trial.number}: {label}", tags))
             trial.set_user_attr(RUN_ID, epoch_log.run_id)
             trial.set_user_attr(COMPARABLE, measure.comparable)
             trial.set_user_attr(SCALE, measure.scale)
-    except KeyboardInterrupt:
-        _interrupted(study, trial, epoch_log, cfg, base)  # ends the run, once there is one
+    except KeyboardInterrupt as stop:
+        _interrupted(study, trial, epoch_log, cfg, base, stop)  # ends the run, once there is one
         raise
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
@@ -420,7 +419,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
-        with _ctrl_c_deferred():
+        with ctrl_c_deferred():
             if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
                 last_beat = time.time()
                 trial.set_user_attr(HEARTBEAT, last_beat)
@@ -433,14 +432,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     try:
         result = train(cfg, data, on_epoch)
         history = result.history
-        with _ctrl_c_deferred():
+        with ctrl_c_deferred():
             trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
         final = final_metrics(result, cfg)
         state, reason = result.status, result.reason
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}
-    except KeyboardInterrupt:
-        _interrupted(study, trial, epoch_log, cfg, base)
+    except KeyboardInterrupt as stop:
+        _interrupted(study, trial, epoch_log, cfg, base, stop)
         raise
     except STORAGE_ERRORS:  # not the variant's failure: the next command trains it again
         raise
@@ -448,7 +447,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
-    with _ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
+    with ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
         with study_lock(base):  # not while a command marks this trial killed
             _record(study, trial, state, reason, history[-1] if history else {})
@@ -470,28 +469,6 @@ def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, l
     except optuna.exceptions.UpdateFinishedTrialError:  # a worker of another machine, thought dead too soon
         print(f"warning: trial {trial.number} was marked killed by another command while this worker trained it "
               f"(no sign of life for {REMOTE_STALE_S} s); its run here ended {state}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """A Ctrl-C inside takes effect (KeyboardInterrupt) once the block is done: around the worker's storage
-    writes. Without this, one that came while a finished trial was being recorded left its run and trial
-    RUNNING, which the next command took for a dead worker's, throwing the trained variant away; and one
-    that came inside a write could leave its SQLite transaction open, holding a lock that the
-    interruption's own writes, and other workers', would wait on until the store's timeout.
-    Only where Ctrl-C raises KeyboardInterrupt: in the main thread, with Python's own handler."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> list[TrialOutcome]:

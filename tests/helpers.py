@@ -66,21 +66,24 @@ def _trials_now(tmp_path: Path, *attrs: str) -> list[tuple]:
 
 
 @contextlib.contextmanager
-def _sigint_handled() -> Iterator[None]:
+def _sigint_handled(handler=signal.default_int_handler) -> Iterator[None]:
     """Children started inside get SIGINT as a terminal gives it (Python's KeyboardInterrupt), also where
     the tests run as a background job, which ignores SIGINT: an ignored signal stays ignored across exec,
-    a handled one is reset to its default. (Not preexec_fn: it is unsafe in a process with threads.)"""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    a handled one is reset to its default. With `handler=signal.SIG_IGN`, they start as a shell script's
+    `cmd &` does, SIGINT ignored. (Not preexec_fn: it is unsafe in a process with threads.)"""
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def start_and_catch_a_worker(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
-    """Starts `python -m bench.run` with `args` (study.n_workers > 1; output in <tmp>/run.log) and returns
-    once a worker trains a trial with its MLflow run: the process, the trial's number and its worker's pid."""
-    with open(tmp_path / "run.log", "w") as log, _sigint_handled():
+def start_and_catch_a_worker(args: list[str], tmp_path: Path, sigint=signal.default_int_handler
+                             ) -> tuple[subprocess.Popen, int, int]:
+    """Starts `python -m bench.run` with `args` (study.n_workers > 1; output in <tmp>/run.log; SIGINT as
+    `sigint`, see _sigint_handled) and returns once a worker trains a trial with its MLflow run: the
+    process, the trial's number and its worker's pid."""
+    with open(tmp_path / "run.log", "w") as log, _sigint_handled(sigint):
         proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
                                 stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
     deadline = time.monotonic() + 400
@@ -94,11 +97,11 @@ def start_and_catch_a_worker(args: list[str], tmp_path: Path) -> tuple[subproces
         time.sleep(0.1)
 
 
-def start_and_catch_second_trial(args: list[str], tmp_path: Path,
-                                 env: dict[str, str] = ONE_THREAD_ENV) -> subprocess.Popen:
-    """Starts `python -m bench.run` (output in <tmp>/run.log) and returns once trial 0 is complete and
-    trial 1 is running with its MLflow run."""
-    with open(tmp_path / "run.log", "w") as log, _sigint_handled():
+def start_and_catch_second_trial(args: list[str], tmp_path: Path, env: dict[str, str] = ONE_THREAD_ENV,
+                                 sigint=signal.default_int_handler) -> subprocess.Popen:
+    """Starts `python -m bench.run` (output in <tmp>/run.log; SIGINT as `sigint`, see _sigint_handled) and
+    returns once trial 0 is complete and trial 1 is running with its MLflow run."""
+    with open(tmp_path / "run.log", "w") as log, _sigint_handled(sigint):
         proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 400

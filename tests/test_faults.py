@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from bench import config, report_data, report_tables, run, study, tracking
+from bench import config, report_data, report_tables, run, stopping, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import (
     ONE_THREAD_ENV,
@@ -75,18 +75,26 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     assert runs.loc[trials[1].user_attrs["mlflow_run_id"], "tags.state"] == "killed"
 
 
-@pytest.mark.parametrize("sent, code, said", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
-                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])  # timeout, docker stop
-def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(sent, code, said, tmp_path, monkeypatch):
+SIGINT_IGNORED = pytest.param(signal.SIG_IGN, id="SIGINT ignored")  # as a shell script's `cmd &` starts it
+
+
+@pytest.mark.parametrize("sent, sigint, code, said", [
+    pytest.param(signal.SIGINT, signal.default_int_handler, 130, "interrupted", id="Ctrl-C"),
+    # timeout, docker stop, a scheduler; also where the command started with SIGINT ignored
+    pytest.param(signal.SIGTERM, signal.default_int_handler, 143, "terminated (SIGTERM)", id="SIGTERM"),
+    pytest.param(signal.SIGTERM, signal.SIG_IGN, 143, "terminated (SIGTERM)", id="SIGTERM, SIGINT ignored")])
+def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(sent, sigint, code, said, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
-    proc = start_and_catch_second_trial(args, tmp_path)
+    proc = start_and_catch_second_trial(args, tmp_path, sigint=sigint)
     proc.send_signal(sent)
     assert proc.wait(timeout=120) == code
     log = (tmp_path / "run.log").read_text()
     assert f"{said}: finished trials are kept; re-run the same command to resume" in log and "Traceback" not in log
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.FAIL and before[1].user_attrs["status"] == "interrupted"
+    assert before[1].user_attrs["reason"] == ("terminated (SIGTERM)" if sent == signal.SIGTERM
+                                              else "interrupted by the user (SIGINT)")
     child = runs.loc[before[1].user_attrs["mlflow_run_id"]]
     assert child["status"] == "KILLED" and child["tags.state"] == "interrupted"
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
@@ -125,11 +133,12 @@ def test_a_killed_worker_is_named_and_its_trial_marked_killed_by_the_same_comman
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
 
 
-def test_workers_stop_when_the_main_process_is_killed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigint", [signal.default_int_handler, SIGINT_IGNORED])
+def test_workers_stop_when_the_main_process_is_killed(sigint, tmp_path, monkeypatch):
     """Orphaned workers would train on out of reach of Ctrl-C; they end their trials as interrupted."""
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "study.n_workers=2"]
-    proc, number, _ = start_and_catch_a_worker(args, tmp_path)
+    proc, number, _ = start_and_catch_a_worker(args, tmp_path, sigint=sigint)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     deadline = time.monotonic() + 120
@@ -141,6 +150,22 @@ def test_workers_stop_when_the_main_process_is_killed(tmp_path, monkeypatch):
         time.sleep(0.5)
     assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["status"] == "interrupted"
     assert sum(t.state == TrialState.COMPLETE for t in trials) < len(SEEDS)
+
+
+def test_sigterm_stops_the_workers_of_a_command_started_with_sigint_ignored(tmp_path, monkeypatch):
+    """The main process passes SIGTERM on to its workers, which end their trials as terminated."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "study.n_workers=2"]
+    proc, number, _ = start_and_catch_a_worker(args, tmp_path, sigint=signal.SIG_IGN)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    log = (tmp_path / "run.log").read_text()
+    assert "terminated (SIGTERM): finished trials are kept" in log and "Traceback" not in log
+    trials, runs = _state(tmp_path, args)
+    assert not any(t.state == TrialState.RUNNING for t in trials) and not (runs.status == "RUNNING").any()
+    assert trials[number].state == TrialState.FAIL
+    assert (trials[number].user_attrs["status"], trials[number].user_attrs["reason"]) == \
+        ("interrupted", "terminated (SIGTERM)")
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -166,21 +191,22 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
-def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int, module=tracking) -> None:
-    """Runs the study with a real SIGINT sent as `module.<name>` is called for the `call`-th time (handled
-    at the next bytecode: inside the wrapper, before that function's writes); the command stops as for any
-    Ctrl-C."""
+def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int, module=tracking,
+                    sent: signal.Signals = signal.SIGINT) -> None:
+    """Runs the study with a real SIGINT (or `sent`) sent as `module.<name>` is called for the `call`-th
+    time (handled at the next bytecode: inside the wrapper, before that function's writes); the command
+    stops as for any Ctrl-C (or SIGTERM)."""
     real, calls = getattr(module, name), []
 
     def interrupted(*a, **kw):
         calls.append(a)
         if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sent)
         return real(*a, **kw)
 
     with monkeypatch.context() as patch:
         patch.setattr(module, name, interrupted)
-        assert run.main(args) == 130
+        assert run.main(args) == (143 if sent == signal.SIGTERM else 130)
 
 
 def test_ctrl_c_while_a_finished_trial_is_recorded_waits_for_the_record(tmp_path, monkeypatch):
@@ -210,17 +236,25 @@ def test_ctrl_c_while_a_trial_starts_its_run_waits_for_the_run(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("name", ["_owner", "trial_params"], ids=["claiming it", "recording its params"])
-def test_ctrl_c_while_a_worker_claims_a_trial_is_an_interruption(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM, SIGINT ignored"])
+def test_ctrl_c_while_a_worker_claims_a_trial_is_an_interruption(name, sent, tmp_path, monkeypatch):
     # A real SIGINT as the second trial is claimed (its owner being written; the trial is RUNNING already)
     # or its params recorded: the claim or the record is finished, then the trial recorded as interrupted,
     # not left RUNNING for the next command to take for a dead worker's (nor for a test waiting on a
-    # study's running trials); the same command resumes.
+    # study's running trials); the same command resumes. The same for SIGTERM, with SIGINT ignored as in
+    # a shell script's `cmd &`: it waits for the writes too.
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
-    _real_ctrl_c_at(monkeypatch, args, name, call=2, module=study)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sent == signal.SIGTERM else signal.default_int_handler)
+    try:
+        _real_ctrl_c_at(monkeypatch, args, name, call=2, module=study, sent=sent)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     before, runs = _state(tmp_path, args)
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert before[1].user_attrs["status"] == "interrupted" and list(runs.status) == ["FINISHED"]
+    assert before[1].user_attrs["reason"] == stopping.reason(stopping.Terminated() if sent == signal.SIGTERM
+                                                             else KeyboardInterrupt())
 
     assert run.main(args) == 0
     trials, _ = _state(tmp_path, args)

@@ -1,0 +1,67 @@
+"""How a study stops: Ctrl-C (SIGINT) and SIGTERM both raise KeyboardInterrupt in the main thread, which
+ends the trial in progress as interrupted; around storage writes they wait for the write to finish.
+
+SIGTERM does not go through SIGINT: a shell script's `cmd &` starts the command with SIGINT ignored (so
+that a Ctrl-C at the terminal leaves background jobs alone), and a SIGTERM passed on as SIGINT would be
+ignored with it, the study training on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker stop, a batch scheduler's end of job): the study stops as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def reason(stop: KeyboardInterrupt) -> str:
+    """What the trial it cut short records."""
+    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted by the user (SIGINT)"
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises Terminated inside. Leaves a handler someone else installed as it is."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM inside takes effect (KeyboardInterrupt, Terminated) once the block is done:
+    around the worker's storage writes. Without this, one that came while a finished trial was being
+    recorded left its run and trial RUNNING, which the next command took for a dead worker's, throwing the
+    trained variant away; and one that came inside a write could leave its SQLite transaction open,
+    holding a lock that the interruption's own writes, and other workers', would wait on until the store's
+    timeout. Only where the signal raises: in the main thread, SIGINT with Python's own handler (not where
+    it is ignored), SIGTERM inside sigterm_as_ctrl_c."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = {signum: handler for signum, handler in ((signal.SIGINT, signal.default_int_handler),
+                                                     (signal.SIGTERM, _terminate))
+             if signal.getsignal(signum) is handler}
+    caught: list[int] = []
+    for signum in stops:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in stops.items():
+            signal.signal(signum, handler)
+    if caught:  # the first that came, as it would have been raised
+        stops[caught[0]](caught[0], None)
