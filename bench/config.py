@@ -151,18 +151,22 @@ SEED_RANGE = 2**32  # seeds are integers in [0, 2³²): what Optuna's samplers a
 OPEN_MAPPINGS = ("study.grids", "study.search_space")
 
 
-def _bool_keys(cls: type, prefix: str = "") -> set[str]:
-    """Dotted keys of the bool fields of a config dataclass and of its nested sections."""
+def _keys_of_type(cls: type, type_name: str, prefix: str = "") -> set[str]:
+    """Dotted keys of the fields of a type (as annotated) of a config dataclass and its nested sections."""
     keys = set()
     for f in fields(cls):
-        if f.type == "bool":
+        if f.type == type_name:
             keys.add(prefix + f.name)
         elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
-            keys |= _bool_keys(f.default_factory, f"{prefix}{f.name}.")
+            keys |= _keys_of_type(f.default_factory, type_name, f"{prefix}{f.name}.")
     return keys
 
 
-BOOL_KEYS = _bool_keys(Config)
+BOOL_KEYS = _keys_of_type(Config, "bool")
+# Given on the command line, these take the text as it is: YAML would read `report_dir=0755` as 493,
+# `study.description=yes` as True and `study.description=run #3` as "run"
+STR_KEYS = _keys_of_type(Config, "str")
+PATH_KEYS = ("report_dir", "data.root", "tracking.artifact_location")  # `~` is the home folder
 
 
 def _leaves(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -297,10 +301,12 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             cfg.study.name = path.stem
     given: dict[str, list[str]] = {}  # each override -> the dotted keys it sets
     for arg in overrides:
-        if arg.endswith("="):  # `key=` sets an empty string (YAML would read it as null)
-            arg += "''"
+        key, value = arg.split("=", 1)
         try:
-            dot = OmegaConf.from_dotlist([arg])
+            dot = (OmegaConf.from_dotlist([f"{key}=''"]) if key in STR_KEYS or not value else  # `key=`: ""
+                   OmegaConf.from_dotlist([arg]))  # not null
+            if key in STR_KEYS:
+                OmegaConf.update(dot, key, value)
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
@@ -320,7 +326,17 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             if key == "train.seed":  # grid variants run once per seed; search trials use the first
                 raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
                                   f"({config.study.seeds}); set study.seeds=[...] instead")
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(config, section) if section else config
+        if "://" not in getattr(owner, name):
+            setattr(owner, name, os.path.expanduser(getattr(owner, name)))
     validate(config)
+    sampled = sorted(config.study.search_space)  # valid keys by now
+    for arg, keys in given.items():
+        for key in set(keys) & set(sampled):
+            raise ConfigError(f"override {arg!r}: {key} is sampled by the study's search_space ({', '.join(sampled)}); "
+                              "change study.search_space in the study file instead")
     return config
 
 
@@ -535,6 +551,11 @@ def config_hash(cfg: Config) -> str:
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def tracking_key(cfg: Config) -> str:
+    """Where tracking_uri(cfg) comes from, as an error names it."""
+    return "$MLFLOW_TRACKING_URI" if not cfg.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
 
 
 # the password of a URL's user (postgresql://USER:PASSWORD@HOST/DB, https://USER:PASSWORD@HOST)

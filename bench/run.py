@@ -42,7 +42,7 @@ def preflight(cfg: Config) -> None:
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
     tracking.check_artifact_location(cfg)
-    tracking.check_reachable(config.tracking_uri(cfg))
+    tracking.check_reachable(config.tracking_uri(cfg), config.tracking_key(cfg))
     study.check_storage(cfg)
     config.check_writable("report_dir", cfg.report_dir, Path(cfg.report_dir), create=True)
     seen = set()

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from bench import config, states, stopping, tracking
 from bench import data as data_mod
-from bench.config import Config
+from bench.config import Config, ConfigError
 from bench.stopping import ctrl_c_deferred
 from bench.train import final_metrics, resolve_device, train
 
@@ -98,7 +98,13 @@ def storage_url(cfg: Config) -> str:
 def check_storage(cfg: Config) -> None:
     """Raises ConfigError when the Optuna storage cannot be reached, or holds no study for a worker to
     join, before anything is written."""
-    tracking.check_sql_store("study.storage", storage_url(cfg))
+    url, tracking_uri = storage_url(cfg), config.tracking_uri(cfg)
+    key = "study.storage" if cfg.study.storage else "study.storage (unset: optuna.db beside the MLflow store)"
+    if tracking.same_database(url, tracking_uri):
+        raise ConfigError(f"{key}={url!r} and {config.tracking_key(cfg)}={tracking_uri!r} are one database; "
+                          "MLflow and Optuna each need their own: e.g. tracking.uri=sqlite:///mlflow.db with "
+                          "study.storage=sqlite:///optuna.db, or two PostgreSQL databases")
+    tracking.check_sql_store("study.storage", url, "Optuna")
     if cfg.study.worker:
         open_study(cfg, create=False)
 

@@ -7,8 +7,10 @@ Per-epoch metrics go in batches, at most one every two seconds, written by a bac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -48,21 +50,31 @@ CONNECT_TIMEOUT_S = 5  # a wrong host or a dead server fails the preflight in se
 DATABASES = ("postgresql", "mysql")  # URL schemes of database servers (with an optional +driver)
 
 
-def check_sql_store(key: str, url: str) -> None:
-    """Raises ConfigError when an SQL store (an SQLite file, or a database server) cannot be used."""
+# A table of each one's schema that the other's lacks. One database cannot hold both: each keeps its
+# schema's version in a table named alembic_version, and each then fails on the other's.
+SCHEMA_TABLE = {"MLflow": "experiments", "Optuna": "studies"}
+
+
+def check_sql_store(key: str, url: str, owner: str) -> None:
+    """Raises ConfigError when an SQL store (an SQLite file, or a database server) cannot be used by
+    `owner` (MLflow or Optuna): unreachable, not a database, or holding the other one's store."""
     path = sqlite_path(url)
     if path is not None:
         config.check_writable(key, url, path.parent)  # SQLite creates the file, not its folder
         if path.exists() and not is_sqlite_file(path):
             raise ConfigError(f"{key}={url!r}: {path} exists and is not an SQLite database; expected a new "
-                              "file's path, or a store made by MLflow or Optuna")
+                              f"file's path, or a store made by {owner}")
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            _check_schema(key, url, owner, tables)
         return
     import sqlalchemy
 
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
-        with engine.connect():
-            pass
+        with engine.connect() as connection:
+            tables = set(sqlalchemy.inspect(connection).get_table_names())
         engine.dispose()
     except Exception as e:  # noqa: BLE001  no driver, bad URL, refused, timed out, no such database or user
         reason = str(e).strip().splitlines()[0][:200]
@@ -70,6 +82,29 @@ def check_sql_store(key: str, url: str) -> None:
                           ("postgresql://USER@HOST:PORT/DB", "pip install 'psycopg[binary]'"))
         raise ConfigError(f"{key}={url!r}: cannot connect ({reason}); expected sqlite:///FILE or a reachable "
                           f"{server} (an existing database; driver: {driver})") from None
+    _check_schema(key, url, owner, tables)
+
+
+def _check_schema(key: str, url: str, owner: str, tables: set[str]) -> None:
+    other = next(name for name in SCHEMA_TABLE if name != owner)
+    if SCHEMA_TABLE[other] in tables:
+        raise ConfigError(f"{key}={url!r} holds {other}'s store; {owner} needs a database of its own: "
+                          "e.g. tracking.uri=sqlite:///mlflow.db with study.storage=sqlite:///optuna.db, or two "
+                          "PostgreSQL databases")
+
+
+def same_database(a: str, b: str) -> bool:
+    """Whether two store addresses name one SQLite file, or one database of one server."""
+    path_a, path_b = sqlite_path(a), sqlite_path(b)
+    if path_a is not None or path_b is not None:
+        return path_a is not None and path_b is not None and path_a.resolve() == path_b.resolve()
+    if not (a.startswith(DATABASES) and b.startswith(DATABASES)):
+        return False
+    import sqlalchemy
+
+    url_a, url_b = sqlalchemy.engine.make_url(a), sqlalchemy.engine.make_url(b)
+    return ((url_a.get_backend_name(), url_a.host, url_a.port, url_a.database) ==
+            (url_b.get_backend_name(), url_b.host, url_b.port, url_b.database))
 
 
 def is_sqlite_file(path: Path) -> bool:
@@ -81,22 +116,23 @@ def is_sqlite_file(path: Path) -> bool:
     return head in (b"", b"SQLite format 3\x00")
 
 
-def check_reachable(uri: str) -> None:
-    """Raises ConfigError when the tracking store cannot be used, before anything is written."""
+def check_reachable(uri: str, key: str = "tracking.uri") -> None:
+    """Raises ConfigError when the tracking store cannot be used, before anything is written. `key`: where
+    the address came from (config.tracking_key)."""
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).read()
         except Exception as e:  # noqa: BLE001  refused, timed out, HTTP error, bad URL
-            raise ConfigError(f"tracking.uri={uri!r}: tracking server unreachable ({e}); start one with "
+            raise ConfigError(f"{key}={uri!r}: tracking server unreachable ({e}); start one with "
                               "`mlflow server --host 127.0.0.1`, or use sqlite:///mlflow.db") from None
     elif uri.startswith(("sqlite:///", *DATABASES)):
-        check_sql_store("tracking.uri", uri)
+        check_sql_store(key, uri, "MLflow")
     elif uri.startswith("file:"):  # MLflow 3 keeps its file store (mlruns/) for reading old runs only
-        raise ConfigError(f"tracking.uri={uri!r}: MLflow {mlflow.__version__} does not track new runs in a "
+        raise ConfigError(f"{key}={uri!r}: MLflow {mlflow.__version__} does not track new runs in a "
                           "file store (a folder of mlruns); use sqlite:///mlflow.db, http://HOST:PORT or "
                           "postgresql://USER@HOST:PORT/DB")
     else:
-        raise ConfigError(f"tracking.uri={uri!r}: expected sqlite:///FILE, http://HOST:PORT or "
+        raise ConfigError(f"{key}={uri!r}: expected sqlite:///FILE, http://HOST:PORT or "
                           "postgresql://USER@HOST:PORT/DB")
 
 
@@ -106,7 +142,7 @@ def check_artifact_location(cfg: Config) -> None:
     if not uri.startswith(DATABASES):
         return
     if not location:
-        raise ConfigError(f"tracking.uri={uri!r} is a database: set tracking.artifact_location to a folder "
+        raise ConfigError(f"{config.tracking_key(cfg)}={uri!r} is a database: set tracking.artifact_location to a folder "
                           "or an s3:// URL every worker can write, or use a tracking server "
                           "(tracking.uri=http://127.0.0.1:5000) that serves artifacts")
     if "://" not in location:

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from bench import config, run
+from bench import config, run, tracking
 from tests.conftest import shrink_args
 from tests.helpers import free_port
 
@@ -43,6 +45,8 @@ FILES = {
     "interpolation.yaml": "data:\n  root: ${oc.env:VAEBENCH_UNSET_VARIABLE}\n",
     "search_dim.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {kind: float, lo: 0.0001, high: 0.01}\n",
     "MNIST/raw/t10k-images-idx3-ubyte": "garbage, not an IDX file\n",
+    "search_lr.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
+                      "    train.lr: {low: 0.0001, high: 0.01, log: true}\n",
 }
 BINARY_FILES = {"latin1.yaml": b"data:\n  root: \xff\xfe\n"}
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -175,6 +179,13 @@ CASES = [
      ["train.backward='jax' is invalid", "one of manual, autograd"]),
     ("compile with autograd", ["study=smoke", "train.compile=true", "train.backward=autograd"],
      ["train.compile=True is invalid", "set train.backward=manual"]),
+    ("key the search samples", ["study={tmp}/in/search_lr.yaml", "train.lr=0.5"],
+     ["override 'train.lr=0.5': train.lr is sampled by the study's search_space", "change study.search_space"]),
+    ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
+                                         "tracking.uri=sqlite:///{tmp}/in/one.db"],
+     ["study.storage='sqlite:///", "and tracking.uri='sqlite:///", "are one database", "each need their own"]),
+    ("MLflow in the default Optuna file", ["study=smoke", "tracking.uri=sqlite:///{tmp}/in/optuna.db"],
+     ["study.storage (unset: optuna.db beside the MLflow store)=", "are one database"]),
 ]
 
 
@@ -222,12 +233,12 @@ def test_compile_checks_only_the_compiler_inductor_would_run(cxx, device, gpu, m
     assert config.load(["train.compile=true", f"train.device={device}"]).train.compile
 
 
-def _assert_refused(args, needles, tmp_path, monkeypatch, capsys) -> None:
+def _assert_refused(args, needles, tmp_path, monkeypatch, capsys, shrunk: bool = True) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no GPU", also on a machine with one
     _inputs(tmp_path)
     before = _tree(tmp_path)
-    assert run.main(_args(args, tmp_path)) == 2
+    assert run.main(_args(args, tmp_path) if shrunk else args) == 2
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err and out == "", err
@@ -247,6 +258,57 @@ def test_bad_input_through_the_command_line(case, tmp_path):
     assert proc.stdout == ""
     assert all(needle in proc.stderr for needle in needles), proc.stderr
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("key, owner", [("tracking.uri", "Optuna"), ("study.storage", "MLflow")])
+def test_a_store_of_the_other_kind_is_refused(key, owner, tmp_path, monkeypatch, capsys):
+    # MLflow's and Optuna's schemas in one database break both (each its own alembic_version table)
+    store = tmp_path / "stores" / "other.db"
+    store.parent.mkdir()
+    if owner == "Optuna":
+        optuna.create_study(storage=f"sqlite:///{store}")
+    else:
+        MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+    content = store.read_bytes()
+    _assert_refused(["study=smoke", f"{key}=sqlite:///{store}"],
+                    [f"{key}='sqlite:///{store}' holds {owner}'s store", "needs a database of its own"],
+                    tmp_path, monkeypatch, capsys)
+    assert store.read_bytes() == content
+
+
+def test_an_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    args = [a for a in _args(["study=smoke"], tmp_path) if not a.startswith("tracking.uri=")]
+    _assert_refused(args, [f"$MLFLOW_TRACKING_URI='file://{tmp_path}/mlruns'", "does not track new runs"],
+                    tmp_path, monkeypatch, capsys, shrunk=False)
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("sqlite:///x/../one.db", "sqlite:///one.db", True),
+    ("sqlite:///one.db", "sqlite:///two.db", False),
+    ("postgresql://alice@db.lan:5432/vb", "postgresql+psycopg://bob:secret@db.lan:5432/vb", True),
+    ("postgresql://alice@db.lan:5432/vb", "postgresql://alice@db.lan:5432/optuna", False),
+    ("postgresql://alice@db.lan/vb", "sqlite:///vb", False),
+    ("http://127.0.0.1:5000", "sqlite:///optuna.db", False)])
+def test_same_database(a, b, same, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.same_database(a, b) is same and tracking.same_database(b, a) is same
+
+
+@pytest.mark.parametrize("value", ["0755", "1e3", "1_000", "out #1", "yes", "null", "Test: beta sweep", "[a, b]"])
+def test_a_text_setting_takes_the_text_as_given(value):
+    # YAML would read these as 493, 1000.0, 1000, "out", True, None, a mapping and a list
+    cfg = config.load(["study=smoke", f"report_dir={value}", f"study.description={value}", "tracking.uri="])
+    assert (cfg.report_dir, cfg.study.description, cfg.tracking.uri) == (value, value, "")
+
+
+def test_a_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config.load(["study=smoke", "report_dir=~/reports", "data.root=~/data", "tracking.artifact_location=~/art"])
+    assert (cfg.report_dir, cfg.data.root, cfg.tracking.artifact_location) == \
+        (f"{tmp_path}/reports", f"{tmp_path}/data", f"{tmp_path}/art")
+    assert config.load(["study=smoke", "tracking.artifact_location=s3://bucket/~x"]).tracking.artifact_location == \
+        "s3://bucket/~x"
 
 
 def test_a_search_over_families_on_one_measure_is_valid(tmp_path):
