@@ -97,10 +97,12 @@ COMPARABILITY = [
 BOUNDEDNESS = (
     "Bounded: the family's log p(x|z) per pixel has a finite supremum (sup/pixel: 0 for a pmf, "
     "−½·log(2πσ²) for a Gaussian and −log(2b) for a Laplace with fixed or floored scale; the family's own, "
-    "so for a density on [0,1] before the −log 256 per pixel of the 8-bit scale). Unbounded families can "
-    "raise it without limit, which is how their runs diverge. As in section 1, the test ELBO is over the "
-    "whole test split and the IWAE NLL over its first eval.iwae_examples images; \"IWAE − ELBO, same images\" "
-    "compares the two bounds.")
+    "so for a density on [0,1] before the −log 256 per pixel of the 8-bit scale). An unbounded family can "
+    "raise it without limit at a fixed x: on binary or raw 8-bit values its objective can then run away, "
+    "which is how its runs diverge. On dequantized 8-bit data it cannot: averaged over the noise u, no "
+    "density's log-likelihood exceeds D·log 256, so on the 8-bit scale its objective is at most "
+    "log P(k) ≤ 0 (the dequantization bound above). As in section 1, the test ELBO is over the whole test split and the "
+    "IWAE NLL over its first eval.iwae_examples images; \"IWAE − ELBO, same images\" compares the two bounds.")
 
 
 def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
@@ -165,16 +167,17 @@ STATISTICS = (
     "attempt with its reason.")
 FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
-    "in nats per image on the row's measure (section 2); IWAE s.e. is the standard error of the test-set "
-    "mean over datapoints, IWAE MC s.e. the Monte-Carlo standard error of that mean from the k importance "
-    "samples (delta method), each averaged over seeds; bits/dim from the IWAE NLL. The test ELBO and "
-    "reconstruction are over the whole test split, the IWAE numbers over its first eval.iwae_examples images "
-    "(a run param; all when 0): compare them through \"IWAE − ELBO, same images\", the IWAE bound's gain "
-    "over the ELBO of its own images and samples (≥ 0 for every image), not through the two columns, whose "
-    "images differ. min scale is the "
-    "smallest learned scale reached in training (— for families without a learned scale). A row whose "
-    "numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
-    "objective.")
+    "in nats per image on the row's measure (section 2); bits/dim from the IWAE NLL. IWAE s.e. is the "
+    "standard error of the test-set mean over datapoints, the one to compare families by; IWAE MC s.e. the "
+    "Monte-Carlo standard error of that mean from the k importance samples; both averaged over seeds. The "
+    "MC s.e. is a delta-method estimate from one draw of k weights per image: it understates the Monte-Carlo "
+    "spread when the weights are heavy-tailed, as a likelihood over many pixels can make them. The test ELBO "
+    "and reconstruction are over the whole test split, the IWAE numbers over its first eval.iwae_examples "
+    "images (a run param; all when 0): compare them through \"IWAE − ELBO, same images\", the IWAE bound's "
+    "gain over the ELBO of its own images and samples (≥ 0 for every image), not through the two columns, "
+    "whose images differ. min scale is the smallest learned scale reached in training (— for families "
+    "without a learned scale). A row whose numbers are not likelihoods of the data (section 2) shows only "
+    "its test ELBO, as a training objective.")
 FACTOR_COLUMNS = (
     "Each config key the study varies, against the main metrics, per protocol and family (mean ± 95 % CI over "
     "seeds, as in section 1). As there, the test ELBO is over the whole test split and the IWAE over its first "

@@ -120,7 +120,8 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(left=0)
-    ax.set(xlabel="training samples/s (each run's median epoch; mean ± 95 % CI over completed seeds)",
+    # two lines: on one, the label is wider than the axes that it is centred under, past the figure's edge
+    ax.set(xlabel="training samples/s (each run's median epoch;\nmean ± 95 % CI over completed seeds)",
            title="throughput")
     return _save(fig, path)
 

@@ -362,6 +362,12 @@ def behind_text(r: pd.Series) -> tuple[str, str]:
     return format_mean(r.behind, r.behind_ci), "yes" if r.behind - r.behind_ci > 0 else NOT_TOLD_APART
 
 
+def speed_text(ratio: float) -> str:
+    """A row's speed over the fastest's, to two significant figures: a slow row's 0.014 would read 0.0 at
+    one decimal."""
+    return f"{ratio:#.2g}×" if np.isfinite(ratio) else NONE
+
+
 def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
     """One block of the ranking table as text."""
     rows = []
@@ -374,7 +380,7 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
                     "behind the first": distance, "clearly behind": clearly,
                     "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci), "complete/trials": f"{r.n_complete}/{r.n_trials}",
                     "samples/s": format_mean(r.samples_per_s, r.samples_per_s_ci),
-                    "speed vs fastest": f"{r.speed_ratio:.1f}×" if np.isfinite(r.speed_ratio) else NONE})
+                    "speed vs fastest": speed_text(r.speed_ratio)})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -484,6 +484,29 @@ def test_the_summary_ranks_the_likelihoods_of_each_protocol_and_names_the_rest(d
     assert set(csv[csv.table == "0 ranking"].family) == set(ranking.family)
 
 
+def test_a_slow_rows_speed_vs_the_fastest_keeps_two_significant_figures(done):
+    data = report_data.load(done.args)
+    ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
+    ranking["speed_ratio"] = [0.014, 0.41, 1.0]  # at one decimal, 0.014 read 0.0×
+    assert list(report_tables.display_ranking(ranking)["speed vs fastest"]) == ["0.014×", "0.41×", "1.0×"]
+
+
+def test_the_throughput_plot_shows_its_whole_axis_label(done, tmp_path):
+    data = report_data.load(done.args)
+    data.runs["params.train.beta"] = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")  # longer rows
+    figures = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_plots, "_save", lambda fig, path: figures.append(fig) or path)
+        report_plots.plot_throughput(report_tables.family_table(data.runs), tmp_path / "throughput.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    label = ax.xaxis.label.get_window_extent()
+    assert fig.bbox.x0 <= label.x0 and label.x1 <= fig.bbox.x1 and fig.bbox.y0 <= label.y0, label
+    assert "completed seeds" in ax.get_xlabel()
+    report_plots.plt.close(fig)
+
+
 def test_the_summary_ranks_each_factor_value_as_a_row_of_its_own(done):
     data = report_data.load(done.args)
     data.runs["params.train.beta"] = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")
