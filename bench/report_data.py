@@ -4,10 +4,8 @@ stores. bench/report.py turns this into the report."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,7 +60,7 @@ def _check_store(uri: str) -> None:
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
                           "study=NAME` first, or pass the tracking.uri it used")
     _require_sqlite("tracking.uri", uri, path)
-    if not _has_table(path, "experiments"):  # an empty file, or another program's database
+    if "experiments" not in tracking.sqlite_tables(path):  # an empty file, or another program's database
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}: an SQLite database without "
                           "MLflow's tables); run `python -m bench.run study=NAME` first, or pass the tracking.uri it used")
 
@@ -72,13 +70,6 @@ def _require_sqlite(key: str, url: str, path: Path) -> None:
     if not tracking.is_sqlite_file(path):
         raise ConfigError(f"{key}={url!r}: {path} is not an SQLite database; pass the {key} that "
                           "`python -m bench.run` used")
-
-
-def _has_table(path: Path, table: str) -> bool:
-    """Whether the SQLite database at path has `table`, read without writing: MLflow and Optuna would
-    create their schema in an empty file (a report must change no store)."""
-    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
 
 
 def _parents(frame: pd.DataFrame) -> pd.DataFrame:
@@ -186,7 +177,7 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
         return pd.DataFrame(columns=columns), f"no Optuna storage at {path}: trial states from the MLflow runs"
     if path is not None:
         _require_sqlite("study.storage", url, path)
-        if not _has_table(path, "studies"):
+        if "studies" not in tracking.sqlite_tables(path):
             return pd.DataFrame(columns=columns), f"no Optuna storage in {path}: trial states from the MLflow runs"
     try:
         trials = optuna.load_study(study_name=sel.optuna_study, storage=url).get_trials(deepcopy=False)

@@ -65,9 +65,7 @@ def check_sql_store(key: str, url: str, owner: str) -> None:
             raise ConfigError(f"{key}={url!r}: {path} exists and is not an SQLite database; expected a new "
                               f"file's path, or a store made by {owner}")
         if path.exists():
-            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            _check_schema(key, url, owner, tables)
+            _check_schema(key, url, owner, sqlite_tables(path))
         return
     import sqlalchemy
 
@@ -105,6 +103,13 @@ def same_database(a: str, b: str) -> bool:
     url_a, url_b = sqlalchemy.engine.make_url(a), sqlalchemy.engine.make_url(b)
     return ((url_a.get_backend_name(), url_a.host, url_a.port, url_a.database) ==
             (url_b.get_backend_name(), url_b.host, url_b.port, url_b.database))
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    """The tables of the SQLite database at path, read without writing: MLflow and Optuna would create
+    their schema in an empty file (a report or a refused command must change no store)."""
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def is_sqlite_file(path: Path) -> bool:
