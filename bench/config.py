@@ -539,9 +539,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Keys (prefixes) that change where a run is computed and its results go, not what they are
 PLACEMENT = ("tracking.", "report", "train.device")  # "report": the report and its folder
-# left out of the study's hash: these, how its trials are shared out, and how many search trials it
-# runs (raising study.n_trials continues the same search)
-_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", *PLACEMENT)
+# left out of the study's hash: these, how its trials are shared out, how many search trials it runs
+# (raising study.n_trials continues the same search), how the IWAE is batched in memory (a smaller
+# eval.chunk after running out of memory: the same estimator, its draws taken in another order) and
+# whether missing data may be downloaded (the same files either way)
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", "eval.chunk", "data.download",
+               *PLACEMENT)
 
 
 def config_hash(cfg: Config) -> str:
