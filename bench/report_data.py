@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from bench import config, states, tracking
 from bench import study as study_mod
 from bench.config import Config, ConfigError
+from bench.train import median_epoch
 from models import likelihoods
 
 # Per-run numbers of the family table: (column, label). Likelihood-valued ones are listed in
@@ -34,8 +35,7 @@ METRICS = [
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
                      "test_iwae_gain", "test_bpd")
-# Per-epoch speed metrics, read as each run's median over its epochs after the first (which also pays
-# for setting up), not the last epoch's value
+# Per-epoch speed metrics, read as each run's median epoch (bench.train.median_epoch), not the last's
 SPEED = ("samples_per_s", "ms_per_step")
 WHERE_KEYS = ("tracking.uri", "study.storage", "report_dir")  # the overrides experiment= and run= take
 
@@ -276,9 +276,9 @@ def load(argv: list[str]) -> StudyData:
         scales = [m.value for m in client.get_metric_history(run_id, "min_scale") if math.isfinite(m.value)] \
             if learned else []
         min_scale.append(min(scales) if scales else np.nan)
-        for key in SPEED:  # one epoch's figure swings with a shared machine's load: the run's median
-            epochs = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-            speed[key].append(float(np.median(epochs[1:] or epochs)) if epochs else np.nan)
+        for key in SPEED:
+            speed[key].append(median_epoch([m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                                   key=lambda m: m.step)]))
     runs["min_scale"] = min_scale
     runs = runs.assign(**speed)
     runs = runs.sort_values(["trial", "start_time"]).reset_index(drop=True)

@@ -161,7 +161,8 @@ def run(cfg: Config) -> bool:
 
 
 def summary(cfg: Config) -> pd.DataFrame:
-    """One row per trial of the study: variant, state, validation ELBO and the scale it is on, samples/s. A
+    """One row per trial of the study: variant, state, validation ELBO and the scale it is on, samples/s
+    (the median epoch's, as in the report). A
     trial whose ELBO is not a likelihood of the data has it under "objective", never beside the likelihoods
     (as in the report)."""
     rows = []
@@ -173,7 +174,7 @@ def summary(cfg: Config) -> pd.DataFrame:
                      "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
                      "val ELBO": val if likelihood else None, "on": t.user_attrs.get(study.SCALE) or None,
                      "objective": None if likelihood else val,
-                     "samples/s": t.user_attrs.get("samples_per_s"),
+                     "samples/s (median epoch)": t.user_attrs.get("samples_per_s"),
                      "reason": t.user_attrs.get(study.REASON, "")[:60]})
     table = pd.DataFrame(rows)
     return table.drop(columns="objective") if len(table) and table.objective.isna().all() else table

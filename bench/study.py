@@ -42,7 +42,7 @@ from bench import config, states, stopping, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.stopping import ctrl_c_deferred
-from bench.train import final_metrics, resolve_device, train
+from bench.train import final_metrics, median_epoch, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -456,13 +456,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     with ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
         with study_lock(base):  # not while a command marks this trial killed
-            _record(study, trial, state, reason, history[-1] if history else {})
+            speed = {"samples_per_s": median_epoch([epoch["samples_per_s"] for epoch in history])}
+            _record(study, trial, state, reason, {**history[-1], **speed} if history else {})
     return TrialOutcome(label, state, reason)
 
 
 def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:
     """A trial's outcome in Optuna, once its MLflow run has it: status, reason, the last epoch's validation
-    ELBO and samples/s, and the trial's end (COMPLETE only with a finite ELBO, the study's objective)."""
+    ELBO, samples/s (run_trial's: the median epoch), and the trial's end (COMPLETE only with a finite ELBO, the study's objective)."""
     val = last.get("val_elbo", math.nan)
     try:
         for key, value in {STATUS: state, REASON: reason, "val_elbo": val,

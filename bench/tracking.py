@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from bench import config, figures, states
 from bench.config import Config, ConfigError
-from bench.train import TrainResult, build
+from bench.train import TrainResult, build, median_epoch
 from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
@@ -313,12 +313,15 @@ def _live_run(run_id: str) -> mlflow.entities.Run | None:
 
 
 def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
-    """The state, reason and latest metrics of a run that `finish_child` ended; None otherwise (also when
-    the run is not in this store, or was deleted: its trial is then trained again)."""
+    """The state, reason and latest metrics (samples_per_s: the median epoch's) of a run that `finish_child`
+    ended; None otherwise (also when the run is not in this store, or was deleted: its trial is then
+    trained again)."""
     run = _live_run(run_id)
     if run is None or not _ended(run) or "state" not in run.data.tags:
         return None
-    return run.data.tags["state"], run.data.tags.get("reason", ""), run.data.metrics
+    epochs = sorted(MlflowClient().get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
+    speed = {"samples_per_s": median_epoch([m.value for m in epochs])}
+    return run.data.tags["state"], run.data.tags.get("reason", ""), {**run.data.metrics, **speed}
 
 
 def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:

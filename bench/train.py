@@ -17,6 +17,7 @@ import functools
 import math
 import re
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -296,6 +297,12 @@ class EpochTime:
     wall_s: float  # the whole epoch: batch gathers, data transforms, steps, the read-back
     steps_s: float  # the steps alone (forward, backward, Adam), timed on the device
     steps: int
+
+
+def median_epoch(values: list[float]) -> float:
+    """A run's per-epoch speed, as the report and the console give it: the median of its epochs after the
+    first, which also pays for setting up (one epoch's figure swings with a shared machine's load)."""
+    return statistics.median(values[1:] or values) if values else math.nan
 
 
 def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data_dim: int) -> dict[str, float]:

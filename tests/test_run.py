@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.async_logging.async_logging_queue import AsyncLoggingQueue
 from optuna.trial import TrialState
 
-from bench import config, report, run, study, tracking
+from bench import config, report, report_data, run, study, tracking
 from tests.conftest import shrink_args
 
 # Every study file must be listed here, with what a shrunk run of it must show (the coverage test
@@ -132,6 +132,11 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == set(children["run_id"])
     assert {t.params["likelihood.name"] for t in trials} == {"bernoulli", "gaussian", "laplace",
                                                              "discretized_logistic"}
+
+    # the console's samples/s are the report's: each run's median epoch
+    by_run = report_data.load(args).runs.set_index("run_id").samples_per_s
+    summary = run.summary(config.load(args)).set_index("trial")["samples/s (median epoch)"]
+    assert [summary[t.number] for t in trials] == pytest.approx([by_run[t.user_attrs["mlflow_run_id"]] for t in trials])
 
     # the same command again: nothing new
     assert run.main(args) == 0
