@@ -317,7 +317,7 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
     return blocks
 
 
-def _trained(setting: pd.DataFrame) -> str:
+def _trained(setting: pd.DataFrame, runs: pd.DataFrame) -> str:
     """One sentence on what every run trained (a key that differs across runs says so)."""
     value = dict(zip(setting.key, setting.value))
 
@@ -325,7 +325,11 @@ def _trained(setting: pd.DataFrame) -> str:
         return value.get(key, NONE)
 
     limit = "" if v("data.limit") in ("0", NONE) else f", at most {v('data.limit')} images per split"
-    examples = "all" if v("eval.iwae_examples") == "0" else f"the first {v('eval.iwae_examples')}"
+    used = runs.iwae_images.dropna().unique()  # fewer than eval.iwae_examples where a test split is smaller
+    if len(used) == 1:
+        examples = f"{'all' if v('eval.iwae_examples') == '0' else 'the first'} {int(used[0])}"
+    else:
+        examples = "all" if v("eval.iwae_examples") == "0" else f"at most the first {v('eval.iwae_examples')}"
     return (f"Each run: an MLP VAE with hidden layers {v('model.hidden')} and {v('model.latent_dim')} latent "
             f"units, trained {v('train.epochs')} epochs in batches of {v('train.batch_size')} (Adam, lr "
             f"{v('train.lr')}, β {v('train.beta')}, L = {v('train.n_samples')} samples of z per image) on "
@@ -333,12 +337,15 @@ def _trained(setting: pd.DataFrame) -> str:
             "lists every setting.")
 
 
+CONFIGURATION = ("Configuration of the runs (their MLflow params, as set: the splits the data gave are under Data "
+                 "protocols; the keys the study varies say so)")
+
+
 def _provenance_section(data: StudyData, trials: pd.DataFrame, setting: pd.DataFrame) -> Blocks:
     problems = trials[trials.state != states.COMPLETE]
     return [
         ("h2", "4. Provenance"), ("table", ("Study", _provenance(data))),
-        ("table", ("Configuration of the runs (their MLflow params; the keys the study varies say so)",
-                   setting)),
+        ("table", (CONFIGURATION, setting)),
         ("table", ("Data protocols", _protocols(data.runs))), ("h3", "Trials that did not complete"),
         ("table", ("Failed, pruned, diverged and unfinished trials, with their reasons", display_trials(problems)))
         if len(problems) else ("p", "Every trial completed."),
@@ -360,7 +367,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
-        ("p", _trained(setting)), *_summary_section(family, ranking, searched),
+        ("p", _trained(setting, data.runs)), *_summary_section(family, ranking, searched),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials, setting)]
     tables = {"0 ranking": ranking, "1 family": likelihoods_where_comparable(family), "2 measure": measure,

@@ -262,6 +262,7 @@ def load(argv: list[str]) -> StudyData:
     for key, _ in METRICS:
         runs[key] = _metric(c, key)
     runs["iwae_k"] = _metric(c, "iwae_k")
+    runs["iwae_images"] = _metric(c, "iwae_images")
     for col in c.columns:
         if col.startswith("params."):
             runs[col] = c[col]

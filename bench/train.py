@@ -432,6 +432,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
                     "test_iwae_objective_mc_se": mc})
     out.update({
         "iwae_k": float(cfg.eval.iwae_k),
+        "iwae_images": float(n),  # eval.iwae_examples, or the whole test split where it is smaller
         "test_iwae_gain": gain.mean().item(),  # IWAE-k − ELBO on the IWAE's images, from its k samples
         "anomaly_kl_train": kl_train.mean().item(),
         "anomaly_kl_data": kl_data.mean().item(),

@@ -484,6 +484,16 @@ def test_the_summary_ranks_the_likelihoods_of_each_protocol_and_names_the_rest(d
     assert set(csv[csv.table == "0 ranking"].family) == set(ranking.family)
 
 
+def test_the_iwae_images_are_those_the_runs_had(done):
+    data = report_data.load(done.args)
+    assert (data.runs.iwae_images == 20).all()
+    setting = report_tables.configuration(data.runs)
+    data.runs["iwae_images"] = 13.0  # a test split smaller than eval.iwae_examples=20
+    assert "IWAE with k = 8 on the first 13 test images" in report._trained(setting, data.runs)
+    data.runs["iwae_images"] = np.where(data.runs.family == "bernoulli", 13.0, 20.0)  # two datasets' splits
+    assert "IWAE with k = 8 on at most the first 20 test images" in report._trained(setting, data.runs)
+
+
 def test_a_slow_rows_speed_vs_the_fastest_keeps_two_significant_figures(done):
     data = report_data.load(done.args)
     ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
