@@ -408,6 +408,8 @@ def validate(cfg: Config) -> None:
     _check(s.n_trials >= 0, "study.n_trials", s.n_trials, "an integer ≥ 0")
     _check(not s.search_space or s.n_trials >= 1, "study.n_trials", s.n_trials,
            "an integer ≥ 1 when study.search_space is given")
+    _check(bool(s.search_space) or s.n_trials == 0, "study.n_trials", s.n_trials,
+           "0 without study.search_space: it counts search trials, and every grid variant is trained anyway")
     if s.storage:
         _check(s.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"),
                "study.storage", s.storage,
@@ -455,13 +457,21 @@ def validate(cfg: Config) -> None:
                (f" ({family.name} does not read {' or '.join(unread)}: give {'it' if len(unread) == 1 else 'them'} "
                 "only in a grid of families that do)" if unread else ""))
     scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
-    for corner in search_corners(s.search_space):  # search trials: the base config with sampled values
+    corners = search_corners(s.search_space)
+    for corner in corners:  # search trials: the base config with sampled values
         try:
             variant = apply(cfg, corner)
             validate_run(variant)
         except ConfigError as err:
             raise ConfigError(f"{err} (in study.search_space, at {corner})") from None
         scales.setdefault(_elbo_scale(variant), corner)
+    trained = {apply(cfg, point).likelihood.name for point in [*points, *corners]}
+    for key, default in LIKELIHOOD_DEFAULTS.items():  # set, and read by no family the study trains
+        value = getattr(cfg.likelihood, key.split(".")[1])
+        readers = [f.name for f in likelihoods.FAMILIES.values() if key.split(".")[1] in f.reads]
+        _check(value == default or bool(trained & set(readers)), key, value,
+               f"its default {default}: none of the study's families ({', '.join(sorted(trained))}) reads it "
+               f"(those that do: {', '.join(readers)})")
     _check(len(scales) <= 1, "study.search_space", "; ".join(f"{c} gives {k!r}" for k, c in scales.items()),
            "choices whose ELBOs share one measure: the search maximises the validation ELBO and prunes on "
            "it, comparing trials with each other (compare families on different measures with study.grids)")

@@ -179,6 +179,11 @@ CASES = [
      ["train.backward='jax' is invalid", "one of manual, autograd"]),
     ("compile with autograd", ["study=smoke", "train.compile=true", "train.backward=autograd"],
      ["train.compile=True is invalid", "set train.backward=manual"]),
+    ("search trials without a search space", ["study=smoke", "study.n_trials=5"],
+     ["study.n_trials=5 is invalid", "0 without study.search_space"]),
+    ("a likelihood setting no family of the study reads", [PLAIN, "likelihood.scale=0.5"],  # bernoulli
+     ["likelihood.scale=0.5 is invalid", "its default 1.0: none of the study's families (bernoulli) reads it",
+      "those that do: gaussian, laplace"]),
     ("key the search samples", ["study={tmp}/in/search_lr.yaml", "train.lr=0.5"],
      ["override 'train.lr=0.5': train.lr is sampled by the study's search_space", "change study.search_space"]),
     ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
