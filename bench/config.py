@@ -305,8 +305,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         try:
             dot = (OmegaConf.from_dotlist([f"{key}=''"]) if key in STR_KEYS or not value else  # `key=`: ""
                    OmegaConf.from_dotlist([arg]))  # not null
-            if key in STR_KEYS:
-                OmegaConf.update(dot, key, value)
+            if key in STR_KEYS:  # quotes around it are dropped, as YAML drops them
+                quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+                OmegaConf.update(dot, key, value[1:-1] if quoted else value)
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
@@ -326,6 +327,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             if key == "train.seed":  # grid variants run once per seed; search trials use the first
                 raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
                                   f"({config.study.seeds}); set study.seeds=[...] instead")
+    for key, value in _leaves(dataclasses.asdict(config)):  # an escaped \${ resolves to one, read again by apply
+        if "${" in str(value):
+            raise ConfigError(f"{key}={value!r}: a value cannot hold '${{', where OmegaConf's interpolations start")
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         owner = getattr(config, section) if section else config
@@ -549,12 +553,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Keys (prefixes) that change where a run is computed and its results go, not what they are
 PLACEMENT = ("tracking.", "report", "train.device")  # "report": the report and its folder
-# left out of the study's hash: these, how its trials are shared out, how many search trials it runs
-# (raising study.n_trials continues the same search), how the IWAE is batched in memory (a smaller
-# eval.chunk after running out of memory: the same estimator, its draws taken in another order) and
-# whether missing data may be downloaded (the same files either way)
-_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", "eval.chunk", "data.download",
-               *PLACEMENT)
+# Keys that change how a run computes, not what: how the IWAE is batched in memory (a smaller eval.chunk
+# after running out of memory: the same estimator, its draws taken in another order) and whether missing
+# data may be downloaded (the same files either way)
+HOW = ("eval.chunk", "data.download")
+# left out of the study's hash: these, how its trials are shared out, and how many search trials it runs
+# (raising study.n_trials continues the same search)
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", *PLACEMENT, *HOW)
 
 
 def config_hash(cfg: Config) -> str:

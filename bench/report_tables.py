@@ -21,8 +21,10 @@ FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_iwae_mc_se", "test_iwae_ga
                   "samples_per_s")
 FACTOR_PLOTS = ("test_elbo", "test_iwae_nll", "test_iwae_gain", "test_kl", "active_units", "samples_per_s")
 # Params that are not factors: the seed is what the statistics run over, the family and the
-# binarization are the rows and blocks already, and the rest changes where results go, not what they are.
-NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", *config.PLACEMENT)
+# binarization are the rows and blocks already, and the rest changes where results go or how they are
+# computed, not what they are (a resumed study may hold runs with other values of these).
+NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantize", "study.", *config.PLACEMENT,
+               *config.HOW)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -145,7 +145,8 @@ def run(cfg: Config) -> bool:
                 if w.is_alive():
                     os.kill(w.pid, signal.SIGTERM if isinstance(stop, stopping.Terminated) else signal.SIGINT)
             for w in workers:
-                w.join()
+                if w.pid is not None:  # not one the stop came before it started
+                    w.join()
             tracking.end_parent(parent_id, "KILLED")
         finally:
             for signum, handler in previous.items():

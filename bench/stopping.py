@@ -52,16 +52,33 @@ def ctrl_c_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stops = {signum: handler for signum, handler in ((signal.SIGINT, signal.default_int_handler),
-                                                     (signal.SIGTERM, _terminate))
-             if signal.getsignal(signum) is handler}
     caught: list[int] = []
-    for signum in stops:
-        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    with _held():
+        stops = {signum: handler for signum, handler in ((signal.SIGINT, signal.default_int_handler),
+                                                         (signal.SIGTERM, _terminate))
+                 if signal.getsignal(signum) is handler}
+        for signum in stops:
+            signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        for signum, handler in stops.items():
-            signal.signal(signum, handler)
-    if caught:  # the first that came, as it would have been raised
-        stops[caught[0]](caught[0], None)
+        with _held():
+            for signum, handler in stops.items():
+                signal.signal(signum, handler)
+        if caught:  # the first that came, as it would have been raised: also over an error of the block's
+            stops[caught[0]](caught[0], None)
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait while the handlers are swapped: one that came between two swaps would run
+    a handler that raises, and leave the other swapped for good. (Where the OS has no signal masks,
+    as on Windows, they do not wait.)"""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -43,11 +43,13 @@ for _key, _value in HTTP_DEFAULTS.items():
 
 
 def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    """The file of an SQLite address, without the options SQLAlchemy takes after `?` (`?timeout=30`)."""
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:///") else None
 
 
 CONNECT_TIMEOUT_S = 5  # a wrong host or a dead server fails the preflight in seconds, not minutes
 DATABASES = ("postgresql", "mysql")  # URL schemes of database servers (with an optional +driver)
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 # A table of each one's schema that the other's lacks. One database cannot hold both: each keeps its
@@ -65,7 +67,12 @@ def check_sql_store(key: str, url: str, owner: str) -> None:
             raise ConfigError(f"{key}={url!r}: {path} exists and is not an SQLite database; expected a new "
                               f"file's path, or a store made by {owner}")
         if path.exists():
-            _check_schema(key, url, owner, sqlite_tables(path))
+            try:
+                tables = sqlite_tables(path)
+            except sqlite3.DatabaseError as e:  # damaged past its header, or locked by a writer for seconds
+                raise ConfigError(f"{key}={url!r}: {path} cannot be read as an SQLite database ({e}); expected "
+                                  f"a new file's path, or a store made by {owner}") from None
+            _check_schema(key, url, owner, tables)
         return
     import sqlalchemy
 
@@ -100,9 +107,15 @@ def same_database(a: str, b: str) -> bool:
         return False
     import sqlalchemy
 
-    url_a, url_b = sqlalchemy.engine.make_url(a), sqlalchemy.engine.make_url(b)
-    return ((url_a.get_backend_name(), url_a.host, url_a.port, url_a.database) ==
-            (url_b.get_backend_name(), url_b.host, url_b.port, url_b.database))
+    def database(url: str) -> tuple:
+        parsed = sqlalchemy.engine.make_url(url)
+        backend = parsed.get_backend_name()
+        return backend, parsed.host, parsed.port or DEFAULT_PORTS.get(backend), parsed.database
+
+    try:
+        return database(a) == database(b)
+    except (ValueError, sqlalchemy.exc.ArgumentError):  # a malformed address: check_sql_store names it
+        return False
 
 
 def sqlite_tables(path: Path) -> set[str]:

@@ -184,6 +184,8 @@ CASES = [
     ("a likelihood setting no family of the study reads", [PLAIN, "likelihood.scale=0.5"],  # bernoulli
      ["likelihood.scale=0.5 is invalid", "its default 1.0: none of the study's families (bernoulli) reads it",
       "those that do: gaussian, laplace"]),
+    ("a literal interpolation start", ["study=smoke", "study.description=costs \\${{x}}"],  # {{: str.format
+     ["study.description='costs ${x}': a value cannot hold '${'"]),
     ("key the search samples", ["study={tmp}/in/search_lr.yaml", "train.lr=0.5"],
      ["override 'train.lr=0.5': train.lr is sampled by the study's search_space", "change study.search_space"]),
     ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
@@ -281,6 +283,15 @@ def test_a_store_of_the_other_kind_is_refused(key, owner, tmp_path, monkeypatch,
     assert store.read_bytes() == content
 
 
+def test_a_damaged_sqlite_store_is_refused(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "stores" / "damaged.db"
+    store.parent.mkdir()
+    store.write_bytes(b"SQLite format 3\x00" + b"\x17" * 4096)  # its header, then garbage
+    _assert_refused(["study=smoke", f"study.storage=sqlite:///{store}"],
+                    [f"study.storage='sqlite:///{store}': {store} cannot be read as an SQLite database"],
+                    tmp_path, monkeypatch, capsys)
+
+
 def test_an_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
     args = [a for a in _args(["study=smoke"], tmp_path) if not a.startswith("tracking.uri=")]
@@ -292,6 +303,9 @@ def test_an_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch,
     ("sqlite:///x/../one.db", "sqlite:///one.db", True),
     ("sqlite:///one.db", "sqlite:///two.db", False),
     ("postgresql://alice@db.lan:5432/vb", "postgresql+psycopg://bob:secret@db.lan:5432/vb", True),
+    ("postgresql://alice@db.lan/vb", "postgresql://alice@db.lan:5432/vb", True),  # the default port
+    ("sqlite:///one.db?timeout=30", "sqlite:///one.db", True),
+    ("postgresql://alice@db.lan:abc/vb", "postgresql://alice@db.lan:5432/vb", False),  # refused elsewhere
     ("postgresql://alice@db.lan:5432/vb", "postgresql://alice@db.lan:5432/optuna", False),
     ("postgresql://alice@db.lan/vb", "sqlite:///vb", False),
     ("http://127.0.0.1:5000", "sqlite:///optuna.db", False)])
@@ -305,6 +319,7 @@ def test_a_text_setting_takes_the_text_as_given(value):
     # YAML would read these as 493, 1000.0, 1000, "out", True, None, a mapping and a list
     cfg = config.load(["study=smoke", f"report_dir={value}", f"study.description={value}", "tracking.uri="])
     assert (cfg.report_dir, cfg.study.description, cfg.tracking.uri) == (value, value, "")
+    assert config.load(["study=smoke", f"study.description='{value}'"]).study.description == value  # as YAML
 
 
 def test_a_home_folder_is_expanded(tmp_path, monkeypatch):

@@ -192,6 +192,20 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
+@pytest.mark.parametrize("sent, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, stopping.Terminated)])
+def test_a_stop_inside_a_deferred_block_comes_after_it_also_over_its_error(sent, stop):
+    with stopping.sigterm_as_ctrl_c():
+        with pytest.raises(stop) as raised, stopping.ctrl_c_deferred():
+            os.kill(os.getpid(), sent)
+            for _ in range(100):  # bytecodes, at which Python runs the handler: a deferring one
+                pass
+            raise ValueError("a write failed")  # e.g. a worker's storage write, inside the block
+        assert type(raised.value) is stop and isinstance(raised.value.__context__, ValueError)
+        assert signal.getsignal(signal.SIGTERM) is stopping._terminate  # the handlers as they were
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def _real_ctrl_c_at(monkeypatch, args: list[str], name: str, call: int, module=tracking,
                     sent: signal.Signals = signal.SIGINT) -> None:
     """Runs the study with a real SIGINT (or `sent`) sent as `module.<name>` is called for the `call`-th

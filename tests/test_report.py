@@ -208,6 +208,10 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     beta = np.where(data.runs["params.train.seed"] == "0", "0.5", "2.0")  # as if train.beta were a grid key
     data.runs["params.train.beta"] = beta
     assert report_tables.factors(data.runs) == ["train.beta"]  # not the seed, family or protocol
+    # nor a setting of how runs compute, which a resumed study may have changed (config.HOW)
+    for key in config.HOW:
+        data.runs[f"params.{key}"] = np.where(data.runs["params.train.seed"] == "0", "x", "y")
+    assert report_tables.factors(data.runs) == ["train.beta"]
     table = report_tables.family_table(data.runs)
     assert len(table) == 2 * len(ROWS) and set(table["train.beta"]) == {0.5, 2.0}
     assert list(report_tables.factor_tables(table)) == ["train.beta"]

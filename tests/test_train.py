@@ -288,7 +288,8 @@ def test_the_cuda_graph_is_captured_for_a_full_batch_not_the_short_last_one(monk
     assert graphed.static_x.shape == (64, 2)
 
 
-@pytest.mark.parametrize("epochs, median", [([900.0, 10.0, 30.0, 20.0], 20.0), ([900.0, 10.0], 10.0), ([5.0], 5.0)])
+@pytest.mark.parametrize("epochs, median", [([900.0, 10.0, 30.0, 20.0], 20.0), ([900.0, 10.0], 10.0), ([5.0], 5.0),
+                                            ([900.0, math.nan, 10.0, 30.0], 20.0)])
 def test_a_runs_speed_is_its_median_epoch_after_the_first(epochs, median):
     assert train.median_epoch(epochs) == median  # the first also pays for setting up
     assert math.isnan(train.median_epoch([]))
