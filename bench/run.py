@@ -112,7 +112,13 @@ def run(cfg: Config) -> bool:
             added = study.enqueue_missing(optuna_study, cfg)
             print(f"study {optuna_study.study_name}: {added} variants to run"
                   + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
-        parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg)
+        # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time
+        idle = (not cfg.study.worker and not study.not_ended(optuna_study)
+                and not study.search_trials_left(optuna_study, cfg))
+        parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg, resume=not idle)
+    if idle:  # one just made, or left RUNNING by a killed command, is ended
+        tracking.end_parent(parent_id, "FINISHED", only_running=True)
+        return True
     ok, workers = True, []
     try:
         if cfg.study.n_workers == 1:

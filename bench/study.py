@@ -311,9 +311,13 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     return trial
 
 
-def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
+def search_trials_left(study: optuna.Study, cfg: Config) -> int:
     searched = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search" and _done(t)]
-    if len(searched) >= cfg.study.n_trials:
+    return max(0, cfg.study.n_trials - len(searched))
+
+
+def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
+    if not search_trials_left(study, cfg):
         return None
     trial = study.ask()
     trial.set_user_attr("kind", "search")

@@ -191,12 +191,14 @@ def setup(cfg: Config) -> str:
         return experiment.experiment_id
 
 
-def parent_run(experiment_id: str, study_name: str, cfg: Config) -> str:
-    """The parent run of an Optuna study: found again on resume, created on the first run."""
+def parent_run(experiment_id: str, study_name: str, cfg: Config, resume: bool = True) -> str:
+    """The parent run of an Optuna study: found again (RUNNING again when `resume`), created (RUNNING) on
+    the first run."""
     client = MlflowClient()
     found = client.search_runs([experiment_id], f"tags.`{STUDY_TAG}` = '{study_name}'", max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
+        if resume:
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=study_name, tags={
         STUDY_TAG: study_name, "study": cfg.study.name, "config_hash": config.config_hash(cfg),
@@ -208,8 +210,11 @@ def parent_run(experiment_id: str, study_name: str, cfg: Config) -> str:
     return run.info.run_id
 
 
-def end_parent(run_id: str, status: str) -> None:
-    MlflowClient().set_terminated(run_id, status)
+def end_parent(run_id: str, status: str, only_running: bool = False) -> None:
+    """Ends the parent run now; with `only_running`, only if it is RUNNING (its end time kept otherwise)."""
+    client = MlflowClient()
+    if not only_running or client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
 
 
 def git_commit() -> str:

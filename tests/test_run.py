@@ -138,9 +138,11 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     summary = run.summary(config.load(args)).set_index("trial")["samples/s (median epoch)"]
     assert [summary[t.number] for t in trials] == pytest.approx([by_run[t.user_attrs["mlflow_run_id"]] for t in trials])
 
-    # the same command again: nothing new
+    # the same command again: nothing new, and the study's parent run keeps its end time
     assert run.main(args) == 0
     assert len(_runs(tmp_path, "smoke")) == len(runs)
+    parent = _runs(tmp_path, "smoke").set_index("run_id").loc[parents["run_id"].item()]
+    assert (parent.status, parent.end_time) == ("FINISHED", parents["end_time"].item())
     assert len(_optuna(tmp_path, args).get_trials()) == 4
 
 
