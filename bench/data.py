@@ -186,18 +186,21 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Data:
     order = torch.randperm(len(train_full), generator=gen)
     n_val = min(cfg.n_val, len(train_full) // 5)  # small datasets keep most data for training
     val, train = train_full[order[:n_val]], train_full[order[n_val:]]
-    if cfg.limit:
-        train, val, test = train[: cfg.limit], val[: cfg.limit], test[: cfg.limit]
     if cfg.binarize == "threshold":
         train, val, test = ((x > (LEVELS - 1) // 2).to(torch.uint8) for x in (train, val, test))
     elif cfg.binarize in ("static", "dynamic"):
-        # One fixed draw for the evaluation splits (and for training when static).
-        def draw(x: Tensor) -> Tensor:
-            return torch.bernoulli(x.float() / (LEVELS - 1), generator=gen).to(torch.uint8)
+        # One fixed draw for the evaluation splits (and for training when static), each from a stream of
+        # its own and before data.limit: the test images' draw does not depend on the validation split's
+        # size, and a limited test split is the first images of the whole one.
+        def draw(x: Tensor, stream: int) -> Tensor:
+            split_gen = torch.Generator().manual_seed(4 * cfg.seed + stream)
+            return torch.bernoulli(x.float() / (LEVELS - 1), generator=split_gen).to(torch.uint8)
 
-        val, test = draw(val), draw(test)
+        val, test = draw(val, 1), draw(test, 2)
         if cfg.binarize == "static":
-            train = draw(train)
+            train = draw(train, 3)
+    if cfg.limit:
+        train, val, test = train[: cfg.limit], val[: cfg.limit], test[: cfg.limit]
     side = round(train.shape[1] ** 0.5)
     split = f"{len(train)} train / {len(val)} validation / {len(test)} test" + (
         f" (the first {cfg.limit} of each split: data.limit)" if cfg.limit else "")

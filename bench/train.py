@@ -3,8 +3,8 @@ and how the run ended.
 
 A step (`make_step`) is forward, backward and Adam, with the MLPs' backward written out
 (models/manual_grad.py), and on a GPU replayed as one CUDA graph. Inside an epoch nothing is read back
-to the host: each step's terms stay on the device and are reduced (sums, the largest log p per pixel,
-the smallest learned scale) and read once per epoch, so a GPU is never stalled. samples/s is the
+to the host: each step's terms stay on the device and are reduced (sums, the largest image's log p per
+pixel, the smallest learned scale) and read once per epoch, so a GPU is never stalled. samples/s is the
 epoch's (wall clock, over everything it does); ms/step the step's alone (CUDA events on a GPU, a wall
 clock on the CPU).
 """
@@ -347,8 +347,9 @@ def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum:
         return f"non-finite {', '.join(bad)} (NaN or ∞)"
     sup = lik.supremum_per_pixel
     if sup is not None and metrics["max_log_p_per_pixel"] > sup + SUPREMUM_SLACK:
-        return (f"log p(x|z) per pixel {metrics['max_log_p_per_pixel']:.4f} above the supremum {sup:.4f} "
-                f"of the bounded family {lik.name}")
+        # an image's log p over its pixels: no image can average above the sup of each pixel's
+        return (f"log p(x|z) per pixel {metrics['max_log_p_per_pixel']:.4f} (of the image that has the most) "
+                f"above the supremum {sup:.4f} of the bounded family {lik.name}")
     threshold = cfg.train.scale_collapse * quantum
     if sup is None and lik.family.learned_scale and metrics["min_scale"] < threshold:
         return (f"learned scale collapsed to {metrics['min_scale']:.2e} < {threshold:.2e} (train.scale_collapse="
@@ -408,22 +409,30 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
     test = evaluate(model, data.test, eval_tf, seed=cfg.data.seed)
     out = {"test_elbo": test["elbo"] + offset, "test_recon": test["recon"] + offset, "test_kl": test["kl"]}
 
-    subset = data.test[: cfg.eval.iwae_examples or None]
-    with torch.random.fork_rng(devices=[subset.device] if subset.device.type == "cuda" else []):
-        torch.manual_seed(cfg.data.seed)
-        estimates = [iwae(model, eval_tf(subset[i : i + 100]), cfg.eval.iwae_k, cfg.eval.chunk)
-                     for i in range(0, len(subset), 100)]
+    # Each kind of draw from a seed of its own: every variant of a dataset gets the same dequantization
+    # noise, noise images and training binarization, whatever its model, eval.iwae_k or eval.chunk, which
+    # only the IWAE's own samples of z depend on.
+    seed = cfg.data.seed
+    with torch.random.fork_rng(devices=[data.test.device] if data.test.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        x_test = eval_tf(data.test)  # (N, D): the test images as the model sees them
+        torch.manual_seed(seed + 1)
+        inputs = x_test[: cfg.eval.iwae_examples or None]
+        estimates = [iwae(model, inputs[i : i + 100], cfg.eval.iwae_k, cfg.eval.chunk) for i in range(0, len(inputs), 100)]
         log_px = torch.cat([e.log_px for e in estimates]) + offset  # (N,)
         mc_se = torch.cat([e.mc_se for e in estimates])
         gain = torch.cat([e.log_px - e.elbo for e in estimates])  # (N,) ≥ 0: the offset cancels
-        noise = torch.randint(0, 2 if data.binarized else likelihoods.LEVELS, data.test.shape,
-                              device=data.test.device, dtype=torch.uint8)
+        torch.manual_seed(seed + 2)
+        noise = eval_tf(torch.randint(0, 2 if data.binarized else likelihoods.LEVELS, data.test.shape,
+                                      device=data.test.device, dtype=torch.uint8))
         # KL anomaly score: an input's KL(q(z|x) ‖ p(z)) against its distribution over the training set
+        torch.manual_seed(seed + 3)
         train_tf = data.transform(fam, train=True)  # inputs as training saw them (e.g. a fresh binarization)
         kl_train = torch.cat([gaussian_kl(*model.encode(train_tf(x))) for x in data.train.split(10_000)])
-        kl_data = gaussian_kl(*model.encode(eval_tf(data.test)))
-        kl_noise = gaussian_kl(*model.encode(eval_tf(noise)))
-        alarm = kl_train.quantile(0.99)  # flags 1 % of training images
+    test_codes = model.encode(x_test)  # (mu, logvar), each (N, Z)
+    kl_data = gaussian_kl(*test_codes)
+    kl_noise = gaussian_kl(*model.encode(noise))
+    alarm = kl_train.quantile(0.99)  # flags 1 % of training images
     n = len(log_px)
     se = (log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan")
     mc = (mc_se.pow(2).sum().sqrt() / n).item()
@@ -441,7 +450,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         "anomaly_kl_noise": kl_noise.mean().item(),
         "anomaly_detection_rate": (kl_noise > alarm).float().mean().item(),  # noise inputs flagged
         "anomaly_false_alarm_rate": (kl_data > alarm).float().mean().item(),  # test images flagged
-        "active_units": float(active_units(model.encode(eval_tf(data.test))[0])),
+        "active_units": float(active_units(test_codes[0])),
     })
     if result.measure.comparable:  # bits/dim are a code length of the data: none for a training objective
         out["test_bpd"] = bits_per_dim(out["test_iwae_nll"], data.dim)

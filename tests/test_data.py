@@ -275,3 +275,13 @@ def test_missing_t10k_files_name_the_file_and_the_alternative(tmp_path):
     msg = str(err.value)
     assert "t10k-images-idx3-ubyte" in msg and str(tmp_path) in msg
     assert "data.name=digits" in msg
+
+
+@pytest.mark.parametrize("binarize", ["static", "dynamic"])
+def test_the_test_images_draw_is_the_same_whatever_the_validation_split_or_limit(binarize):
+    whole = digits(binarize)
+    assert torch.equal(digits(binarize, "data.n_val=100").test, whole.test)
+    assert torch.equal(digits(binarize, "data.limit=50").test, whole.test[:50])
+    if binarize == "static":  # the first training images, whatever the limit
+        assert torch.equal(digits(binarize, "data.limit=50").train, whole.train[:50])
+

@@ -126,6 +126,21 @@ def test_final_metrics(short_runs, name):
     assert out["test_iwae_gain"] > 0  # IWAE-k over the ELBO of the same images and samples
 
 
+@pytest.mark.parametrize("name", ["bernoulli-dynamic", "gaussian"])  # dequantization noise: gaussian
+def test_the_iwae_batching_changes_only_the_iwae_samples(short_runs, name):
+    # every other draw has a seed of its own: the same noise images, dequantization and training
+    # binarization for every variant, however many numbers the IWAE drew before them
+    cfg, result = short_runs(name)
+    out = train.final_metrics(result, cfg)
+    other = train.final_metrics(result, config.apply(cfg, {"eval.chunk": 3}))
+    for key in ("test_elbo", "anomaly_kl_train", "anomaly_kl_data", "anomaly_kl_noise", "anomaly_detection_rate",
+                "anomaly_false_alarm_rate", "active_units"):
+        assert other[key] == out[key], key
+    assert other["test_iwae_nll"] != out["test_iwae_nll"]  # other samples of z
+    assert abs(other["test_iwae_nll"] - out["test_iwae_nll"]) < 5 * math.hypot(out["test_iwae_mc_se"],
+                                                                             other["test_iwae_mc_se"])
+
+
 def test_a_training_objective_has_no_bits_per_dim():
     # A σ-VAE "density" (σ fitted to each image) on 8-bit data is not a code length of the data
     cfg = make_cfg("likelihood.name=gaussian_optimal", "data.binarize=none", "train.epochs=1")
