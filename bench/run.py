@@ -56,10 +56,10 @@ def preflight(cfg: Config) -> None:
 # A tracking store lost mid-study ends the run; the trial in progress is left RUNNING, and the next run
 # marks it failed (its owner is gone) and trains that variant again.
 LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
-LOST_STORAGE = "the Optuna storage failed"
+LOST_STORAGE = "the Optuna storage failed"  # with the error behind Optuna's, whose own text guesses "invalid data"
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     """A database error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
     return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
@@ -91,10 +91,10 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
         sys.exit(143 if isinstance(stop, stopping.Terminated) else 130)
     except MlflowException as e:
-        print(f"error: worker {position}: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: worker {position}: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
     except study.STORAGE_ERRORS as e:
-        print(f"error: worker {position}: {LOST_STORAGE} ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: worker {position}: {LOST_STORAGE} ({_first_line(e.__cause__ or e)}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
@@ -158,7 +158,15 @@ def run(cfg: Config) -> bool:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         raise
-    # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command)
+    # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command);
+    # first, those of joining workers that died (SIGKILL, a lost machine): not left for the user to wait on
+    stale = 0
+    if not cfg.study.worker:
+        with study.study_lock(cfg):
+            stale = study.fail_stale(optuna_study, experiment_id)
+    if stale:
+        print(f"error: {stale} trials of joining workers that died are marked killed; {LOST_TRACKING}", file=sys.stderr)
+        ok = False
     pending = [] if cfg.study.worker else study.not_ended(optuna_study)
     if pending:
         print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
@@ -209,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {LOST_TRACKING}", file=sys.stderr)
         return 143 if terminated else 130
     except MlflowException as e:
-        print(f"error: MLflow tracking failed ({config.redact(str(e))}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         return 1
     except study.STORAGE_ERRORS as e:
-        print(f"error: {LOST_STORAGE} ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
+        print(f"error: {LOST_STORAGE} ({_first_line(e.__cause__ or e)}); {LOST_TRACKING}", file=sys.stderr)
         return 1
     table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")

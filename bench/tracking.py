@@ -8,6 +8,7 @@ Per-epoch metrics go in batches, at most one every two seconds, written by a bac
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sqlite3
@@ -40,6 +41,9 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 for _key, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_key, _value)  # read by MLflow at each request; spawned workers inherit them
+# MLflow logs a database store's error with its traceback (~120 lines, twice for a lost server) before
+# raising it; the command then names the error in one line (bench.run)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,33 @@ def test_sigterm_stops_the_workers_of_a_command_started_with_sigint_ignored(tmp_
     assert trials[number].state == TrialState.FAIL
     assert (trials[number].user_attrs["status"], trials[number].user_attrs["reason"]) == \
         ("interrupted", "terminated (SIGTERM)")
+
+
+def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(tmp_path, monkeypatch, capsys):
+    # A `study.worker=true` command on this machine claimed a trial, then was killed: the study's own
+    # command, at its end, says so and marks the trial killed, rather than "not ended" for the user to wait on
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    real_work = study.work
+
+    def work_beside_a_dead_joiner(cfg, parent_id, experiment_id, position=0):
+        joined = study._claim(study.open_study(cfg, create=False), cfg)
+        joined.set_user_attr(study.OWNER, f"{socket.gethostname()}:{dead.pid}")
+        return real_work(cfg, parent_id, experiment_id, position)
+
+    monkeypatch.setattr(study, "work", work_beside_a_dead_joiner)
+    assert run.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: 1 trials of joining workers that died are marked killed; finished trials are kept" in err
+    assert "have not ended" not in err
+    trials, _ = _state(tmp_path, args)
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["status"] == "killed"
+    monkeypatch.setattr(study, "work", real_work)
+    assert run.main(args) == 0
+    trials, _ = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -532,12 +560,39 @@ import optuna
 from bench import run
 report = optuna.trial.Trial.report
 def storage_gone(trial, value, step):
-    if trial.number == 1:
-        raise optuna.exceptions.StorageInternalError("could not connect to server: Connection refused")
+    if trial.number == 1:  # as Optuna wraps SQLAlchemy's error, with a guess of its own
+        raise optuna.exceptions.StorageInternalError(
+            "An exception is raised during the commit. This typically happens due to invalid data in the commit, "
+            "e.g. exceeding max length.") from ConnectionError("could not connect to server: Connection refused")
     return report(trial, value, step)
 optuna.trial.Trial.report = storage_gone
 sys.exit(run.main(sys.argv[1:]))
 """
+
+
+TRACKING_TABLE_LOST_IN_THE_SECOND_TRIAL = """
+import sqlite3, sys
+from bench import config, run, tracking
+start_child, calls = tracking.start_child, []
+def table_gone(cfg, *args):
+    calls.append(args)
+    if len(calls) == 2:  # the store answers with a database error, as a lost server's does
+        with sqlite3.connect(tracking.sqlite_path(config.tracking_uri(cfg))) as db:
+            db.execute("DROP TABLE tags")
+    return start_child(cfg, *args)
+tracking.start_child = table_gone
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_database_error_of_the_tracking_store_is_one_line(tmp_path, monkeypatch):
+    """MLflow logs the error with its traceback before raising it; the command's own line says it all."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    proc = _run_patched(TRACKING_TABLE_LOST_IN_THE_SECOND_TRIAL, args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: MLflow tracking failed ((sqlite3.OperationalError) no such table: tags); finished" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SQLAlchemy database error" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_lost_optuna_storage_stops_the_command_and_the_next_resumes(tmp_path, monkeypatch):
