@@ -65,23 +65,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def _interrupt_when_orphaned(main_pid: int) -> None:
-    """Linux: the worker gets SIGINT, as on Ctrl-C, when the main process dies (SIGKILL, a lost
-    terminal), and ends its trial as interrupted instead of training on, orphaned, out of reach of the
-    terminal's Ctrl-C. Elsewhere it trains on, and the next command finds its trial."""
+    """Linux: the worker gets SIGHUP when the main process dies (SIGKILL, a lost terminal), and ends its
+    trial as interrupted, saying so, instead of training on, orphaned, out of reach of the terminal's
+    Ctrl-C. Elsewhere it trains on, and the next command finds its trial."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return
+    stopping.hang_up_as_orphaned()
+    prctl(1, signal.SIGHUP)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != main_pid:  # the main process died before the line above
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main_pid: int) -> None:
     # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
     # once (a second SIGINT would interrupt a worker while it records the first).
     os.setpgrp()
-    # Only the main process and the parent-death signal send it SIGINT, which must raise here even where
-    # the command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
+    # Only the main process sends it SIGINT (a Ctrl-C passed on), which must raise here even where the
+    # command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
@@ -89,7 +91,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
         with stopping.sigterm_as_ctrl_c():
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
-        sys.exit(143 if isinstance(stop, stopping.Terminated) else 130)
+        sys.exit(143 if isinstance(stop, stopping.Terminated) else 129 if isinstance(stop, stopping.Orphaned) else 130)
     except MlflowException as e:
         print(f"error: worker {position}: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)

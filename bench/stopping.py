@@ -3,7 +3,8 @@ ends the trial in progress as interrupted; around storage writes they wait for t
 
 SIGTERM does not go through SIGINT: a shell script's `cmd &` starts the command with SIGINT ignored (so
 that a Ctrl-C at the terminal leaves background jobs alone), and a SIGTERM passed on as SIGINT would be
-ignored with it, the study training on.
+ignored with it, the study training on. A worker process also stops on SIGHUP, which Linux sends it when
+the study's main process dies (bench.run).
 """
 
 from __future__ import annotations
@@ -22,9 +23,31 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+class Orphaned(KeyboardInterrupt):
+    """SIGHUP in a worker: the study's main process died (killed, or its terminal closed)."""
+
+
+def _orphaned(signum, frame) -> None:
+    raise Orphaned
+
+
+def hang_up_as_orphaned() -> None:
+    """In a worker process: SIGHUP raises Orphaned."""
+    signal.signal(signal.SIGHUP, _orphaned)
+
+
 def reason(stop: KeyboardInterrupt) -> str:
     """What the trial it cut short records."""
-    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted by the user (SIGINT)"
+    if isinstance(stop, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(stop, Orphaned):
+        return "interrupted: the study's main process died (killed, or its terminal closed)"
+    return "interrupted by the user (SIGINT)"
+
+
+# Each signal that stops a study, with the handler that raises for it (hang-ups: where signals have them)
+STOPS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate,
+         **({signal.SIGHUP: _orphaned} if hasattr(signal, "SIGHUP") else {})}
 
 
 @contextlib.contextmanager
@@ -54,9 +77,7 @@ def ctrl_c_deferred() -> Iterator[None]:
         return
     caught: list[int] = []
     with _held():
-        stops = {signum: handler for signum, handler in ((signal.SIGINT, signal.default_int_handler),
-                                                         (signal.SIGTERM, _terminate))
-                 if signal.getsignal(signum) is handler}
+        stops = {signum: handler for signum, handler in STOPS.items() if signal.getsignal(signum) is handler}
         for signum in stops:
             signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
@@ -71,13 +92,13 @@ def ctrl_c_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait while the handlers are swapped: one that came between two swaps would run
+    """The signals that stop a study wait while the handlers are swapped: one that came between two swaps would run
     a handler that raises, and leave the other swapped for good. (Where the OS has no signal masks,
     as on Windows, they do not wait.)"""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))
     try:
         yield
     finally:

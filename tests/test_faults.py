@@ -151,6 +151,8 @@ def test_workers_stop_when_the_main_process_is_killed(sigint, tmp_path, monkeypa
         assert time.monotonic() < deadline, "a worker trained on for 2 minutes after the main process died"
         time.sleep(0.5)
     assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["status"] == "interrupted"
+    assert trials[number].user_attrs["reason"] == "interrupted: the study's main process died (killed, or its " \
+        "terminal closed)"
     assert sum(t.state == TrialState.COMPLETE for t in trials) < len(SEEDS)
 
 
@@ -220,17 +222,22 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     assert len(_state(tmp_path, args)[0]) == 2
 
 
-@pytest.mark.parametrize("sent, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, stopping.Terminated)])
+@pytest.mark.parametrize("sent, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, stopping.Terminated),
+                                        (signal.SIGHUP, stopping.Orphaned)])  # a worker's main process died
 def test_a_stop_inside_a_deferred_block_comes_after_it_also_over_its_error(sent, stop):
-    with stopping.sigterm_as_ctrl_c():
-        with pytest.raises(stop) as raised, stopping.ctrl_c_deferred():
-            os.kill(os.getpid(), sent)
-            for _ in range(100):  # bytecodes, at which Python runs the handler: a deferring one
-                pass
-            raise ValueError("a write failed")  # e.g. a worker's storage write, inside the block
-        assert type(raised.value) is stop and isinstance(raised.value.__context__, ValueError)
-        assert signal.getsignal(signal.SIGTERM) is stopping._terminate  # the handlers as they were
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stopping.hang_up_as_orphaned()
+    try:
+        with stopping.sigterm_as_ctrl_c():
+            with pytest.raises(stop) as raised, stopping.ctrl_c_deferred():
+                os.kill(os.getpid(), sent)
+                for _ in range(100):  # bytecodes, at which Python runs the handler: a deferring one
+                    pass
+                raise ValueError("a write failed")  # e.g. a worker's storage write, inside the block
+            assert type(raised.value) is stop and isinstance(raised.value.__context__, ValueError)
+            # the handlers as they were
+            assert [signal.getsignal(s) for s in stopping.STOPS] == list(stopping.STOPS.values())
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
