@@ -303,11 +303,12 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
     for arg in overrides:
         key, value = arg.split("=", 1)
         try:
-            dot = (OmegaConf.from_dotlist([f"{key}=''"]) if key in STR_KEYS or not value else  # `key=`: ""
-                   OmegaConf.from_dotlist([arg]))  # not null
-            if key in STR_KEYS:  # quotes around it are dropped, as YAML drops them
+            if key in STR_KEYS:  # the text as given, but for quotes around it, which YAML drops too
                 quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+                dot = OmegaConf.create()
                 OmegaConf.update(dot, key, value[1:-1] if quoted else value)
+            else:  # `key=` sets an empty string (YAML would read it as null)
+                dot = OmegaConf.from_dotlist([arg if value else f"{key}=''"])
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
