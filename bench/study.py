@@ -7,11 +7,12 @@ TPE trials on top. A diverged trial is recorded as FAIL with its reason and not 
 or killed one is retried on the next run.
 
 Faults lose no finished work: a trial is COMPLETE in Optuna only once its MLflow run has FINISHED.
-Ctrl-C or SIGTERM (bench.stopping) ends the trial in progress as FAIL (status interrupted, run KILLED). A SIGKILL, a lost machine
-or a lost tracking store leaves it RUNNING; the next run marks it FAIL (status killed, run KILLED) once
-its worker is gone — a local process that no longer exists, or no epoch for REMOTE_STALE_S from
-another machine — and trains that variant again; one whose MLflow run had already ended (the worker died
-while recording its outcome in Optuna) is given the run's outcome instead.
+Ctrl-C or SIGTERM (bench.stopping) ends the trial in progress as FAIL (status interrupted, run
+KILLED). A SIGKILL, a lost machine or a lost tracking store leaves it RUNNING; the next run marks it
+FAIL (status killed, run KILLED) once its worker is gone — a local process that no longer exists, or
+no epoch for REMOTE_STALE_S from another machine — and trains that variant again; one whose MLflow run
+had already ended (the worker died while recording its outcome in Optuna) is given the run's outcome
+instead.
 """
 
 from __future__ import annotations
@@ -380,9 +381,9 @@ def _stored(write: Callable[[], object], tries: int = 20) -> None:
 
 def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.EpochLog | None, cfg: Config,
                  base: Config, stop: KeyboardInterrupt) -> None:
-    """Records a Ctrl-C: the trial FAIL (not diverged: the next run trains the variant again) with status
-    interrupted, and its MLflow run, if it has one yet, ended with its epochs so far. `cfg` is the trial's,
-    `base` the study's."""
+    """Records a stop (Ctrl-C, SIGTERM, the main process's death: `stop` says which): the trial FAIL (not
+    diverged: the next run trains the variant again) with status interrupted, and its MLflow run, if it has
+    one yet, ended with its epochs so far. `cfg` is the trial's, `base` the study's."""
     reason = stopping.reason(stop)
     with ctrl_c_deferred():  # a second Ctrl-C or SIGTERM must not leave the interruption half-recorded
         if epoch_log is not None:
@@ -467,7 +468,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
 
 def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:
     """A trial's outcome in Optuna, once its MLflow run has it: status, reason, the last epoch's validation
-    ELBO, samples/s (run_trial's: the median epoch), and the trial's end (COMPLETE only with a finite ELBO, the study's objective)."""
+    ELBO, samples/s (the median epoch's) and the trial's end (COMPLETE only with a finite ELBO, the study's
+    objective)."""
     val = last.get("val_elbo", math.nan)
     try:
         for key, value in {STATUS: state, REASON: reason, "val_elbo": val,
