@@ -65,13 +65,13 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 @contextlib.contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
-    """A Ctrl-C or SIGTERM inside takes effect (KeyboardInterrupt, Terminated) once the block is done:
-    around the worker's storage writes. Without this, one that came while a finished trial was being
-    recorded left its run and trial RUNNING, which the next command took for a dead worker's, throwing the
-    trained variant away; and one that came inside a write could leave its SQLite transaction open,
-    holding a lock that the interruption's own writes, and other workers', would wait on until the store's
-    timeout. Only where the signal raises: in the main thread, SIGINT with Python's own handler (not where
-    it is ignored), SIGTERM inside sigterm_as_ctrl_c."""
+    """A stop inside (Ctrl-C, SIGTERM, a worker's SIGHUP) takes effect, raising as it would have, once the
+    block is done: around the worker's storage writes. Without this, one that came while a finished trial
+    was being recorded left its run and trial RUNNING, which the next command took for a dead worker's,
+    throwing the trained variant away; and one that came inside a write could leave its SQLite transaction
+    open, holding a lock that the interruption's own writes, and other workers', would wait on until the
+    store's timeout. Only where the signal raises: in the main thread, SIGINT with Python's own handler (not where
+    it is ignored), SIGTERM inside sigterm_as_ctrl_c, SIGHUP after hang_up_as_orphaned."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,9 +92,9 @@ def ctrl_c_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _held() -> Iterator[None]:
-    """The signals that stop a study wait while the handlers are swapped: one that came between two swaps would run
-    a handler that raises, and leave the other swapped for good. (Where the OS has no signal masks,
-    as on Windows, they do not wait.)"""
+    """The signals that stop a study wait while the handlers are swapped: one that came between two swaps
+    would run a handler that raises, and leave the others swapped for good. (Where the OS has no signal
+    masks, as on Windows, they do not wait.)"""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
