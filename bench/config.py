@@ -558,9 +558,10 @@ PLACEMENT = ("tracking.", "report", "train.device")  # "report": the report and 
 # after running out of memory: the same estimator, its draws taken in another order) and whether missing
 # data may be downloaded (the same files either way)
 HOW = ("eval.chunk", "data.download")
-# left out of the study's hash: these, how its trials are shared out, and how many search trials it runs
-# (raising study.n_trials continues the same search)
-_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.n_trials", *PLACEMENT, *HOW)
+# left out of the study's hash: these, how its trials are shared out, its description (words about it),
+# and how many search trials it runs (raising study.n_trials continues the same search)
+_NOT_HASHED = ("study.n_workers", "study.storage", "study.worker", "study.description", "study.n_trials", *PLACEMENT,
+               *HOW)
 
 
 def config_hash(cfg: Config) -> str:

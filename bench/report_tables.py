@@ -17,7 +17,7 @@ from models import likelihoods
 OBJECTIVE = "training objective (not a likelihood)"
 # Table 3's metrics: the IWAE's gain over the ELBO of its own images beside the two, which are over
 # different images (the whole test split, its first eval.iwae_examples); the plots leave out the s.e.
-FACTOR_METRICS = ("test_elbo", "test_iwae_nll", "test_iwae_mc_se", "test_iwae_gain", "test_kl", "active_units",
+FACTOR_METRICS = ("test_elbo", "test_recon", "test_iwae_nll", "test_iwae_mc_se", "test_iwae_gain", "test_kl", "active_units",
                   "samples_per_s")
 FACTOR_PLOTS = ("test_elbo", "test_iwae_nll", "test_iwae_gain", "test_kl", "active_units", "samples_per_s")
 # Params that are not factors: the seed is what the statistics run over, the family and the

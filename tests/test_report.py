@@ -215,9 +215,14 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     table = report_tables.family_table(data.runs)
     assert len(table) == 2 * len(ROWS) and set(table["train.beta"]) == {0.5, 2.0}
     assert list(report_tables.factor_tables(table)) == ["train.beta"]
-    # the two bounds over different images, and their gain over the same ones, as in section 1
+    # the two bounds over different images, and their gain over the same ones, as in section 1; and what β
+    # trades, beside a word on the objective that β ≠ 1 maximises
     shown = report_tables.display_factor(report_tables.factor_tables(table)["train.beta"])
-    assert {"test ELBO", "IWAE-8 NLL", "IWAE MC s.e.", report_data.IWAE_GAIN} <= set(shown.columns)
+    assert {"test ELBO", "test recon", "test KL", "IWAE-8 NLL", "IWAE MC s.e.", report_data.IWAE_GAIN} <= set(shown.columns)
+    blocks = report._factors_section(report_tables.factor_tables(table), tmp_path)
+    assert ("p", report.BETA_OBJECTIVE) in blocks
+    setting = report_tables.configuration(data.runs)
+    assert "β (varied), L = 1 samples of z per image" in report._trained(setting, data.runs)
     panels = {}  # each factor panel's title -> its lines' labels, which end with "(protocol)"
     save = report_plots._save
 

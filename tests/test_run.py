@@ -81,7 +81,7 @@ def test_settings_that_leave_the_results_as_they_are_keep_the_study():
     # a changed hash would start a new study, training every finished variant again
     base = config.config_hash(config.load(["study=smoke"]))
     same = ["report=false", "report_dir=elsewhere", "tracking.uri=sqlite:///other.db", "study.storage=sqlite:///o.db",
-            "study.n_workers=2", "train.device=cpu", "eval.chunk=100", "data.download=false"]
+            "study.n_workers=2", "train.device=cpu", "eval.chunk=100", "data.download=false", "study.description=x"]
     assert {extra: config.config_hash(config.load(["study=smoke", extra])) for extra in same} == dict.fromkeys(same, base)
     for changed in ["train.epochs=3", "eval.iwae_k=7", "data.root=elsewhere", "study.seeds=[0,1]"]:
         assert config.config_hash(config.load(["study=smoke", changed])) != base, changed
