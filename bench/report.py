@@ -69,6 +69,7 @@ from bench.report_tables import (
     ranking_table,
     searched_keys,
     trial_table,
+    varied_here,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,14 +108,17 @@ BOUNDEDNESS = (
 
 
 def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
+    keys = factor_columns(measure)
     out = []
     for protocol, block in measure.groupby("protocol", sort=True):
         parts = []
         for (setting, scale), g in block[block.comparable].groupby(["setting", "scale"], sort=False):
-            names = list(dict.fromkeys(g.family))
+            names, varied = list(dict.fromkeys(g.family)), varied_here(g, keys)
             on = f" ({setting})" if setting else ""
-            parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared" if len(names) > 1
-                         else f"{names[0]} is the only family on the {scale}{on}")
+            at = f" (at every {', '.join(varied)})" if varied else ""
+            parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared{at}" if len(names) > 1
+                         else f"{names[0]}'s rows at different {', '.join(varied)} share the {scale}{on} and may be "
+                         "compared" if varied else f"{names[0]} is the only family on the {scale}{on}")
         bad = block[~block.comparable]
         for family, name in dict.fromkeys(zip(bad.family, bad.measure)):
             parts.append(f"{family} may be compared with nothing: {name}")

@@ -145,6 +145,19 @@ def _with_scale(table: pd.DataFrame) -> pd.DataFrame:
         setting=[", ".join(f"{k}={format_value(r[k])}" for k in keys) for _, r in table.iterrows()])
 
 
+def varied_here(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The factor keys whose values differ across these rows (of one measure: e.g. β, L, latent size)."""
+    return [k for k in keys if rows[k].nunique(dropna=False) > 1]
+
+
+def _compare_with(rows: pd.DataFrame, family: str, keys: list[str]) -> str:
+    """What a row of `family` may be compared with: the other families on its scale and setting (`rows`),
+    and its own family's rows at other values of the factors that vary among them."""
+    varied = varied_here(rows[rows.family == family], keys)
+    others = sorted(set(rows.family) - {family}) + ([f"{family} at other {', '.join(varied)}"] if varied else [])
+    return ", ".join(others) or "(no other row here)"
+
+
 def measure_table(family: pd.DataFrame) -> pd.DataFrame:
     """Table 2: bounded vs unbounded, with the measure of every number and what each row may be compared
     with. Likelihood columns are kept only for comparable rows; the others' ELBO is a training objective."""
@@ -153,10 +166,9 @@ def measure_table(family: pd.DataFrame) -> pd.DataFrame:
                 "n_trials", "divergence_rate", "test_elbo", "test_elbo_ci", "test_iwae_nll", "test_iwae_nll_ci",
                 "test_iwae_gain", "test_iwae_gain_ci", "test_bpd", "test_bpd_ci"]].copy()
     t = _with_scale(likelihoods_where_comparable(t))
-    t["compare_with"] = [
-        ", ".join(sorted(set(t.family[(t.protocol == p) & (t.setting == d) & (t.scale == s)]) - {f}))
-        or "(no other family here)" if s else "nothing: not a likelihood of the data"
-        for p, d, s, f in zip(t.protocol, t.setting, t.scale, t.family)]
+    t["compare_with"] = [_compare_with(t[(t.protocol == p) & (t.setting == d) & (t.scale == s)], f, keys)
+                         if s else "nothing: not a likelihood of the data"
+                         for p, d, s, f in zip(t.protocol, t.setting, t.scale, t.family)]
     t["_order"] = t.family.map(family_order)
     t = t.sort_values(["protocol", "comparable", "scale", "bounded", "_order"],
                       ascending=[True, False, True, False, True])

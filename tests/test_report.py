@@ -243,6 +243,11 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
         protocol = title.split("\n")[1].split(":")[0]
         assert labels and all(label.endswith(f"({protocol})") for label in labels), (title, labels)
     assert "### Factor train.beta" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    # rows at other β share their family's measure: section 2 says so, not "no other family here"
+    measure = report_tables.measure_table(table)
+    assert set(measure[measure.family == "bernoulli"].compare_with) == {"bernoulli at other train.beta"}
+    assert "bernoulli's rows at different train.beta share the pmf of binarized pixels and may be compared" in \
+        " ".join(report._protocol_sentences(measure))
 
 
 def test_rows_on_other_data_are_not_comparable(done):
@@ -250,8 +255,8 @@ def test_rows_on_other_data_are_not_comparable(done):
     data = report_data.load(done.args)
     data.runs["params.data.name"] = np.where(data.runs.family == "gaussian", "fashion_mnist", "digits")
     measure = report_tables.measure_table(report_tables.family_table(data.runs)).set_index("family")
-    assert measure.loc["gaussian", "compare_with"] == "(no other family here)"
-    assert measure.loc["discretized_logistic", "compare_with"] == "(no other family here)"
+    assert measure.loc["gaussian", "compare_with"] == "(no other row here)"
+    assert measure.loc["discretized_logistic", "compare_with"] == "(no other row here)"
     sentences = " ".join(report._protocol_sentences(measure.reset_index()))
     assert "gaussian is the only family on the pmf of 8-bit pixels (data.name=fashion_mnist)" in sentences
 
