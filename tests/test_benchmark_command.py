@@ -53,6 +53,19 @@ def test_a_failed_benchmark_run_leaves_the_committed_results(tmp_path):
     assert "GEMM floor" in (results / "cpu.md").read_text()
 
 
+@pytest.mark.parametrize("where", ["README.md/out.json", "reports"])  # under a file; a folder
+def test_a_json_path_that_cannot_be_written_is_refused_before_anything_runs(where, tmp_path):
+    clone = _clone_without_data(tmp_path)
+    (clone / "README.md").write_text("a file\n")
+    before = sorted(p for p in clone.rglob("*") if "__pycache__" not in p.parts)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/benchmarks", "--benchmark-only", "-k", FLOOR,
+                           f"--benchmark-json={where}"], cwd=clone, capture_output=True, text=True, check=False)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]  # pytest's usage error
+    assert f"--benchmark-json={where}: " in proc.stderr and "Traceback" not in proc.stderr
+    assert "passed" not in proc.stdout
+    assert sorted(p for p in clone.rglob("*") if "__pycache__" not in p.parts and ".pytest_cache" not in p.parts) == before
+
+
 def test_a_target_is_met_only_when_the_medians_interval_is_on_its_side():
     from tests.benchmarks.conftest import median_interval, verdict
 

@@ -472,6 +472,22 @@ def _command(config) -> str:
     return " ".join([python, "-m pytest", shlex.join(config.invocation_params.args)])
 
 
+def pytest_configure(config):
+    """A --benchmark-json path that cannot be written is refused before anything runs: found when the
+    results are saved, after the whole run, it lost them with their summary."""
+    path = config.getoption("benchmark_json", None)
+    if path is None:
+        return
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders still to be made
+        folder = folder.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise pytest.UsageError(f"--benchmark-json={path}: " + (
+            "a folder; expected a file's path (e.g. reports/benchmarks/cpu.json)" if path.is_dir() else
+            f"{folder} is not a writable folder; expected a path in a folder you can write to"))
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     """A run in which a test failed (or that was interrupted) writes neither the JSON nor its Markdown:
