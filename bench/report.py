@@ -103,8 +103,9 @@ BOUNDEDNESS = (
     "raise it without limit at a fixed x: on binary or raw 8-bit values its objective can then run away, "
     "which is how its runs diverge. On dequantized 8-bit data it cannot: averaged over the noise u, no "
     "density's log-likelihood exceeds D·log 256, so on the 8-bit scale its objective is at most "
-    "log P(k) ≤ 0 (the dequantization bound above). As in section 1, the test ELBO is over the whole test split and the "
-    "IWAE NLL over its first eval.iwae_examples images; \"IWAE − ELBO, same images\" compares the two bounds.")
+    "log P(k) ≤ 0 (the dequantization bound above). As in section 1, the test ELBO is over the whole "
+    "test split and the IWAE NLL over its first eval.iwae_examples images; \"IWAE − ELBO, same images\" "
+    "compares the two bounds.")
 
 
 def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
@@ -113,12 +114,15 @@ def _protocol_sentences(measure: pd.DataFrame) -> list[str]:
     for protocol, block in measure.groupby("protocol", sort=True):
         parts = []
         for (setting, scale), g in block[block.comparable].groupby(["setting", "scale"], sort=False):
-            names, varied = list(dict.fromkeys(g.family)), varied_here(g, keys)
+            names, varied = list(dict.fromkeys(g.family)), ", ".join(varied_here(g, keys))
             on = f" ({setting})" if setting else ""
-            at = f" (at every {', '.join(varied)})" if varied else ""
-            parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared{at}" if len(names) > 1
-                         else f"{names[0]}'s rows at different {', '.join(varied)} share the {scale}{on} and may be "
-                         "compared" if varied else f"{names[0]} is the only family on the {scale}{on}")
+            if len(names) > 1:
+                parts.append(f"{', '.join(names)} share the {scale}{on} and may be compared"
+                             + (f" (at every {varied})" if varied else ""))
+            elif varied:
+                parts.append(f"{names[0]}'s rows at different {varied} share the {scale}{on} and may be compared")
+            else:
+                parts.append(f"{names[0]} is the only family on the {scale}{on}")
         bad = block[~block.comparable]
         for family, name in dict.fromkeys(zip(bad.family, bad.measure)):
             parts.append(f"{family} may be compared with nothing: {name}")

@@ -20,7 +20,6 @@ from mlflow.tracking import MlflowClient
 from bench import config, states, tracking
 from bench import study as study_mod
 from bench.config import Config, ConfigError
-from bench.train import median_epoch
 from models import likelihoods
 
 # Per-run numbers of the family table: (column, label). Likelihood-valued ones are listed in
@@ -35,7 +34,7 @@ METRICS = [
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",
                      "test_iwae_gain", "test_bpd")
-# Per-epoch speed metrics, read as each run's median epoch (bench.train.median_epoch), not the last's
+# Per-epoch speed metrics, read as each run's median epoch (tracking.run_median_epoch), not the last's
 SPEED = ("samples_per_s", "ms_per_step")
 WHERE_KEYS = ("tracking.uri", "study.storage", "report_dir")  # the overrides experiment= and run= take
 
@@ -60,7 +59,7 @@ def _check_store(uri: str) -> None:
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
                           "study=NAME` first, or pass the tracking.uri it used")
     _require_sqlite("tracking.uri", uri, path)
-    if "experiments" not in tracking.sqlite_tables(path):  # an empty file, or another program's database
+    if tracking.SCHEMA_TABLE["MLflow"] not in tracking.sqlite_tables(path):  # an empty file, or another program's database
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}: an SQLite database without "
                           "MLflow's tables); run `python -m bench.run study=NAME` first, or pass the tracking.uri it used")
 
@@ -177,7 +176,7 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
         return pd.DataFrame(columns=columns), f"no Optuna storage at {path}: trial states from the MLflow runs"
     if path is not None:
         _require_sqlite("study.storage", url, path)
-        if "studies" not in tracking.sqlite_tables(path):
+        if tracking.SCHEMA_TABLE["Optuna"] not in tracking.sqlite_tables(path):
             return pd.DataFrame(columns=columns), f"no Optuna storage in {path}: trial states from the MLflow runs"
     try:
         trials = optuna.load_study(study_name=sel.optuna_study, storage=url).get_trials(deepcopy=False)
@@ -278,8 +277,7 @@ def load(argv: list[str]) -> StudyData:
             if learned else []
         min_scale.append(min(scales) if scales else np.nan)
         for key in SPEED:
-            speed[key].append(median_epoch([m.value for m in sorted(client.get_metric_history(run_id, key),
-                                                                   key=lambda m: m.step)]))
+            speed[key].append(tracking.run_median_epoch(run_id, key))
     runs["min_scale"] = min_scale
     runs = runs.assign(**speed)
     runs = runs.sort_values(["trial", "start_time"]).reset_index(drop=True)

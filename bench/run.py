@@ -91,7 +91,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
         with stopping.sigterm_as_ctrl_c():
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
-        sys.exit(143 if isinstance(stop, stopping.Terminated) else 129 if isinstance(stop, stopping.Orphaned) else 130)
+        sys.exit(stopping.exit_code(stop))
     except MlflowException as e:
         print(f"error: worker {position}: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         sys.exit(1)
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         with stopping.sigterm_as_ctrl_c():
             ok = run(cfg)
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, stopping.Terminated)
-        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: {LOST_TRACKING}", file=sys.stderr)
-        return 143 if terminated else 130
+        said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
+        print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
+        return stopping.exit_code(stop)
     except MlflowException as e:
         print(f"error: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
         return 1

@@ -45,6 +45,12 @@ def reason(stop: KeyboardInterrupt) -> str:
     return "interrupted by the user (SIGINT)"
 
 
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the process, as a shell reports it: 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else
+                  signal.SIGHUP if isinstance(stop, Orphaned) else signal.SIGINT)
+
+
 # Each signal that stops a study, with the handler that raises for it (hang-ups: where signals have them)
 STOPS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate,
          **({signal.SIGHUP: _orphaned} if hasattr(signal, "SIGHUP") else {})}

@@ -341,9 +341,14 @@ def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
     run = _live_run(run_id)
     if run is None or not _ended(run) or "state" not in run.data.tags:
         return None
-    epochs = sorted(MlflowClient().get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
-    speed = {"samples_per_s": median_epoch([m.value for m in epochs])}
+    speed = {"samples_per_s": run_median_epoch(run_id, "samples_per_s")}
     return run.data.tags["state"], run.data.tags.get("reason", ""), {**run.data.metrics, **speed}
+
+
+def run_median_epoch(run_id: str, key: str) -> float:
+    """A run's per-epoch metric (samples_per_s, ms_per_step) as bench.train.median_epoch reads it."""
+    epochs = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
+    return median_epoch([m.value for m in epochs])
 
 
 def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:
