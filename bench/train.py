@@ -326,14 +326,17 @@ def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data
 @torch.no_grad()
 def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], batch_size: int = 1000,
              seed: int = 0) -> dict[str, float]:
-    """Mean ELBO, reconstruction and KL per image (β = 1, one sample), with a fixed seed so that
+    """Mean ELBO, reconstruction and KL per image (β = 1, one sample), with fixed seeds so that
     dequantization noise and z draws are the same at every epoch."""
     model.eval()
     sums = torch.zeros(3, device=x_eval.device)
     with torch.random.fork_rng(devices=[x_eval.device] if x_eval.device.type == "cuda" else []):
+        # All inputs first, from the seed alone: every model of a dataset sees the same noise (the z
+        # draws' size depends on the latent size) and final_metrics' IWAE the same test images.
         torch.manual_seed(seed)
-        for i in range(0, len(x_eval), batch_size):
-            x = transform(x_eval[i : i + batch_size])
+        inputs = transform(x_eval)  # (N, D)
+        torch.manual_seed(seed + 1)
+        for x in inputs.split(batch_size):
             terms = elbo_terms(model, x)
             sums += torch.stack([terms.recon.sum(), terms.kl.sum(), terms.elbo.sum()])
     recon, kl, elbo = (sums / len(x_eval)).tolist()

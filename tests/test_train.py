@@ -141,6 +141,24 @@ def test_the_iwae_batching_changes_only_the_iwae_samples(short_runs, name):
                                                                              other["test_iwae_mc_se"])
 
 
+def test_every_model_of_a_dataset_is_evaluated_on_the_same_dequantized_inputs():
+    # the inputs are drawn before any z: the latent size (how many numbers each batch's z takes) must
+    # not move the noise of the batches after the first
+    cfg = make_cfg(*PROTOCOLS["gaussian"])
+    data = load(cfg.data, torch.device("cpu"))
+    seen = {}
+    for latent in (2, 20):
+        model = train.build(config.apply(cfg, {"model.latent_dim": latent}), data.dim)
+        inputs, encode = [], model.encode
+        model.encode = lambda x, inputs=inputs, encode=encode: (inputs.append(x.clone()), encode(x))[1]
+        train.evaluate(model, data.val, data.transform(model.likelihood.family, train=False), batch_size=50,
+                       seed=cfg.data.seed)
+        seen[latent] = torch.cat(inputs)
+    assert len(seen[2]) == len(data.val) > 50  # several batches
+    assert not torch.equal(seen[2], data.val.float() / 255)  # dequantized: noise was drawn
+    assert torch.equal(seen[2], seen[20])
+
+
 def test_a_training_objective_has_no_bits_per_dim():
     # A σ-VAE "density" (σ fitted to each image) on 8-bit data is not a code length of the data
     cfg = make_cfg("likelihood.name=gaussian_optimal", "data.binarize=none", "train.epochs=1")
