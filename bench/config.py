@@ -509,10 +509,6 @@ def search_corners(space: dict[str, SearchDim], most: int = 256) -> list[dict[st
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
 
-# Keys no variant may vary: the study's own, and where results go or run (not what they are)
-NOT_VARIED = ("study.", "tracking.", "report", "train.device")  # "report" covers report_dir
-
-
 def grid_points(cfg: Config) -> list[dict[str, Any]]:
     """The product of each grid's factor lists, concatenated; [{}] when the study has no grid."""
     points: list[dict[str, Any]] = []
@@ -554,6 +550,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Keys (prefixes) that change where a run is computed and its results go, not what they are
 PLACEMENT = ("tracking.", "report", "train.device")  # "report": the report and its folder
+# Keys no variant may vary: the study's own, and where results go or run (not what they are)
+NOT_VARIED = ("study.", *PLACEMENT)
 # Keys that change how a run computes, not what: how the IWAE is batched in memory (a smaller eval.chunk
 # after running out of memory: the same estimator, its draws taken in another order) and whether missing
 # data may be downloaded (the same files either way)
@@ -615,8 +613,9 @@ def help_text() -> str:
     comments = _comments(Config)
     keys = "\n".join(f"  {k} = {v!r}" + (f"  # {comments[k]}" if comments.get(k) else "")
                      for k, v in flatten(to_dict(Config())).items())
+    families = "\n".join(f"  {name}: {family.summary}" for name, family in likelihoods.FAMILIES.items())
     return (
         "usage: python -m bench.run study=NAME [key=value ...]\n\n"
         f"studies: {', '.join(available_studies())} (or study=path/to/file.yaml)\n"
-        f"likelihoods: {', '.join(likelihoods.NAMES)}\n\nkeys and defaults:\n{keys}\n"
+        f"likelihood.name:\n{families}\n\nkeys and defaults:\n{keys}\n"
     )

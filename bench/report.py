@@ -75,7 +75,7 @@ from bench.report_tables import (
 # ---------------------------------------------------------------------------------------------------
 # The report: blocks of prose, tables and plots, rendered to Markdown, HTML and LaTeX
 
-# The prose of section 2, from ../shared/notes/science.md ("Which numbers share a measure").
+# The prose of section 2 (the README's "Which numbers share a measure").
 COMPARABILITY_INTRO = (
     "Every log-likelihood number is in nats per image on the measure of its row (the run's tag \"measure\"). "
     "Two rows may be compared only when they share a measure that is a probability of the data "

@@ -216,8 +216,7 @@ def unfinished_note(data: StudyData) -> str:
     search_running = int(search.state.isin(["running", "waiting"]).sum())
     counts = {"running": running, "queued": queued,
               "cut short (failed, killed or interrupted)": int(variants.state.isin(states.CUT_SHORT).sum()),
-              "search trial(s) still to draw": max(0, cfg.study.n_trials - ended - search_running)
-              if cfg.study.search_space else 0}
+              "search trial(s) still to draw": max(0, cfg.study.n_trials - ended - search_running)}
     if not any(counts.values()):
         return ""
     return ("Not finished: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n) + ". The tables "

@@ -28,7 +28,7 @@ NOT_FACTORS = ("train.seed", "likelihood.name", "data.binarize", "data.dequantiz
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tables (numbers; `display` turns them into text)
+# Tables (numbers; the display_* and format_value functions turn them into text)
 
 
 def mean_ci(values) -> tuple[float, float, int]:

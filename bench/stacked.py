@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bench import data as data_mod
 from bench import states
-from bench.config import PLACEMENT, Config, ConfigError, flatten, to_dict
+from bench.config import NOT_VARIED, Config, ConfigError, flatten, to_dict
 from bench.data import Data
 from bench.train import (
     CudaGraphStep,
@@ -39,12 +39,11 @@ from models.estimators import ElboTerms
 from models.stacked import StackedAdam, StackedVAE, stacked_elbo_terms
 
 VARYING = ("train.seed", "train.beta", "train.lr")  # what may differ between stacked variants
-_IGNORED = ("study.", *PLACEMENT)  # the study's own keys and where results go, not what a variant is
 
 
 def check_stackable(cfgs: list[Config]) -> None:
     """Raises ConfigError naming the first key, other than VARYING, on which the configs differ."""
-    flat = [{k: v for k, v in flatten(to_dict(c)).items() if k not in VARYING and not k.startswith(_IGNORED)}
+    flat = [{k: v for k, v in flatten(to_dict(c)).items() if k not in VARYING and not k.startswith(NOT_VARIED)}
             for c in cfgs]
     for other in flat[1:]:
         for key, value in flat[0].items():

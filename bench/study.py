@@ -47,9 +47,9 @@ from bench.train import final_metrics, median_epoch, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# Trial user attributes
 # The Optuna storage (or the study lock's database) gone: the command stops, as for a lost tracking store
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
+# Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
 HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
 STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
@@ -135,7 +135,7 @@ def open_study(cfg: Config, create: bool) -> optuna.Study:
                                  "start it first without study.worker (same config)") from None
 
 
-def _done(trial: optuna.trial.FrozenTrial) -> bool:
+def _claimed_or_settled(trial: optuna.trial.FrozenTrial) -> bool:
     """Finished for good: complete, pruned, diverged — or queued/running (claimed by some worker)."""
     if trial.state == TrialState.FAIL:
         return trial.user_attrs.get(STATUS) == states.DIVERGED
@@ -209,7 +209,7 @@ def fail_stale(study: optuna.Study, experiment_id: str) -> int:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its worker's record came in after all (a remote one, thought dead)
         if run_id:
-            tracking.mark_run(run_id, "KILLED", reason)
+            tracking.mark_run(run_id, reason)
         n += 1
     return n
 
@@ -226,7 +226,7 @@ def not_ended(study: optuna.Study) -> list[str]:
 
 def enqueue_missing(study: optuna.Study, cfg: Config) -> int:
     """Enqueues every variant that has no finished-for-good, queued or running trial."""
-    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if _done(t)}
+    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if _claimed_or_settled(t)}
     missing = [p for p in variants(cfg) if variant_key(p) not in have]
     for params in missing:
         study.enqueue_trial({k: _encode(v) for k, v in params.items()},
@@ -313,7 +313,8 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
 
 
 def search_trials_left(study: optuna.Study, cfg: Config) -> int:
-    searched = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("kind") == "search" and _done(t)]
+    searched = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("kind") == "search" and _claimed_or_settled(t)]
     return max(0, cfg.study.n_trials - len(searched))
 
 
@@ -407,7 +408,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         lik = config.likelihood_of(cfg)
         measure = data.measure(lik)
         tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
-                "measure": measure.name, "comparable": measure.comparable, "comparable_scale": measure.scale or
+                "measure": measure.name, "comparable": measure.comparable, SCALE: measure.scale or
                 "none (not a likelihood of the data)", "dataset": cfg.data.name,
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
@@ -491,7 +492,7 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     study = open_study(cfg, create=False)
     cache = _DataCache(device)
     outcomes: list[TrialOutcome] = []
-    total = len(variants(cfg)) if not cfg.study.search_space else len(variants(cfg)) + cfg.study.n_trials
+    total = len(variants(cfg)) + cfg.study.n_trials  # n_trials is 0 without a search space
     with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
         while True:
             trial = _claim(study, cfg)

@@ -358,7 +358,7 @@ def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> st
     return found[0].info.run_id if found else None
 
 
-def mark_run(run_id: str, status: str, reason: str) -> None:
+def mark_run(run_id: str, reason: str) -> None:
     """Ends a run whose process died (SIGKILL, lost machine, a crash) before `finish_child` ended it: one
     still RUNNING, or one MLflow's exit handler ended as FINISHED without its state tag."""
     client = MlflowClient()
@@ -366,7 +366,7 @@ def mark_run(run_id: str, status: str, reason: str) -> None:
         return
     client.set_tag(run_id, "state", states.KILLED)
     client.set_tag(run_id, "reason", reason)
-    client.set_terminated(run_id, status)
+    client.set_terminated(run_id, "KILLED")
 
 
 def load_model(run_id: str) -> VAE:

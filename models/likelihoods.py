@@ -374,7 +374,7 @@ class Likelihood:
         return dist.base_dist.scale.min() if self.family.learned_scale else None
 
     def measure(self, binarized: bool, dequantized: bool) -> Measure:
-        """Which measure log p(x|z) is on, given the data protocol (see ../shared/notes/science.md)."""
+        """Which measure log p(x|z) is on, given the data protocol (see the README's "Which numbers share a measure")."""
         f = self.family
         if binarized:
             if f.support == BINARY:

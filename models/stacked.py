@@ -1,7 +1,7 @@
 """N variants of one VAE in one training step, so that N small MLPs keep a GPU as busy as one large one.
 
 Each parameter of the N models is stacked into one leaf of shape (N, ...): a layer of all N variants
-is one batched matmul (`torch.baddbmm`), and the optimiser sees the 8 tensors of one model whatever N
+is one batched matmul (`torch.baddbmm`), and the optimiser sees the tensors of one model (8 for one hidden layer) whatever N
 is, so the host-side cost of a step (autograd nodes, optimiser bookkeeping) does not grow with N.
 `StackedAdam` gives each variant its own learning rate.
 

@@ -17,6 +17,7 @@ from mlflow.utils.async_logging.async_logging_queue import AsyncLoggingQueue
 from optuna.trial import TrialState
 
 from bench import config, report, report_data, run, study, tracking
+from models import likelihoods
 from tests.conftest import shrink_args
 
 # Every study file must be listed here, with what a shrunk run of it must show (the coverage test
@@ -223,6 +224,9 @@ def test_help_lists_studies_and_keys(capsys):
     assert len(keys) == len(config.flatten(config.to_dict(config.Config())))
     assert all("  # " in line for line in keys), [line for line in keys if "  # " not in line]
     assert "  train.beta = 1.0  # weight of the KL in the training objective" in keys
+    # each family with what it is, from the registry
+    assert "  bernoulli: Bernoulli(logits): the pmf of binary pixels" in out
+    assert all(f"  {name}: " in out for name in likelihoods.NAMES)
 
 
 def _written() -> None:
