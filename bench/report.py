@@ -153,7 +153,8 @@ def _provenance(data: StudyData) -> pd.DataFrame:
 
 # An 8-bit pmf (the discretized logistic) is evaluated at the pixel values themselves in a dequantized
 # protocol too: its block compares it with the densities on the 8-bit scale.
-DEQUANTIZED_PROTOCOL = {"True": "densities see (k+u)/256, u ~ U(0,1); 8-bit pmfs see the pixel values k"}
+DEQUANTIZED_PROTOCOL = {"True": "densities see (k+u)/256, u ~ U(0,1); 8-bit pmfs see the pixel values k",
+                        "False": "none: densities see k/255; 8-bit pmfs see the pixel values k"}
 
 
 def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
@@ -177,7 +178,8 @@ STATISTICS = (
 FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
     "in nats per image on the row's measure (section 2); bits/dim from the IWAE NLL. IWAE s.e. is the "
-    "standard error of the test-set mean over datapoints, the one to compare families by; IWAE MC s.e. the "
+    "standard error of the test-set mean over datapoints (how far other test images could move it: every row "
+    "has the same images, so for the distance between two rows see the summary's interval); IWAE MC s.e. the "
     "Monte-Carlo standard error of that mean from the k importance samples; both averaged over seeds. The "
     "MC s.e. is a delta-method estimate from one draw of k weights per image: it understates the Monte-Carlo "
     "spread when the weights are heavy-tailed, as a likelihood over many pixels can make them. The test ELBO "
@@ -199,7 +201,8 @@ BETA_OBJECTIVE = (
 MANIFOLD = ("The decoder's mean image on a grid of z at the prior's quantiles 0.05 … 0.95 in both latent units "
             "(Kingma & Welling 2014, fig. 4), one seed per family and protocol.")
 THROUGHPUT = (
-    "Training samples/s per row: each run's median over its epochs after the first (an epoch's images over "
+    "Training samples/s per row: each run's median over its epochs after the first (its one epoch when it "
+    "ran one; an epoch's images over "
     "its wall clock: the batches' data transform, which on dynamically binarized data draws every pixel "
     "afresh, and the steps), mean ± 95 % CI over seeds; ms/step in the tables is the step alone. Runs that "
     "share a machine with other work see its load: for what a step costs, measured in paired rounds, see "
@@ -274,7 +277,7 @@ def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame, searched: list
         for (setting, scale), block in ranked.groupby(["setting", "scale"], sort=True):
             title = f"{protocol}: {scale}" + (f" ({setting})" if setting else "")
             blocks += [("h3", title), ("p", _lead(block, keys)),
-                       ("table", (f"Ranking, {title}", display_ranking(block)))]
+                       ("table", (f"Ranking, {title} (nats per image)", display_ranking(block)))]
         if ranked.empty:
             blocks += [("h3", protocol), ("p", NOTHING_RANKED)]
         rest = rows[~rankable(rows)]  # a search's unselected configurations are not listed
@@ -287,7 +290,7 @@ def _families_section(family: pd.DataFrame) -> Blocks:
     blocks: Blocks = [("h2", "1. Results per likelihood family"), ("p", FAMILY_COLUMNS)]
     for protocol, block in family.groupby("protocol", sort=True):
         blocks += [("h3", f"Protocol {protocol}"),
-                   ("table", (f"Per family, protocol {protocol}", display_family(block)))]
+                   ("table", (f"Per family, protocol {protocol} (ELBO, recon, KL, IWAE: nats per image)", display_family(block)))]
     return blocks
 
 
@@ -308,7 +311,7 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
         blocks.append(("p", BETA_OBJECTIVE))
     for key, table in by_factor.items():
         plot = plot_factor(table, key, folder / f"factor_{_safe(key)}.png")
-        blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key}", display_factor(table))),
+        blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} (ELBO, recon, KL, IWAE: nats per image)", display_factor(table))),
                    ("img", (f"main metrics against {key}", plot))]
     return blocks
 
@@ -316,8 +319,8 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
 def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Blocks:
     blocks: Blocks = [
         ("h2", "Plots"),
-        ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, folder / "val_elbo.png"))),
-        ("p", CURVES)]
+        ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, factor_columns(family), folder / "val_elbo.png"))),
+        ("p", CURVES + _undrawn(data))]
     recon = plot_artifacts(family, "reconstructions.png", folder / "reconstructions.png")
     if recon:
         blocks += [("img", ("reconstructions", recon)),
@@ -330,6 +333,16 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
                    ("p", MANIFOLD)]
     blocks += [("img", ("throughput", plot_throughput(family, folder / "throughput.png"))), ("p", THROUGHPUT)]
     return blocks
+
+
+def _undrawn(data: StudyData) -> str:
+    """Names the runs that the curves leave out: those with no finite validation ELBO ("" when none)."""
+    finite = set(data.curves.run_id[data.curves.val_elbo.abs() < float("inf")])  # not NaN, not ±∞
+    gone = data.runs[~data.runs.run_id.isin(finite)]
+    if gone.empty:
+        return ""
+    names = ", ".join(f"{r.family} (trial {r.trial:.0f}, {r.state})" for _, r in gone.iterrows())
+    return f" Not drawn, with no finite validation ELBO: {names}."
 
 
 def _trained(setting: pd.DataFrame, runs: pd.DataFrame) -> str:

@@ -27,6 +27,10 @@ from models import likelihoods
 # Plots (matplotlib, Agg)
 
 
+NATS = ("test_elbo", "test_iwae_nll", "test_iwae_gain", "test_kl")  # FACTOR_PLOTS in nats per image
+NOT_NEGATIVE = ("test_kl", "test_iwae_gain", "active_units", "samples_per_s")
+
+
 def _row_label(row: pd.Series, keys: list[str]) -> str:
     short = study_mod.short_keys(keys)
     return " ".join([row.family, *(f"{short[k]}={format_value(row[k])}" for k in keys)])
@@ -52,24 +56,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
+def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path: Path) -> Path:
     """Validation ELBO per epoch, one line per run, one panel per protocol, and a panel of their own for
     the runs whose ELBO is not a likelihood of the data (training objectives); bounded families solid,
-    unbounded dashed; × marks where a diverged run stopped."""
+    unbounded dashed; × marks a diverged run's last finite value. A line's colour and label are its
+    family's, with its values of the factor `keys` when there are any."""
+    short = study_mod.short_keys(keys)
+    labels = [" ".join([r.family, *(f"{short[k]}={r.get(f'params.{k}', '')}" for k in keys)]) for _, r in runs.iterrows()]
+    order = sorted(set(labels), key=lambda label: (family_order(label.split()[0]), label))
+    colors = {label: _color(label.split()[0]) if not keys else plt.get_cmap("tab20")(i % 20)
+              for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
     fig, axes = _figure(len(panels))
     for ax, (protocol, objective) in zip(axes, panels):
         seen = set()
-        for _, run in runs[(runs.protocol == protocol) & (runs.comparable != objective)].iterrows():
+        for label, (_, run) in zip(labels, runs.iterrows()):
+            if run.protocol != protocol or run.comparable == objective:
+                continue
             c = curves[curves.run_id == run.run_id].sort_values("epoch")
+            c = c[np.isfinite(c.val_elbo)]
             if c.empty:
                 continue
-            label = None if run.family in seen else run.family
-            seen.add(run.family)
-            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=_color(run.family),
-                    label=label)
+            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=colors[label],
+                    label=None if label in seen else label)
+            seen.add(label)
             if run.state == states.DIVERGED:
-                ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=_color(run.family), markersize=9)
+                ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=colors[label], markersize=9)
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
         ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
@@ -77,24 +89,25 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: float = 1.8) -> Path | None:
+def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: float = 1.8,
+                   per_line: int = 5) -> Path | None:
     """Each row's `artifact` figure (reconstructions.png: test inputs above their reconstructions;
-    manifold.png) of one of its runs side by side, one line of panels per protocol; None when no run
-    logged it."""
+    manifold.png) of one of its runs side by side, per protocol in lines of at most `per_line` panels (a
+    wider figure is shrunk to the page, its titles past reading); None when no run logged it."""
     client, protocols = MlflowClient(), sorted(family.protocol.unique())
-    width = max((family.protocol == p).sum() for p in protocols)
-    fig, axes = plt.subplots(len(protocols), width, figsize=(3.2 * width, height * len(protocols)), squeeze=False,
+    counts = [(family.protocol == p).sum() for p in protocols]
+    width = min(max(counts), per_line)
+    lines = [math.ceil(n / width) for n in counts]  # per protocol
+    fig, axes = plt.subplots(sum(lines), width, figsize=(3.2 * width, height * sum(lines)), squeeze=False,
                              layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
     found = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i, protocol in enumerate(protocols):
             block = family[family.protocol == protocol].reset_index(drop=True)
-            for j in range(width):
-                ax = axes[i, j]
-                ax.axis("off")
-                if j >= len(block):
-                    continue
-                r = block.iloc[j]
+            for j, r in block.iterrows():
+                ax = axes[sum(lines[:i]) + j // width, j % width]
                 try:
                     with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
                         local = client.download_artifacts(r.example_run, artifact, tmp)
@@ -138,10 +151,11 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     measures = sorted({(p, s) for p, s, c in zip(table.protocol, scale, table.comparable) if c})
     panels = []
     for m in FACTOR_PLOTS:
+        name = dict(METRICS)[m] + (" (nats)" if m in NATS else "")
         if m not in LIKELIHOOD_VALUED:
-            panels.append((dict(METRICS)[m], m, table))
+            panels.append((name, m, table))
             continue
-        panels += [(f"{dict(METRICS)[m]}\n{p}: {s}", m, table[table.comparable & (table.protocol == p) & (scale == s)])
+        panels += [(f"{name}\n{p}: {s}", m, table[table.comparable & (table.protocol == p) & (scale == s)])
                    for p, s in measures]
     if not table.comparable.all():
         panels.append((OBJECTIVE, "test_elbo", table[~table.comparable]))
@@ -150,7 +164,10 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
         for group, g in rows.groupby(["protocol", "family", *others], sort=False):
             x = g[key] if numeric else g[key].map(values.index)
             label = " ".join(str(v) for v in group[1:]) + f" ({group[0]})"
-            ax.errorbar(x, g[metric], yerr=g[f"{metric}_ci"].fillna(0), marker="o", capsize=3,
+            ci = g[f"{metric}_ci"].fillna(0)
+            # a t-interval of a quantity that cannot be negative stops at 0
+            below = np.minimum(ci, g[metric].clip(lower=0)) if metric in NOT_NEGATIVE else ci
+            ax.errorbar(x, g[metric], yerr=[below, ci], marker="o", capsize=3,
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50

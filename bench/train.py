@@ -301,8 +301,8 @@ class EpochTime:
 
 def median_epoch(values: list[float]) -> float:
     """A run's per-epoch speed, as the report and the console give it: the median of its epochs after the
-    first, which also pays for setting up (one epoch's figure swings with a shared machine's load); of its
-    finite values."""
+    first, which also pays for setting up (one epoch's figure swings with a shared machine's load), or the
+    first of a one-epoch run; of its finite values."""
     finite = [v for v in values[1:] or values if math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
 

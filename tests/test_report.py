@@ -4,6 +4,7 @@ in a temporary folder — 4 families under two data protocols, 2 seeds each, one
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import shutil
@@ -226,9 +227,16 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     panels = {}  # each factor panel's title -> its lines' labels, which end with "(protocol)"
     save = report_plots._save
 
+    curves = {}  # the validation curves' panel titles -> their lines' labels
+    lowest = {}  # each factor panel's title -> the lowest end of its error bars
+
     def keep_panels(fig, path):
+        kept = panels if path.name.startswith("factor_") else curves if path.name == "val_elbo.png" else {}
+        kept.update({ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes})
         if path.name.startswith("factor_"):
-            panels.update({ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes})
+            lowest.update({ax.get_title(): min(np.asarray(s).reshape(-1, 2)[:, 1].min(initial=np.inf)
+                                               for c in ax.collections for s in c.get_segments())
+                           for ax in fig.axes if ax.collections})
         return save(fig, path)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -237,12 +245,21 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
     # a likelihood panel holds one protocol's measure: the Bernoulli's binarized pmf and the 8-bit
     # families never share an axis
-    likelihood_panels = {t: labels for t, labels in panels.items() if t.startswith(("test ELBO", "IWAE NLL"))}
+    likelihood_panels = {t: labels for t, labels in panels.items() if t.startswith(("test ELBO (nats)", "IWAE NLL (nats)"))}
     assert len(likelihood_panels) == 4, panels  # 2 metrics × 2 protocols
     for title, labels in likelihood_panels.items():
         protocol = title.split("\n")[1].split(":")[0]
         assert labels and all(label.endswith(f"({protocol})") for label in labels), (title, labels)
     assert "### Factor train.beta" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    # intervals of what cannot be negative stop at 0 (as wide as the value: they would reach −value)
+    wide = table.assign(**{f"{m}_ci": 2 * table[m].abs() for m in report_tables.FACTOR_PLOTS})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_plots, "_save", keep_panels)
+        report_plots.plot_factor(wide, "train.beta", tmp_path / "factor_wide.png")
+    assert {"test KL (nats)", "active units", "samples/s"} <= set(lowest)
+    assert all(lowest[t] >= 0 for t in ("test KL (nats)", "active units", "samples/s")), lowest
+    # the curves of one family at two values of β are told apart
+    assert {"bernoulli beta=0.5", "bernoulli beta=2.0"} <= set(curves["binarized-static"]), curves
     # rows at other β share their family's measure: section 2 says so, not "no other family here"
     measure = report_tables.measure_table(table)
     assert set(measure[measure.family == "bernoulli"].compare_with) == {"bernoulli at other train.beta"}
@@ -513,6 +530,53 @@ def test_a_slow_rows_speed_vs_the_fastest_keeps_two_significant_figures(done):
     ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
     ranking["speed_ratio"] = [0.014, 0.41, 1.0]  # at one decimal, 0.014 read 0.0×
     assert list(report_tables.display_ranking(ranking)["speed vs fastest"]) == ["0.014×", "0.41×", "1.0×"]
+
+
+def test_a_diverged_runs_curve_ends_at_its_last_finite_value_and_one_with_none_is_named(done, tmp_path):
+    data = report_data.load(done.args)
+    diverged = data.runs[data.runs.state == "diverged"]
+    ended_nan, never_finite = diverged.run_id.iloc[0], diverged.run_id.iloc[1]
+    curves = data.curves[data.curves.run_id != never_finite]
+    last = curves[curves.run_id == ended_nan].iloc[[-1]]
+    assert np.isfinite(last.val_elbo).all()
+    nan_rows = pd.DataFrame({"run_id": [ended_nan, never_finite], "epoch": [last.epoch.item() + 1, 1],
+                             "val_elbo": [np.nan, np.nan]})
+    data = dataclasses.replace(data, curves=pd.concat([curves, nan_rows], ignore_index=True))
+    crosses = []
+    save = report_plots._save
+
+    def keep_crosses(fig, path):
+        if path.name == "val_elbo.png":
+            crosses.extend(line.get_xydata()[0] for ax in fig.axes for line in ax.lines if line.get_marker() == "x")
+        return save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_plots, "_save", keep_crosses)
+        report.write(data, tmp_path)
+    assert len(crosses) == 1  # the run that has finite values, at its last one
+    assert tuple(crosses[0]) == (last.epoch.item(), pytest.approx(last.val_elbo.item()))
+    trial = diverged.trial.iloc[1]
+    assert f"Not drawn, with no finite validation ELBO: gaussian_learned (trial {trial:.0f}, diverged)." in \
+        (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_data_protocols_table_says_what_each_protocol_feeds_the_families():
+    runs = pd.DataFrame({"protocol": ["8bit-raw", "8bit-dequantized", "binarized-static"],
+                         "dataset": "digits", "data_source": "sklearn",
+                         "params.data.binarize": ["none", "none", "static"],
+                         "params.data.dequantize": ["False", "True", "True"]})
+    table = report._protocols(runs).set_index("protocol").dequantization
+    assert table["8bit-raw"] == "none: densities see k/255; 8-bit pmfs see the pixel values k"
+    assert table["8bit-dequantized"].startswith("densities see (k+u)/256")
+    assert table["binarized-static"] == "n/a (binary pixels)"
+
+
+def test_reconstructions_wrap_into_lines_of_readable_width(done, tmp_path):
+    # 3 binarized rows and 2 8-bit rows, at most 2 panels a line: lines of 2 + 1 and of 2, 3.2 x 1.8 inches each
+    family = report_tables.family_table(report_data.load(done.args).runs)
+    path = report_plots.plot_artifacts(family, "reconstructions.png", tmp_path / "r.png", per_line=2)
+    assert Image.open(path).size == (2 * 320, 3 * 180)
+    assert Image.open(done.folder / "reconstructions.png").size == (3 * 320, 2 * 180)  # 5 a line by default
 
 
 def test_the_throughput_plot_shows_its_whole_axis_label(done, tmp_path):
