@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests must not reach the internet: MLflow's usage telemetry is on unless turned off before MLflow is
+# imported (its own test detection reads PYTEST_CURRENT_TEST, set only once a test runs). Set here, the
+# subprocesses that tests start inherit it.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
 
 import pytest
 import torch

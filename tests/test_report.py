@@ -48,7 +48,8 @@ ROWS = {("binarized-static", "bernoulli"): (2, 2, 0), ("binarized-static", "lapl
         ("8bit-dequantized", "gaussian"): (2, 2, 0), ("8bit-dequantized", "discretized_logistic"): (2, 2, 0)}
 SCRIPT = "<script>alert(1)</script>"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP * ~NOTFOUND"]  # offline: it looked up Google's hosts regardless
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,19 @@ def test_every_study_file_is_covered():
     assert sorted(STUDIES) == config.available_studies()
 
 
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_every_study_file_is_valid_as_written(name):
+    # the shrunk runs below override what a file sets (data, epochs, seeds, evaluation): each file must be
+    # accepted as a user runs it, too
+    cfg = config.load([f"study={name}"])
+    assert cfg.study.name == name and len(study.variants(cfg)) >= 1
+
+
+def test_the_likelihoods_study_runs_every_registered_family():
+    cfg = config.load(["study=likelihoods"])
+    assert {v["likelihood.name"] for v in study.variants(cfg)} == set(likelihoods.NAMES)
+
+
 def test_every_study_file_starts_with_its_command():
     for name in config.available_studies():
         first = (config.STUDIES_DIR / f"{name}.yaml").read_text().splitlines()[0]
@@ -60,6 +73,9 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
     # every trial ended for good, and its run keeps the state
     assert {t.user_attrs["status"] for t in trials} <= {"complete", "diverged"}
     assert set(children["tags.state"]) <= {"complete", "diverged"}
+    # only an unbounded family can run away: every bounded one completes
+    bounded = children[children["tags.bounded"] == "True"]
+    assert len(bounded) and (bounded["tags.state"] == "complete").all(), bounded[["tags.family", "tags.reason"]]
     # the printed summary never shows a training objective beside a likelihood
     table = run.summary(config.load(args)).set_index("trial")
     for t in trials:
@@ -90,7 +106,10 @@ def test_settings_that_leave_the_results_as_they_are_keep_the_study():
 
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2"]
+    # system metrics on, as by default (the shrunk configs turn them off), sampled often enough for a short run
+    args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2", "tracking.system_metrics=true"]
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING", raising=False)  # a user's setting would route system metrics there
     queues = []  # MLflow's asynchronous logging: ending a run that used it waits ~1 s for its queue thread's poll
     activate = AsyncLoggingQueue.activate
@@ -116,6 +135,7 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
                    "params.train.lr", "tags.family", "tags.bounded", "tags.measure", "tags.data_protocol",
                    "tags.device", "tags.torch_version", "tags.git_commit", "tags.trial_number"]:
         assert children[column].notna().all(), column
+    assert children["metrics.system/cpu_utilization_percentage"].notna().any()
     assert children["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}(-dirty)?").all()  # -dirty: edited code
     # the 8-bit pmf and the densities' dequantized bounds: two measures, one scale to compare them on
     scale = children.set_index("tags.family")["tags.comparable_scale"].to_dict()

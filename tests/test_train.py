@@ -19,7 +19,8 @@ from PIL import Image
 from bench import config, figures, train
 from bench.data import load
 from bench.states import COMPLETE, DIVERGED
-from models.estimators import ElboTerms, gaussian_kl
+from models import likelihoods
+from models.estimators import ElboTerms, IwaeEstimate, gaussian_kl
 
 # Small but real runs: the whole digits training split, a narrower MLP than the default [400] to keep
 # each run to a second or two on two CPU cores.
@@ -126,6 +127,30 @@ def test_final_metrics(short_runs, name):
     assert out["test_iwae_gain"] > 0  # IWAE-k over the ELBO of the same images and samples
 
 
+@pytest.mark.parametrize(("name", "offset_per_pixel"), [("bernoulli", 0.0), ("gaussian", -math.log(256))])
+def test_final_metrics_put_the_iwae_estimates_on_the_runs_measure(short_runs, monkeypatch, name, offset_per_pixel):
+    # known per-image estimates in place of the IWAE's: the NLL is their mean on the run's measure (a density
+    # on dequantized pixels, −D log 256 to the 8-bit pmf), its s.e. over images std/√n, the MC s.e. √Σse²/n
+    cfg, result = short_runs(name)
+    given = []
+
+    def known(model, x, k, chunk):
+        log_px = -x.sum(1)  # (B,)
+        given.append(log_px)
+        return IwaeEstimate(log_px, torch.full_like(log_px, 0.5), log_px - 1.0)
+
+    monkeypatch.setattr(train, "iwae", known)
+    out = train.final_metrics(result, cfg)
+    log_px, d = torch.cat(given).double(), result.data.dim
+    n = min(cfg.eval.iwae_examples, len(result.data.test))
+    assert len(log_px) == n == out["iwae_images"]
+    assert out["test_iwae_nll"] == pytest.approx(-(log_px.mean().item() + d * offset_per_pixel), rel=1e-6)
+    assert out["test_iwae_nll_se"] == pytest.approx(log_px.std().item() / math.sqrt(n), rel=1e-5)
+    assert out["test_iwae_mc_se"] == pytest.approx(0.5 / math.sqrt(n), rel=1e-6)  # √(n · 0.25) / n
+    assert out["test_iwae_gain"] == pytest.approx(1.0, rel=1e-6)
+    assert out["test_bpd"] == pytest.approx(out["test_iwae_nll"] / (d * math.log(2)), rel=1e-12)
+
+
 @pytest.mark.parametrize("name", ["bernoulli-dynamic", "gaussian"])  # dequantization noise: gaussian
 def test_the_iwae_batching_changes_only_the_iwae_samples(short_runs, name):
     # every other draw has a seed of its own: the same noise images, dequantization and training
@@ -212,6 +237,20 @@ def test_absurd_learning_rate_ends_the_run_as_diverged():
     result = train.train(make_cfg(*PROTOCOLS["gaussian"], "train.epochs=3", "data.limit=200",
                                   "train.lr=1e30"))
     assert result.status == DIVERGED and "non-finite" in result.reason
+
+
+@pytest.mark.parametrize("name", [n for n, f in likelihoods.FAMILIES.items() if f.learned_scale])
+def test_a_collapsed_learned_scale_is_divergence_for_every_unbounded_family(name):
+    cfg = make_cfg(f"likelihood.name={name}", "data.binarize=none", "train.scale_collapse=0.01")
+    lik = config.likelihood_of(cfg)
+    quantum = 1 / 255
+    healthy = {"val_elbo": -1.0, "max_log_p_per_pixel": -10.0, "min_scale": 0.02 * quantum}
+    collapsed = {**healthy, "min_scale": 0.005 * quantum}
+    assert train.divergence(healthy, lik, cfg, quantum) == ""
+    if lik.bounded:  # a pmf's scale may shrink: its log p cannot pass 0
+        assert name == "discretized_logistic" and train.divergence(collapsed, lik, cfg, quantum) == ""
+    else:
+        assert "learned scale collapsed" in train.divergence(collapsed, lik, cfg, quantum)
 
 
 def test_log_p_above_a_bounded_supremum_is_divergence():
