@@ -447,6 +447,7 @@ def validate(cfg: Config) -> None:
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
     validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
     resolved: dict[str, dict[str, Any]] = {}  # each variant's whole config -> the grid point that gives it
+    scales: dict[str, dict[str, Any]] = {}  # the scale of each variant's ELBO -> a grid point or corner on it
     for point in points:
         try:
             variant = apply(cfg, point)
@@ -454,6 +455,7 @@ def validate(cfg: Config) -> None:
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
+        scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
         unread = [f"likelihood.{key}" for key in ("scale", "min_scale") if key not in family.reads]
         same = resolved.setdefault(repr(apply(variant, {key: LIKELIHOOD_DEFAULTS[key] for key in unread})), point)
@@ -461,7 +463,8 @@ def validate(cfg: Config) -> None:
                "distinct variants: these give the same config, which would be trained twice" +
                (f" ({family.name} does not read {' or '.join(unread)}: give {'it' if len(unread) == 1 else 'them'} "
                 "only in a grid of families that do)" if unread else ""))
-    scales: dict[str, dict[str, Any]] = {}  # the scale of each corner's ELBO -> a corner on it
+    grid_scales = dict(scales)
+    scales = {}
     corners = search_corners(s.search_space)
     for corner in corners:  # search trials: the base config with sampled values
         try:
@@ -480,6 +483,15 @@ def validate(cfg: Config) -> None:
     _check(len(scales) <= 1, "study.search_space", "; ".join(f"{c} gives {k!r}" for k, c in scales.items()),
            "choices whose ELBOs share one measure: the search maximises the validation ELBO and prunes on "
            "it, comparing trials with each other (compare families on different measures with study.grids)")
+    if s.pruner == "median":  # it compares each trial's validation ELBO with the others', grid variants' too
+        data_keys = sorted({key for grid in s.grids for key in grid if key.startswith("data.")})
+        _check(not data_keys, "study.pruner", s.pruner,
+               f"auto or none: study.grids vary {', '.join(data_keys)}, and median pruning would compare "
+               "validation ELBOs on different data")
+        both = {**grid_scales, **scales}
+        _check(len(both) <= 1, "study.pruner", s.pruner,
+               "auto or none: median pruning compares every trial's validation ELBO with the others', and these "
+               f"are on different measures ({'; '.join(f'{p} gives {k!r}' for k, p in both.items())})")
 
 
 def likelihood_of(cfg: Config) -> likelihoods.Likelihood:

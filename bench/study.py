@@ -110,8 +110,12 @@ def check_storage(cfg: Config) -> None:
         open_study(cfg, create=False)
 
 
-def _sampler(cfg: Config) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=cfg.study.seeds[0])
+def _sampler(cfg: Config, trial_number: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE seeded by the study's seed and the trial it samples for: reproducible, and a fresh draw for each
+    trial of the study, whichever process asks. One seed per process drew the same point again in each
+    resumed command and each worker (TPE samples at random for its first trials)."""
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.study.seeds[0]} {trial_number}".encode()).digest()[:4], "little")
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -322,6 +326,7 @@ def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     if not search_trials_left(study, cfg):
         return None
     trial = study.ask()
+    study.sampler = _sampler(cfg, trial.number)  # before its params are drawn (trial_params)
     trial.set_user_attr("kind", "search")
     return trial
 

@@ -32,6 +32,8 @@ FILES = {
                             "    likelihood.name: {kind: categorical, choices: [bernoulli, continuous_bernoulli]}\n",
     "search_data.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                         "    data.binarize: {kind: categorical, choices: [threshold, static]}\n",
+    "grid_measures.yaml": "data:\n  binarize: static\nstudy:\n  grids:\n"
+                          "    - likelihood.name: [bernoulli, continuous_bernoulli]\n",
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "grid_unread.yaml": "study:\n  grids:\n    - likelihood.name: [gaussian, bernoulli]\n"
@@ -124,6 +126,11 @@ CASES = [
      ["study.search_space=", "'likelihood.name': 'bernoulli'} gives 'pmf of binarized pixels'",
       "'continuous_bernoulli'} gives 'density at binary values", "is invalid",
       "choices whose ELBOs share one measure", "study.grids"]),
+    ("median pruning of grids on other data", ["study=likelihoods", "study.pruner=median"],
+     ["study.pruner='median' is invalid", "expected auto or none", "study.grids vary data.binarize"]),
+    ("median pruning of grids on other measures", ["study={tmp}/in/grid_measures.yaml", "study.pruner=median"],
+     ["study.pruner='median' is invalid", "expected auto or none", "on different measures",
+      "'likelihood.name': 'bernoulli'} gives 'pmf of binarized pixels'"]),
     ("search over the data", ["study={tmp}/in/search_data.yaml"],
      ["study.search_space key='data.binarize' is invalid", "vary data.* with study.grids"]),
     ("seed as a grid key", ["study={tmp}/in/grid_seed.yaml"],

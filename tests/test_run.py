@@ -209,7 +209,10 @@ def test_diverging_variant_is_recorded_and_the_study_goes_on(tmp_path, monkeypat
 def test_pruning_is_median_for_a_search_space_and_off_for_grid_variants(tmp_path):
     grid = config.load(["study=smoke"])
     assert isinstance(study.pruner(grid), optuna.pruners.NopPruner)
-    assert isinstance(study.pruner(config.load(["study=smoke", "study.pruner=median"])), optuna.pruners.MedianPruner)
+    # asked for, on grid variants that share data and measure (smoke's would not)
+    lrs = tmp_path / "lrs.yaml"
+    lrs.write_text("data:\n  binarize: static\nstudy:\n  grids:\n    - train.lr: [0.001, 0.01]\n")
+    assert isinstance(study.pruner(config.load([f"study={lrs}", "study.pruner=median"])), optuna.pruners.MedianPruner)
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
     assert isinstance(study.pruner(config.load([f"study={path}"])), optuna.pruners.MedianPruner)
@@ -233,6 +236,7 @@ def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
     assert run.main([*args, "study.n_trials=4"]) == 0
     more = _optuna(tmp_path, args).get_trials()
     assert len(more) == 4 and [t.params for t in more[:3]] == [t.params for t in trials]
+    assert len({t.params["train.lr"] for t in more}) == 4  # a new point: not the first trial's again
 
 
 def test_help_lists_studies_and_keys(capsys):
