@@ -35,8 +35,9 @@ STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tr
 
 # A tracking server lost mid-study must end the command in seconds: MLflow's defaults (7 retries with
 # backoff factor 2, 120 s timeout) take some 4 minutes per request, and a run's pending batches kept a
-# command alive for 13 minutes, its trials looking alive to a re-run. 3 retries 1, 2 and 4 s apart ride
-# out a brief outage. Values set in the environment win.
+# command alive for 13 minutes, its trials looking alive to a re-run. 3 retries, about 0-1, 2-3 and 4-5 s
+# apart (urllib3 retries the first at once; MLflow adds up to 1 s of jitter), ride out a brief outage; a
+# server that accepts and never answers still costs each request 4 timeouts. Values set in the environment win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 for _key, _value in HTTP_DEFAULTS.items():
@@ -376,7 +377,8 @@ def load_model(run_id: str) -> VAE:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("config.yaml", "model_state_dict.pt"):
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
-        cfg = config.load(study=str(Path(tmp) / "config.yaml"))
+        # rebuilt on the CPU, uncompiled: train.compile=true would need a C++ compiler here just to load weights
+        cfg = config.load(["train.compile=false", "train.device=cpu"], study=str(Path(tmp) / "config.yaml"))
         state = torch.load(Path(tmp) / "model_state_dict.pt", map_location="cpu", weights_only=True)
     model = build(cfg, data_dim=state["encoder.0.weight"].shape[1])  # the first layer records the width
     model.load_state_dict(state)

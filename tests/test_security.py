@@ -51,6 +51,21 @@ def test_load_model_round_trips_a_child_run(tracked):
     assert model.state_dict().keys() == trained.keys()
 
 
+def test_load_model_needs_no_compiler_for_a_run_trained_compiled(tracked, monkeypatch, tmp_path):
+    cfg, experiment, parent = tracked
+    result = train(cfg)
+    compiled = config.apply(cfg, {"train.compile": True, "train.backward": "manual"})  # as its config.yaml says
+    run_id = tracking.start_child(compiled, parent, experiment, "0: bernoulli", {})
+    tracking.finish_child(result, compiled, {}, "complete")
+    monkeypatch.setenv("CXX", "/nonexistent/g++")  # a machine without a C++ compiler
+    (tmp_path / "compiled.yaml").write_text(config.to_yaml(compiled))
+    with pytest.raises(config.ConfigError, match="C\\+\\+ compiler"):  # as a study, it is refused here
+        config.load(study=str(tmp_path / "compiled.yaml"))
+    model = tracking.load_model(run_id)
+    trained = result.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
+
+
 class _RunsCode:
     """A pickle that runs a command when unpickled: what a tampered checkpoint would hold."""
 
