@@ -64,6 +64,14 @@ def _first_line(error: BaseException) -> str:
     return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
 
+def _lost_store(error: Exception) -> str:
+    """What a lost tracking store or Optuna storage means for the user (the storage's error is Optuna's
+    wrapper: the database's own is its cause)."""
+    if isinstance(error, MlflowException):
+        return f"MLflow tracking failed ({_first_line(error)}); {LOST_TRACKING}"
+    return f"{LOST_STORAGE} ({_first_line(error.__cause__ or error)}); {LOST_TRACKING}"
+
+
 def _interrupt_when_orphaned(main_pid: int) -> None:
     """Linux: the worker gets SIGHUP when the main process dies (SIGKILL, a lost terminal), and ends its
     trial as interrupted, saying so, instead of training on, orphaned, out of reach of the terminal's
@@ -92,11 +100,8 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
         sys.exit(stopping.exit_code(stop))
-    except MlflowException as e:
-        print(f"error: worker {position}: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
-        sys.exit(1)
-    except study.STORAGE_ERRORS as e:
-        print(f"error: worker {position}: {LOST_STORAGE} ({_first_line(e.__cause__ or e)}); {LOST_TRACKING}", file=sys.stderr)
+    except (MlflowException, *study.STORAGE_ERRORS) as e:
+        print(f"error: worker {position}: {_lost_store(e)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
@@ -218,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
         print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
         return stopping.exit_code(stop)
-    except MlflowException as e:
-        print(f"error: MLflow tracking failed ({_first_line(e)}); {LOST_TRACKING}", file=sys.stderr)
-        return 1
-    except study.STORAGE_ERRORS as e:
-        print(f"error: {LOST_STORAGE} ({_first_line(e.__cause__ or e)}); {LOST_TRACKING}", file=sys.stderr)
+    except (MlflowException, *study.STORAGE_ERRORS) as e:
+        print(f"error: {_lost_store(e)}", file=sys.stderr)
         return 1
     table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
