@@ -80,10 +80,11 @@ def family_order(name: str) -> int:
 
 
 def last_attempts(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs less the attempts that were cut short (states.CUT_SHORT) and then tried again: a variant counts
-    once, as its last attempt (the trial table still lists every attempt)."""
+    """Each variant's last attempt: a variant counts once (the trial table still lists every attempt). The
+    earlier ones were cut short (states.CUT_SHORT) and tried again, or trained again after the Optuna
+    storage was lost (before bench.study took finished runs back): counted twice, one seed reads as two."""
     retried = runs.sort_values("start_time").duplicated("variant", keep="last") & (runs.variant != "")
-    return runs[~(retried & runs.state.isin(states.CUT_SHORT))]
+    return runs[~retried]
 
 
 def _rows(runs: pd.DataFrame):

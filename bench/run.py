@@ -116,8 +116,9 @@ def run(cfg: Config) -> bool:
         optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study, experiment_id)
-            added = study.enqueue_missing(optuna_study, cfg)
-            print(f"study {optuna_study.study_name}: {added} variants to run"
+            queued, taken = study.enqueue_missing(optuna_study, cfg, experiment_id)
+            print(f"study {optuna_study.study_name}: {queued} variants to run"
+                  + (f", {taken} taken from their finished MLflow runs" if taken else "")
                   + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
         # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time
         idle = (not cfg.study.worker and not study.not_ended(optuna_study)

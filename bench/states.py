@@ -8,5 +8,6 @@ FAILED = "failed"  # raised an exception; the study goes on
 KILLED = "killed"  # its worker died (SIGKILL, lost machine); found and marked by a later command
 INTERRUPTED = "interrupted"  # Ctrl-C
 CUT_SHORT = (FAILED, KILLED, INTERRUPTED)  # the next run of the study trains the variant again
+SETTLED = (COMPLETE, DIVERGED, PRUNED)  # finished for good: never trained again
 FINISHED = (COMPLETE, DIVERGED, PRUNED, *CUT_SHORT)  # every state but running
 MLFLOW_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED", INTERRUPTED: "KILLED"}  # the others end FAILED

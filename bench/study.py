@@ -199,7 +199,7 @@ def fail_stale(study: optuna.Study, experiment_id: str) -> int:
         if worker_alive(trial):
             continue
         run_id = trial.user_attrs.get(RUN_ID) or tracking.run_of_trial(experiment_id, study.study_name, trial.number)
-        ended = tracking.ended_run(run_id) if run_id else None
+        ended = tracking.ended_run(run_id, mend=True) if run_id else None
         if ended is not None:
             state, reason, metrics = ended
             _record(study, optuna.Trial(study, trial._trial_id), state, reason, metrics)
@@ -228,14 +228,48 @@ def not_ended(study: optuna.Study) -> list[str]:
     return lines
 
 
-def enqueue_missing(study: optuna.Study, cfg: Config) -> int:
-    """Enqueues every variant that has no finished-for-good, queued or running trial."""
-    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if _claimed_or_settled(t)}
+def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tuple[int, int]:
+    """Enqueues every variant that has no finished-for-good trial with its run in the tracking store, and no
+    queued or running trial; returns how many variants are queued now (also those queued before), and
+    how many it took from runs instead.
+    Finished work is not trained again: a variant whose run of this study is in the tracking store,
+    recorded in full, while its trial is not in the Optuna storage (a lost or replaced storage), gets a
+    trial with that run's outcome. One whose run is gone (a lost or replaced tracking store) is trained
+    again: the report reads the runs."""
+    runs = tracking.study_runs(experiment_id, study.study_name)
+    recorded = {variant: run_id for run_id, (variant, state) in runs.items() if state in states.SETTLED}
+
+    def counts(trial: optuna.trial.FrozenTrial) -> bool:
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            return True
+        return _claimed_or_settled(trial) and trial.user_attrs.get(RUN_ID) in runs
+
+    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if counts(t)}
     missing = [p for p in variants(cfg) if variant_key(p) not in have]
+    taken = 0
     for params in missing:
-        study.enqueue_trial({k: _encode(v) for k, v in params.items()},
-                            user_attrs={VARIANT: variant_key(params)}, skip_if_exists=False)
-    return len(missing)
+        run_id = recorded.get(variant_label(params))
+        if run_id is not None:
+            _add_recorded_trial(study, cfg, params, run_id)
+            taken += 1
+        else:
+            study.enqueue_trial({k: _encode(v) for k, v in params.items()},
+                                user_attrs={VARIANT: variant_key(params)}, skip_if_exists=False)
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), taken
+
+
+def _add_recorded_trial(study: optuna.Study, cfg: Config, params: dict[str, Any], run_id: str) -> None:
+    """A finished trial of a grid variant, from its run's recorded outcome (as `_record` writes it)."""
+    state, reason, last = tracking.ended_run(run_id, mend=True)
+    val = last.get("val_elbo", math.nan)
+    complete = state == states.COMPLETE and math.isfinite(val)
+    choices = _choices(cfg)
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE if complete else TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL,
+        value=val if complete else None, params={k: _encode(v) for k, v in params.items()},
+        distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in params},
+        user_attrs={VARIANT: variant_key(params), STATUS: state, REASON: reason, RUN_ID: run_id, "val_elbo": val,
+                    "samples_per_s": last.get("samples_per_s", math.nan)}))
 
 
 def _encode(value: Any) -> Any:

@@ -335,13 +335,16 @@ def _live_run(run_id: str) -> mlflow.entities.Run | None:
     return None if run.info.lifecycle_stage == "deleted" else run
 
 
-def ended_run(run_id: str) -> tuple[str, str, dict[str, float]] | None:
+def ended_run(run_id: str, mend: bool = False) -> tuple[str, str, dict[str, float]] | None:
     """The state, reason and latest metrics (samples_per_s: the median epoch's) of a run that `finish_child`
-    ended; None otherwise (also when the run is not in this store, or was deleted: its trial is then
-    trained again)."""
+    recorded in full: it has the state tag, its last write; None otherwise (also when the run is not in this
+    store, or was deleted: its trial is then trained again). A process killed between that tag and the
+    run's end left it RUNNING: with `mend`, it is ended as the tag says."""
     run = _live_run(run_id)
-    if run is None or not _ended(run) or "state" not in run.data.tags:
+    if run is None or "state" not in run.data.tags:
         return None
+    if mend and not _ended(run):
+        MlflowClient().set_terminated(run_id, states.MLFLOW_STATUS.get(run.data.tags["state"], "FAILED"))
     speed = {"samples_per_s": run_median_epoch(run_id, "samples_per_s")}
     return run.data.tags["state"], run.data.tags.get("reason", ""), {**run.data.metrics, **speed}
 
@@ -350,6 +353,14 @@ def run_median_epoch(run_id: str, key: str) -> float:
     """A run's per-epoch metric (samples_per_s, ms_per_step) as bench.train.median_epoch reads it."""
     epochs = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
     return median_epoch([m.value for m in epochs])
+
+
+def study_runs(experiment_id: str, optuna_study: str) -> dict[str, tuple[str, str]]:
+    """Every live run of an Optuna study's trials, oldest first: run id -> (its variant, its state tag, ""
+    while it has none)."""
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.optuna_study = '{optuna_study}'",
+                               order_by=["attributes.start_time ASC"], output_format="list")
+    return {r.info.run_id: (r.data.tags.get("variant", ""), r.data.tags.get("state", "")) for r in found}
 
 
 def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:

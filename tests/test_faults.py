@@ -556,9 +556,42 @@ def test_a_stale_trial_whose_run_is_gone_is_trained_again(lost, tmp_path, monkey
         args = [*args, f"study.storage=sqlite:///{tmp_path / 'optuna.db'}",
                 f"tracking.uri=sqlite:///{tmp_path / 'new' / 'mlflow.db'}"]
     assert run.main(args) == 0
-    trials, _ = _state(tmp_path, args)
+    trials, runs = _state(tmp_path, args)
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["status"] == "killed"
-    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+    # every variant complete with its run in the store the report reads: in another store, the finished
+    # trial 0 too, whose run is in the first store only
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    in_store = [t for t in complete if t.user_attrs["mlflow_run_id"] in runs.index]
+    assert sorted(t.params["train.seed"] for t in in_store) == SEEDS
+    assert len(complete) == (4 if lost == "another tracking store" else 3)
+
+
+def test_finished_runs_are_taken_back_not_trained_again_when_the_optuna_storage_is_lost(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    assert run.main(args) == 0
+    before, runs_before = _state(tmp_path, args)
+    (tmp_path / "optuna.db").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr(study, "train", no_training)
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(SEEDS)
+    assert sorted(t.user_attrs["mlflow_run_id"] for t in trials) == sorted(runs.index) == sorted(runs_before.index)
+    assert [t.value for t in trials] == pytest.approx([t.value for t in before])  # the runs' validation ELBO
+    # the report counts each seed once
+    table = report_tables.family_table(report_data.load(args).runs)
+    assert (table.n_trials.sum(), table.n_complete.sum()) == (len(SEEDS), len(SEEDS))
+
+
+def test_a_variant_trained_twice_counts_once_in_the_report():
+    runs = pd.DataFrame({"variant": ["seed=0", "seed=0", "seed=1", ""], "state": ["complete"] * 4,
+                         "start_time": pd.to_datetime([2, 1, 3, 4], unit="s")})
+    kept = report_tables.last_attempts(runs)
+    assert list(kept.index) == [0, 2, 3]  # the later run of seed=0; a run with no variant is kept
 
 
 STORAGE_LOST_IN_THE_SECOND_TRIAL = """
