@@ -484,10 +484,10 @@ def validate(cfg: Config) -> None:
            "choices whose ELBOs share one measure: the search maximises the validation ELBO and prunes on "
            "it, comparing trials with each other (compare families on different measures with study.grids)")
     if s.pruner == "median":  # it compares each trial's validation ELBO with the others', grid variants' too
-        data_keys = sorted({key for grid in s.grids for key in grid if key.startswith("data.")})
-        _check(not data_keys, "study.pruner", s.pruner,
-               f"auto or none: study.grids vary {', '.join(data_keys)}, and median pruning would compare "
-               "validation ELBOs on different data")
+        data = {repr(apply(cfg, point).data): point for point in points}
+        _check(len(data) <= 1, "study.pruner", s.pruner,
+               "auto or none: median pruning compares every trial's validation ELBO with the others', and these "
+               f"grid points train on different data ({' and '.join(str(p) for p in data.values())})")
         both = {**grid_scales, **scales}
         _check(len(both) <= 1, "study.pruner", s.pruner,
                "auto or none: median pruning compares every trial's validation ELBO with the others', and these "

@@ -119,7 +119,8 @@ def _sampler(cfg: Config, trial_number: int = 0) -> optuna.samplers.BaseSampler:
 
 
 def pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    """Grid variants are never pruned under `auto`: a grid study must finish every one of them."""
+    """Grid variants are never pruned under `auto` (`run_trial` neither reports nor prunes them): a grid
+    study must finish every one of them."""
     median = cfg.study.pruner == "median" or (cfg.study.pruner == "auto" and bool(cfg.study.search_space))
     return optuna.pruners.MedianPruner(n_warmup_steps=1) if median else optuna.pruners.NopPruner()
 
@@ -464,6 +465,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
+    # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
+    prunable = base.study.pruner == "median" or trial.user_attrs.get("kind") == "search"
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_beat
@@ -474,9 +477,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
                 last_beat = time.time()
                 trial.set_user_attr(HEARTBEAT, last_beat)
-            if math.isfinite(metrics["val_elbo"]):
+            if prunable and math.isfinite(metrics["val_elbo"]):
                 trial.report(metrics["val_elbo"], epoch)
-        if math.isfinite(metrics["val_elbo"]) and trial.should_prune():
+        if prunable and math.isfinite(metrics["val_elbo"]) and trial.should_prune():
             raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
     result, history = None, []

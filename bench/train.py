@@ -19,7 +19,7 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,21 +323,49 @@ def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data
     return metrics
 
 
+class _Streams:
+    """Random streams on one device, each from a seed of its own, taken in turn (`with streams.use(i)`):
+    one stream's draws never move another's."""
+
+    def __init__(self, device: torch.device, *seeds: int):
+        cuda = device.type == "cuda"
+        self._get = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+        self._set = (lambda state: torch.cuda.set_rng_state(state, device)) if cuda else torch.set_rng_state
+        self._states = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            self._states.append(self._get())
+
+    @contextlib.contextmanager
+    def use(self, i: int) -> Iterator[None]:
+        self._set(self._states[i])
+        yield
+        self._states[i] = self._get()
+
+
+EVAL_BATCH = 1000  # images a batch: the evaluation's memory stays a batch's, not the split's
+
+
+def eval_inputs(x_eval: Tensor, transform: Callable[[Tensor], Tensor], streams: _Streams) -> Iterator[Tensor]:
+    """The split's inputs as the model sees them, batch by batch, drawn from stream 0 alone: every model of a
+    dataset gets the same noise, whatever its own draws (the z draws' size depends on the latent size)."""
+    for batch in x_eval.split(EVAL_BATCH):
+        with streams.use(0):
+            x = transform(batch)
+        yield x
+
+
 @torch.no_grad()
-def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], batch_size: int = 1000,
-             seed: int = 0) -> dict[str, float]:
+def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], seed: int = 0) -> dict[str, float]:
     """Mean ELBO, reconstruction and KL per image (β = 1, one sample), with fixed seeds so that
-    dequantization noise and z draws are the same at every epoch."""
+    dequantization noise and z draws are the same at every epoch; the inputs are final_metrics' too."""
     model.eval()
     sums = torch.zeros(3, device=x_eval.device)
     with torch.random.fork_rng(devices=[x_eval.device] if x_eval.device.type == "cuda" else []):
-        # All inputs first, from the seed alone: every model of a dataset sees the same noise (the z
-        # draws' size depends on the latent size) and final_metrics' IWAE the same test images.
-        torch.manual_seed(seed)
-        inputs = transform(x_eval)  # (N, D)
-        torch.manual_seed(seed + 1)
-        for x in inputs.split(batch_size):
-            terms = elbo_terms(model, x)
+        streams = _Streams(x_eval.device, seed, seed + 1)
+        for x in eval_inputs(x_eval, transform, streams):
+            with streams.use(1):
+                terms = elbo_terms(model, x)
             sums += torch.stack([terms.recon.sum(), terms.kl.sum(), terms.elbo.sum()])
     recon, kl, elbo = (sums / len(x_eval)).tolist()
     return {"recon": recon, "kl": kl, "elbo": elbo}
@@ -417,8 +445,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
     # only the IWAE's own samples of z depend on.
     seed = cfg.data.seed
     with torch.random.fork_rng(devices=[data.test.device] if data.test.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        x_test = eval_tf(data.test)  # (N, D): the test images as the model sees them
+        x_test = torch.cat(list(eval_inputs(data.test, eval_tf, _Streams(data.test.device, seed))))  # (N, D): as evaluate's
         torch.manual_seed(seed + 1)
         inputs = x_test[: cfg.eval.iwae_examples or None]
         estimates = [iwae(model, inputs[i : i + 100], cfg.eval.iwae_k, cfg.eval.chunk) for i in range(0, len(inputs), 100)]

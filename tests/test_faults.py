@@ -651,3 +651,16 @@ def test_a_lost_optuna_storage_stops_the_command_and_the_next_resumes(tmp_path, 
     trials, _ = _state(tmp_path, args)
     assert trials[1].user_attrs["status"] == "killed"
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+def test_a_run_killed_between_its_state_tag_and_its_end_counts_as_recorded(tmp_path):
+    # finish_child writes the state tag last: a run that has it holds everything, and is ended as it says
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.log_metric(run_id, "val_elbo", -90.0)
+    assert tracking.ended_run(run_id) is None  # no state tag: not recorded in full
+    client.set_tag(run_id, "state", "complete")
+    assert tracking.ended_run(run_id)[0] == "complete" and client.get_run(run_id).info.status == "RUNNING"
+    state, _, last = tracking.ended_run(run_id, mend=True)
+    assert (state, last["val_elbo"], client.get_run(run_id).info.status) == ("complete", -90.0, "FINISHED")

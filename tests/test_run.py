@@ -213,6 +213,25 @@ def test_pruning_is_median_for_a_search_space_and_off_for_grid_variants(tmp_path
     lrs = tmp_path / "lrs.yaml"
     lrs.write_text("data:\n  binarize: static\nstudy:\n  grids:\n    - train.lr: [0.001, 0.01]\n")
     assert isinstance(study.pruner(config.load([f"study={lrs}", "study.pruner=median"])), optuna.pruners.MedianPruner)
+    one_data = tmp_path / "one_data.yaml"  # a data key with one value: the same data for every variant
+    one_data.write_text("study:\n  grids:\n    - data.binarize: [none]\n"
+                        "      likelihood.name: [gaussian, laplace, discretized_logistic]\n")
+    assert isinstance(study.pruner(config.load([f"study={one_data}", "study.pruner=median"])),
+                      optuna.pruners.MedianPruner)
+
+
+def test_under_auto_pruning_only_search_trials_report_and_grid_variants_all_finish(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "mixed.yaml"  # a grid on 8-bit data beside a search on binarized data
+    path.write_text("study:\n  n_trials: 1\n  grids:\n    - data.binarize: [none]\n"
+                    "      likelihood.name: [discretized_logistic]\n"
+                    "  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                    "data:\n  binarize: static\n")
+    args = [f"study={path}", *shrink_args(tmp_path), "train.epochs=2"]
+    assert run.main(args) == 0
+    trials = {t.user_attrs.get("kind", "grid"): t for t in _optuna(tmp_path, args).get_trials()}
+    assert trials["grid"].intermediate_values == {} and trials["grid"].state == TrialState.COMPLETE
+    assert set(trials["search"].intermediate_values) == {1, 2}
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
     assert isinstance(study.pruner(config.load([f"study={path}"])), optuna.pruners.MedianPruner)

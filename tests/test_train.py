@@ -166,18 +166,18 @@ def test_the_iwae_batching_changes_only_the_iwae_samples(short_runs, name):
                                                                              other["test_iwae_mc_se"])
 
 
-def test_every_model_of_a_dataset_is_evaluated_on_the_same_dequantized_inputs():
+def test_every_model_of_a_dataset_is_evaluated_on_the_same_dequantized_inputs(monkeypatch):
     # the inputs are drawn before any z: the latent size (how many numbers each batch's z takes) must
     # not move the noise of the batches after the first
     cfg = make_cfg(*PROTOCOLS["gaussian"])
     data = load(cfg.data, torch.device("cpu"))
+    monkeypatch.setattr(train, "EVAL_BATCH", 50)
     seen = {}
     for latent in (2, 20):
         model = train.build(config.apply(cfg, {"model.latent_dim": latent}), data.dim)
         inputs, encode = [], model.encode
         model.encode = lambda x, inputs=inputs, encode=encode: (inputs.append(x.clone()), encode(x))[1]
-        train.evaluate(model, data.val, data.transform(model.likelihood.family, train=False), batch_size=50,
-                       seed=cfg.data.seed)
+        train.evaluate(model, data.val, data.transform(model.likelihood.family, train=False), seed=cfg.data.seed)
         seen[latent] = torch.cat(inputs)
     assert len(seen[2]) == len(data.val) > 50  # several batches
     assert not torch.equal(seen[2], data.val.float() / 255)  # dequantized: noise was drawn
