@@ -209,8 +209,8 @@ THROUGHPUT = (
     "the speed benchmark (README, Speed).")
 NO_FACTORS = ("No config key other than the seed, the likelihood family and the data protocol varies across "
               "this study's runs: there are no factor tables.")
-CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × where a "
-          "diverged run stopped; runs whose ELBO is not a likelihood of the data in panels of their own.")
+CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × at a "
+          "diverged run's last finite value; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
 SUMMARY = (
     "Per data protocol, the {rows} whose numbers are likelihoods of the same data (section 2), ranked by "
@@ -317,9 +317,11 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
 
 
 def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Blocks:
+    # a search's sampled values would give each trial a legend entry of its own
+    grid_factors = [k for k in factor_columns(family) if k not in searched_keys(data.runs)]
     blocks: Blocks = [
         ("h2", "Plots"),
-        ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, factor_columns(family), folder / "val_elbo.png"))),
+        ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, grid_factors, folder / "val_elbo.png"))),
         ("p", CURVES + _undrawn(data))]
     recon = plot_artifacts(family, "reconstructions.png", folder / "reconstructions.png")
     if recon:

@@ -20,7 +20,14 @@ from mlflow.tracking import MlflowClient
 from bench import states
 from bench import study as study_mod
 from bench.report_data import LIKELIHOOD_VALUED, METRICS
-from bench.report_tables import FACTOR_PLOTS, OBJECTIVE, factor_columns, family_order, format_value
+from bench.report_tables import (
+    FACTOR_PLOTS,
+    OBJECTIVE,
+    factor_columns,
+    factor_values,
+    family_order,
+    format_value,
+)
 from models import likelihoods
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,12 +67,15 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
     """Validation ELBO per epoch, one line per run, one panel per protocol, and a panel of their own for
     the runs whose ELBO is not a likelihood of the data (training objectives); bounded families solid,
     unbounded dashed; × marks a diverged run's last finite value. A line's colour and label are its
-    family's, with its values of the factor `keys` when there are any."""
+    family's, with its values of the grid factors `keys` when there are any (in their order: 2 < 10)."""
     short = study_mod.short_keys(keys)
-    labels = [" ".join([r.family, *(f"{short[k]}={r.get(f'params.{k}', '')}" for k in keys)]) for _, r in runs.iterrows()]
-    order = sorted(set(labels), key=lambda label: (family_order(label.split()[0]), label))
-    colors = {label: _color(label.split()[0]) if not keys else plt.get_cmap("tab20")(i % 20)
-              for i, label in enumerate(order)}
+    values = {k: factor_values(runs, k) for k in keys}
+    rows = [(family_order(r.family), *(values[k].iloc[i] for k in keys), r.family) for i, (_, r) in enumerate(runs.iterrows())]
+    labels = [" ".join([row[-1], *(f"{short[k]}={format_value(v)}" for k, v in zip(keys, row[1:-1]))]) for row in rows]
+    order = list(dict.fromkeys(label for _, label in sorted(zip(rows, labels))))
+    cmap = plt.get_cmap("tab10") if len(order) <= 10 else None  # tab10: no two alike; more: a sequence
+    colors = {label: _color(label.split()[0]) if not keys else cmap(i) if cmap else plt.get_cmap("viridis")(
+        0.9 * i / (len(order) - 1)) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
     fig, axes = _figure(len(panels))
     for ax, (protocol, objective) in zip(axes, panels):
@@ -85,7 +95,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
         ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
-        ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
+        if seen:  # a panel whose runs have no finite value has no line to name
+            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
     return _save(fig, path)
 
 

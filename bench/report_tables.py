@@ -68,7 +68,7 @@ def configuration(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
-def _factor_values(runs: pd.DataFrame, key: str) -> pd.Series:
+def factor_values(runs: pd.DataFrame, key: str) -> pd.Series:
     # MLflow params are strings: numbers become numbers so that 2 < 10 when sorting and plotting.
     raw = runs[f"params.{key}"].fillna(NONE).astype(str)
     numbers = pd.to_numeric(raw, errors="coerce")
@@ -92,7 +92,7 @@ def _rows(runs: pd.DataFrame):
     (protocol, family, *factor values) -> their runs."""
     runs = last_attempts(runs)
     keys = factors(runs)
-    df = runs.assign(**{key: _factor_values(runs, key) for key in keys})
+    df = runs.assign(**{key: factor_values(runs, key) for key in keys})
     return keys, df.groupby(["protocol", "family", *keys], sort=False, dropna=False)
 
 

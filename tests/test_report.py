@@ -260,7 +260,7 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     assert {"test KL (nats)", "active units", "samples/s"} <= set(lowest)
     assert all(lowest[t] >= 0 for t in ("test KL (nats)", "active units", "samples/s")), lowest
     # the curves of one family at two values of β are told apart
-    assert {"bernoulli beta=0.5", "bernoulli beta=2.0"} <= set(curves["binarized-static"]), curves
+    assert {"bernoulli beta=0.5", "bernoulli beta=2"} <= set(curves["binarized-static"]), curves
     # rows at other β share their family's measure: section 2 says so, not "no other family here"
     measure = report_tables.measure_table(table)
     assert set(measure[measure.family == "bernoulli"].compare_with) == {"bernoulli at other train.beta"}
@@ -531,6 +531,18 @@ def test_a_slow_rows_speed_vs_the_fastest_keeps_two_significant_figures(done):
     ranking = report_tables.ranking_table(data.runs, report_tables.family_table(data.runs))
     ranking["speed_ratio"] = [0.014, 0.41, 1.0]  # at one decimal, 0.014 read 0.0×
     assert list(report_tables.display_ranking(ranking)["speed vs fastest"]) == ["0.014×", "0.41×", "1.0×"]
+
+
+def test_curves_of_a_numeric_factor_are_in_its_order_each_in_a_colour_of_its_own(tmp_path, monkeypatch):
+    latents = ["2", "5", "10", "20", "50"]
+    runs = pd.DataFrame({"run_id": latents, "family": "bernoulli", "protocol": "binarized-static", "comparable": True,
+                         "bounded": True, "state": "complete", "params.model.latent_dim": latents})
+    curves = pd.DataFrame({"run_id": latents, "epoch": 1, "val_elbo": [-1.0, -2.0, -3.0, -4.0, -5.0]})
+    drawn = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: drawn.extend(fig.axes[0].lines) or path)
+    report_plots.plot_curves(runs, curves, ["model.latent_dim"], tmp_path / "c.png")
+    assert [line.get_label() for line in drawn] == [f"bernoulli latent_dim={v}" for v in latents]
+    assert len({line.get_color() for line in drawn}) == 5  # 2 and 10, 5 and 20 alike before
 
 
 def test_a_diverged_runs_curve_ends_at_its_last_finite_value_and_one_with_none_is_named(done, tmp_path):
