@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,17 +59,22 @@ def _check_store(uri: str) -> None:
     if not path.is_file():
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}); run `python -m bench.run "
                           "study=NAME` first, or pass the tracking.uri it used")
-    _require_sqlite("tracking.uri", uri, path)
-    if tracking.SCHEMA_TABLE["MLflow"] not in tracking.sqlite_tables(path):  # an empty file, or another program's database
+    # an empty file, or another program's database
+    if tracking.SCHEMA_TABLE["MLflow"] not in _require_sqlite("tracking.uri", uri, path):
         raise ConfigError(f"no MLflow store at {path} (tracking.uri={uri!r}: an SQLite database without "
                           "MLflow's tables); run `python -m bench.run study=NAME` first, or pass the tracking.uri it used")
 
 
-def _require_sqlite(key: str, url: str, path: Path) -> None:
-    """An existing file that SQLite cannot open would fail deep inside MLflow or Optuna: refuse it here."""
+def _require_sqlite(key: str, url: str, path: Path) -> set[str]:
+    """The tables of an SQLite store; a file that SQLite cannot open would fail deep inside MLflow or
+    Optuna: refused here."""
     if not tracking.is_sqlite_file(path):
         raise ConfigError(f"{key}={url!r}: {path} is not an SQLite database; pass the {key} that "
                           "`python -m bench.run` used")
+    try:
+        return tracking.sqlite_tables(path)
+    except sqlite3.DatabaseError as e:  # damaged past its header, or locked by a writer for seconds
+        raise ConfigError(f"{key}={url!r}: {path} cannot be read as an SQLite database ({e})") from None
 
 
 def _parents(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,10 +180,8 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
     path = tracking.sqlite_path(url)
     if path is not None and not path.is_file():  # load_study would create an empty file
         return pd.DataFrame(columns=columns), f"no Optuna storage at {path}: trial states from the MLflow runs"
-    if path is not None:
-        _require_sqlite("study.storage", url, path)
-        if tracking.SCHEMA_TABLE["Optuna"] not in tracking.sqlite_tables(path):
-            return pd.DataFrame(columns=columns), f"no Optuna storage in {path}: trial states from the MLflow runs"
+    if path is not None and tracking.SCHEMA_TABLE["Optuna"] not in _require_sqlite("study.storage", url, path):
+        return pd.DataFrame(columns=columns), f"no Optuna storage in {path}: trial states from the MLflow runs"
     try:
         trials = optuna.load_study(study_name=sel.optuna_study, storage=url).get_trials(deepcopy=False)
     except KeyError:

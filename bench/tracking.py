@@ -124,9 +124,12 @@ def same_database(a: str, b: str) -> bool:
 
 
 def sqlite_tables(path: Path) -> set[str]:
-    """The tables of the SQLite database at path, read without writing: MLflow and Optuna would create
-    their schema in an empty file (a report or a refused command must change no store)."""
-    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+    """The tables of the SQLite database at path, read without creating any: MLflow and Optuna would create
+    their schema in an empty file (a report or a refused command must change no store). A hot journal
+    beside it (a writer died mid-transaction: a crash, a full disk) is rolled back first, as any writer
+    would: a read-only connection cannot, and refuses the file."""
+    mode = "rw" if Path(f"{path}-journal").exists() else "ro"  # rw never creates the file
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True)) as db:
         return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 

@@ -664,3 +664,27 @@ def test_a_run_killed_between_its_state_tag_and_its_end_counts_as_recorded(tmp_p
     assert tracking.ended_run(run_id)[0] == "complete" and client.get_run(run_id).info.status == "RUNNING"
     state, _, last = tracking.ended_run(run_id, mend=True)
     assert (state, last["val_elbo"], client.get_run(run_id).info.status) == ("complete", -90.0, "FINISHED")
+
+
+DIES_MID_TRANSACTION = r"""
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # the transaction's pages spill to the file: its journal is hot
+db.execute("BEGIN")
+db.execute("UPDATE tags SET value = 'x'")
+os._exit(0)  # a crash, a power loss
+"""
+
+
+def test_a_store_left_with_a_hot_journal_is_recovered_not_refused(tmp_path, monkeypatch):
+    # a writer that died mid-transaction leaves a journal that a read-only connection cannot roll back:
+    # the store was refused as unreadable (exit 2), inviting its deletion
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    assert run.main(args) == 0
+    store = tmp_path / "mlflow.db"
+    subprocess.run([sys.executable, "-c", DIES_MID_TRANSACTION, str(store)], check=True)
+    assert Path(f"{store}-journal").exists()
+    assert report_data.load(args).runs.shape[0] == len(SEEDS)  # the report reads it
+    assert not Path(f"{store}-journal").exists()
+    assert run.main(args) == 0  # and the study's command takes it
