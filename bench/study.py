@@ -219,6 +219,14 @@ def fail_stale(study: optuna.Study, experiment_id: str) -> int:
     return n
 
 
+def cut_short(study: optuna.Study) -> list[str]:
+    """The variants whose last trial was cut short (failed, killed, interrupted; also by a joining worker)
+    and not run again since, one line each: the next command of the study trains them."""
+    last = {t.user_attrs.get(VARIANT): t for t in study.get_trials(deepcopy=False)}  # in trial order
+    return [f"trial {t.number} {t.user_attrs.get(STATUS)}" for variant, t in last.items()
+            if variant and t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in states.CUT_SHORT]
+
+
 def not_ended(study: optuna.Study) -> list[str]:
     """The trials that are still running (in another process, or with a live worker) or queued, one
     line each."""

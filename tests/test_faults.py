@@ -199,6 +199,30 @@ def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(tmp_pa
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
 
 
+def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_interrupted(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # a joining worker stopped by SIGTERM records its trial interrupted: not trained by anyone, so the
+    # study's command must not say all is done (it exited 0, its parent run FINISHED)
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real_work = study.work
+
+    def work_beside_a_stopped_joiner(cfg, parent_id, experiment_id, position=0):
+        optuna_study = study.open_study(cfg, create=False)
+        joined = study._claim(optuna_study, cfg)
+        study._record(optuna_study, joined, "interrupted", "terminated (SIGTERM)", {})
+        return real_work(cfg, parent_id, experiment_id, position)
+
+    monkeypatch.setattr(study, "work", work_beside_a_stopped_joiner)
+    assert run.main(args) == 1
+    assert "error: 1 trials were cut short in other processes (trial 0 interrupted); finished trials are kept" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(study, "work", real_work)
+    assert run.main(args) == 0  # the next command trains it
+    trials, _ = _state(tmp_path, args)
+    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
     # A learning rate of 1e10 really does it: the first Adam steps push the weights to ∞, the ELBO to NaN.
     monkeypatch.chdir(tmp_path)
