@@ -14,6 +14,7 @@ process, re-running the same command resumes: finished trials are kept.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -23,6 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
@@ -65,10 +67,16 @@ def _first_line(error: BaseException) -> str:
 
 
 def _lost_store(error: Exception) -> str:
-    """What a lost tracking store or Optuna storage means for the user (the storage's error is Optuna's
-    wrapper: the database's own is its cause)."""
+    """What a lost tracking store or Optuna storage, or a file that could not be written (a full disk under
+    the artifacts), means for the user (the storage's error is Optuna's wrapper: the database's own is its
+    cause). A run left open is ended FAILED, not FINISHED by MLflow's exit handler: it has no state tag,
+    and the next command trains its variant again."""
     if isinstance(error, MlflowException):
         return f"MLflow tracking failed ({_first_line(error)}); {LOST_TRACKING}"
+    if isinstance(error, OSError):
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run("FAILED")
+        return f"{type(error).__name__}: {config.redact(str(error))}; {LOST_TRACKING}"
     return f"{LOST_STORAGE} ({_first_line(error.__cause__ or error)}); {LOST_TRACKING}"
 
 
@@ -100,7 +108,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
         sys.exit(stopping.exit_code(stop))
-    except (MlflowException, *study.STORAGE_ERRORS) as e:
+    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
         print(f"error: worker {position}: {_lost_store(e)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
         print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
         return stopping.exit_code(stop)
-    except (MlflowException, *study.STORAGE_ERRORS) as e:
+    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
         print(f"error: {_lost_store(e)}", file=sys.stderr)
         return 1
     table = summary(cfg)

@@ -503,16 +503,19 @@ sys.exit(run.main(sys.argv[1:]))
 
 
 def test_a_crash_while_a_run_logs_its_artifacts_is_not_taken_for_a_finished_trial(tmp_path, monkeypatch):
-    """MLflow's exit handler ends the run of a crashed process as FINISHED: without its state tag, written
-    last, the next command takes it for what it is, cut short, and trains the variant again."""
+    """The command says what failed in one line and ends the run FAILED (MLflow's exit handler would end it
+    FINISHED); without its state tag, written last, the next command takes it for what it is, cut short,
+    and trains the variant again."""
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=2"]
     proc = _run_patched(CRASHED_WHILE_LOGGING_ARTIFACTS, args, tmp_path)
-    assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: OSError: [Errno 28] No space left on device; finished trials are kept; re-run the same " \
+           "command to resume" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.RUNNING
     crashed = before[1].user_attrs["mlflow_run_id"]
-    assert runs.loc[crashed, "status"] == "FINISHED" and pd.isna(runs.loc[crashed].get("tags.state"))
+    assert runs.loc[crashed, "status"] == "FAILED" and pd.isna(runs.loc[crashed].get("tags.state"))
     assert report_tables.trial_table(report_data.load(args)).set_index("trial").state[1] == "killed"
 
     assert run.main(args) == 0
