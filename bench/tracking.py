@@ -218,10 +218,11 @@ def parent_run(experiment_id: str, study_name: str, cfg: Config, resume: bool = 
     return run.info.run_id
 
 
-def end_parent(run_id: str, status: str, only_running: bool = False) -> None:
-    """Ends the parent run now; with `only_running`, only if it is RUNNING (its end time kept otherwise)."""
+def end_parent(run_id: str, status: str, unless_already: bool = False) -> None:
+    """Ends the parent run now as `status`; with `unless_already`, not one that already ended so (its end
+    time kept)."""
     client = MlflowClient()
-    if not only_running or client.get_run(run_id).info.status == "RUNNING":
+    if not unless_already or client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status)
 
 

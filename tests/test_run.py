@@ -12,6 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.async_logging.async_logging_queue import AsyncLoggingQueue
 from optuna.trial import TrialState
@@ -106,10 +107,11 @@ def test_settings_that_leave_the_results_as_they_are_keep_the_study():
 
 def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # system metrics on, as by default (the shrunk configs turn them off), sampled often enough for a short run
+    # system metrics on, as by default (the shrunk configs turn them off): each run starts MLflow's monitor
     args = ["study=smoke", *shrink_args(tmp_path), "train.epochs=2", "model.latent_dim=2", "tracking.system_metrics=true"]
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    monitors = []
+    start_monitor = SystemMetricsMonitor.start
+    monkeypatch.setattr(SystemMetricsMonitor, "start", lambda self: monitors.append(self) or start_monitor(self))
     monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING", raising=False)  # a user's setting would route system metrics there
     queues = []  # MLflow's asynchronous logging: ending a run that used it waits ~1 s for its queue thread's poll
     activate = AsyncLoggingQueue.activate
@@ -135,7 +137,7 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
                    "params.train.lr", "tags.family", "tags.bounded", "tags.measure", "tags.data_protocol",
                    "tags.device", "tags.torch_version", "tags.git_commit", "tags.trial_number"]:
         assert children[column].notna().all(), column
-    assert children["metrics.system/cpu_utilization_percentage"].notna().any()
+    assert sorted(m._run_id for m in monitors) == sorted(children.run_id)  # (a trial this short logs none)
     assert children["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}(-dirty)?").all()  # -dirty: edited code
     # the 8-bit pmf and the densities' dequantized bounds: two measures, one scale to compare them on
     scale = children.set_index("tags.family")["tags.comparable_scale"].to_dict()
@@ -165,6 +167,10 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     parent = _runs(tmp_path, "smoke").set_index("run_id").loc[parents["run_id"].item()]
     assert (parent.status, parent.end_time) == ("FINISHED", parents["end_time"].item())
     assert len(_optuna(tmp_path, args).get_trials()) == 4
+    # a parent left FAILED (workers that died after the last trial) with every trial done: FINISHED now
+    client.set_terminated(parents["run_id"].item(), "FAILED")
+    assert run.main(args) == 0
+    assert client.get_run(parents["run_id"].item()).info.status == "FINISHED"
 
 
 def test_changed_config_makes_a_new_study(tmp_path, monkeypatch):
