@@ -496,7 +496,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         history = result.history
         with ctrl_c_deferred():
             trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
-        final = final_metrics(result, cfg)
+        # a model whose parameters went NaN scores nothing: its "0 active units" would read as a result
+        finite = all(bool(p.isfinite().all()) for p in result.model.parameters())
+        final = final_metrics(result, cfg) if finite else {}
         state, reason = result.status, result.reason
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}

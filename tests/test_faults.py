@@ -239,7 +239,11 @@ def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_pa
     tags = runs.loc[diverged.user_attrs["mlflow_run_id"]]
     assert tags["tags.state"] == "diverged" and "non-finite" in tags["tags.reason"]
     assert tags["status"] == "FAILED"
+    # its weights are not finite: no test metric (its "0 active units" looked like a result)
+    assert tags[[c for c in runs.columns if c.startswith(("metrics.test_", "metrics.active_units",
+                                                           "metrics.anomaly_"))]].isna().all()
     assert fine.state == TrialState.COMPLETE
+    assert runs.loc[fine.user_attrs["mlflow_run_id"], ["metrics.test_elbo", "metrics.active_units"]].notna().all()
     assert runs.loc[fine.user_attrs["mlflow_run_id"], "status"] == "FINISHED"
     # diverged is final: the same command does not train it again
     assert run.main(args) == 0
