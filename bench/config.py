@@ -67,6 +67,9 @@ class LikelihoodConfig:
 
 # a family that does not read a key (models.likelihoods.Family.reads) trains the same model at any value
 LIKELIHOOD_DEFAULTS = {"likelihood.scale": LikelihoodConfig.scale, "likelihood.min_scale": LikelihoodConfig.min_scale}
+# keys a variant may leave unread: its family's unused likelihood settings, and data.dequantize where no
+# density sees the pixels (binarized data, an 8-bit pmf)
+UNREAD_DEFAULTS = {**LIKELIHOOD_DEFAULTS, "data.dequantize": DataConfig.dequantize}
 
 
 @dataclass
@@ -458,11 +461,14 @@ def validate(cfg: Config) -> None:
         scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
         unread = [f"likelihood.{key}" for key in ("scale", "min_scale") if key not in family.reads]
-        same = resolved.setdefault(repr(apply(variant, {key: LIKELIHOOD_DEFAULTS[key] for key in unread})), point)
+        if variant.data.binarize != "none" or family.support == likelihoods.EIGHT_BIT:  # pixels as they are
+            unread.append("data.dequantize")
+        same = resolved.setdefault(repr(apply(variant, {key: UNREAD_DEFAULTS[key] for key in unread})), point)
+        named = [key for key in unread if key in point]  # the unread keys this grid sets
         _check(same is point, "study.grids", f"{same} and {point}",
                "distinct variants: these give the same config, which would be trained twice" +
-               (f" ({family.name} does not read {' or '.join(unread)}: give {'it' if len(unread) == 1 else 'them'} "
-                "only in a grid of families that do)" if unread else ""))
+               (f" ({family.name} on this data does not read {' or '.join(named)}: give "
+                f"{'it' if len(named) == 1 else 'them'} only in a grid of variants that do)" if named else ""))
     grid_scales = dict(scales)
     scales = {}
     corners = search_corners(s.search_space)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -208,12 +209,15 @@ def summary(cfg: Config) -> pd.DataFrame:
         val, likelihood = t.user_attrs.get("val_elbo"), t.user_attrs.get(study.COMPARABLE, True)
         rows.append({"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
                      "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
-                     "val ELBO": val if likelihood else None, "on": t.user_attrs.get(study.SCALE) or None,
-                     "objective": None if likelihood else val,
+                     "val ELBO": val if likelihood else math.nan, "on": t.user_attrs.get(study.SCALE) or "",
+                     "objective": math.nan if likelihood else val,
                      "samples/s (median epoch)": t.user_attrs.get("samples_per_s"),
                      "reason": t.user_attrs.get(study.REASON, "")[:60]})
     table = pd.DataFrame(rows)
-    return table.drop(columns="objective") if len(table) and table.objective.isna().all() else table
+    for empty, columns in (("objective", ["objective"]), ("val ELBO", ["val ELBO", "on"])):  # none has one
+        if len(table) and table[empty].isna().all():
+            table = table.drop(columns=columns)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

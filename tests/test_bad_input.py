@@ -34,6 +34,8 @@ FILES = {
                         "    data.binarize: {kind: categorical, choices: [threshold, static]}\n",
     "grid_measures.yaml": "data:\n  binarize: static\nstudy:\n  grids:\n"
                           "    - likelihood.name: [bernoulli, continuous_bernoulli]\n",
+    "grid_dequantize.yaml": "study:\n  grids:\n    - data.binarize: [none]\n      data.dequantize: [true, false]\n"
+                            "      likelihood.name: [discretized_logistic]\n",
     "grid_seed.yaml": "study:\n  grids:\n    - train.seed: [5, 6]\n",
     "grid_repeat.yaml": "study:\n  grids:\n    - train.beta: [1, 1.0]\n",
     "grid_unread.yaml": "study:\n  grids:\n    - likelihood.name: [gaussian, bernoulli]\n"
@@ -140,7 +142,10 @@ CASES = [
      ["study.grids=\"{'train.beta': 1} and {'train.beta': 1.0}\" is invalid", "trained twice"]),
     ("grid over a key the family ignores", ["study={tmp}/in/grid_unread.yaml"],  # bernoulli: no fixed scale
      ["'likelihood.name': 'bernoulli', 'likelihood.scale': 0.5} and", "trained twice",
-      "bernoulli does not read likelihood.scale or likelihood.min_scale"]),
+      "bernoulli on this data does not read likelihood.scale: give it only in a grid of variants that do"]),
+    ("grid over dequantization of an 8-bit pmf", ["study={tmp}/in/grid_dequantize.yaml"],
+     ["'data.dequantize': True, 'likelihood.name': 'discretized_logistic'} and", "trained twice",
+      "discretized_logistic on this data does not read data.dequantize"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),

@@ -88,7 +88,7 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
         assert hidden not in row or pd.isna(row[hidden])
         # and says which scale a likelihood is on, the run's tag
         scale = children.set_index("tags.trial_number").loc[str(t.number), "tags.comparable_scale"]
-        assert row["on"] == scale if likelihood else pd.isna(row["on"])
+        assert row.get("on", "") == (scale if likelihood else "")
     # and the command wrote its report, with the figure the study is about
     written = {p.name for p in (tmp_path / "reports" / name).iterdir()}
     assert {"report.md", "report.html", "tables.csv", "tables.tex", "reconstructions.png"} <= written
@@ -171,6 +171,17 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     client.set_terminated(parents["run_id"].item(), "FAILED")
     assert run.main(args) == 0
     assert client.get_run(parents["run_id"].item()).info.status == "FINISHED"
+
+
+def test_a_summary_of_training_objectives_only_shows_no_likelihood_columns(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "objective.yaml"  # a density at binary values: no likelihood of the data
+    path.write_text("data:\n  binarize: static\nlikelihood:\n  name: laplace\n")
+    args = [f"study={path}", *shrink_args(tmp_path)]
+    assert run.main(args) == 0
+    table = run.summary(config.load(args))
+    assert "objective" in table and "val ELBO" not in table and "on" not in table
+    assert "None" not in capsys.readouterr().out
 
 
 def test_changed_config_makes_a_new_study(tmp_path, monkeypatch):
