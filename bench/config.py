@@ -605,6 +605,11 @@ def redact(text: str) -> str:
     return _PASSWORD.sub(r"\1:***@", text)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
+    return redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config, as printed and logged (passwords redacted)."""
     return redact(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -41,6 +41,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from bench import config, states
 from bench.config import ConfigError
@@ -446,8 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2
+    except MlflowException as e:  # a tracking server gone while the runs are read
+        print(f"error: MLflow tracking failed ({config.first_line(e)}); no report written", file=sys.stderr)
+        return 1
     try:
         folder = write(data)
+    except MlflowException as e:  # gone while the figures are fetched
+        print(f"error: MLflow tracking failed ({config.first_line(e)}); the report folder is as it was", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk, or a report_dir the checks let through (e.g. under /proc as root)
         print(f"error: report_dir={report_dir!r}: cannot write the report ({e}); the folder is as it was",
               file=sys.stderr)

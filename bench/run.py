@@ -62,23 +62,18 @@ LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
 LOST_STORAGE = "the Optuna storage failed"  # with the error behind Optuna's, whose own text guesses "invalid data"
 
 
-def _first_line(error: BaseException) -> str:
-    """A database error's first line (SQLAlchemy's go on with the statement and a link), redacted."""
-    return config.redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
-
-
 def _lost_store(error: Exception) -> str:
     """What a lost tracking store or Optuna storage, or a file that could not be written (a full disk under
     the artifacts), means for the user (the storage's error is Optuna's wrapper: the database's own is its
     cause). A run left open is ended FAILED, not FINISHED by MLflow's exit handler: it has no state tag,
     and the next command trains its variant again."""
     if isinstance(error, MlflowException):
-        return f"MLflow tracking failed ({_first_line(error)}); {LOST_TRACKING}"
+        return f"MLflow tracking failed ({config.first_line(error)}); {LOST_TRACKING}"
     if isinstance(error, OSError):
         with contextlib.suppress(MlflowException, OSError):
             mlflow.end_run("FAILED")
         return f"{type(error).__name__}: {config.redact(str(error))}; {LOST_TRACKING}"
-    return f"{LOST_STORAGE} ({_first_line(error.__cause__ or error)}); {LOST_TRACKING}"
+    return f"{LOST_STORAGE} ({config.first_line(error.__cause__ or error)}); {LOST_TRACKING}"
 
 
 def _interrupt_when_orphaned(main_pid: int) -> None:
@@ -259,7 +254,7 @@ def _report(argv: list[str]) -> bool:
     try:
         written = report.main(argv) == 0  # it names what failed (a full disk, a store it cannot read)
     except Exception as e:  # noqa: BLE001  a report bug must not hide that every trial has ended
-        print(f"error: the report failed ({type(e).__name__}: {_first_line(e)})", file=sys.stderr)
+        print(f"error: the report failed ({type(e).__name__}: {config.first_line(e)})", file=sys.stderr)
         written = False
     if not written:
         print("the study's runs are kept; once the cause above is fixed, `python -m bench.report` with the same "

@@ -629,14 +629,14 @@ STORAGE_LOST_IN_THE_SECOND_TRIAL = """
 import sys
 import optuna
 from bench import run
-report = optuna.trial.Trial.report
-def storage_gone(trial, value, step):
-    if trial.number == 1:  # as Optuna wraps SQLAlchemy's error, with a guess of its own
+set_user_attr = optuna.trial.Trial.set_user_attr
+def storage_gone(trial, key, value):
+    if trial.number == 1 and key == "heartbeat":  # as Optuna wraps SQLAlchemy's error, with a guess of its own
         raise optuna.exceptions.StorageInternalError(
             "An exception is raised during the commit. This typically happens due to invalid data in the commit, "
             "e.g. exceeding max length.") from ConnectionError("could not connect to server: Connection refused")
-    return report(trial, value, step)
-optuna.trial.Trial.report = storage_gone
+    return set_user_attr(trial, key, value)
+optuna.trial.Trial.set_user_attr = storage_gone
 sys.exit(run.main(sys.argv[1:]))
 """
 

@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats
@@ -426,6 +427,18 @@ def test_a_store_that_is_no_sqlite_database_exits_2(key, done, tmp_path, capsys)
     assert report.main(args) == 2
     assert f"{key}='sqlite:///{text}': {text} is not an SQLite database" in capsys.readouterr().err
     assert text.read_text() == "not a database\n" and sorted(tmp_path.iterdir()) == [text]
+
+
+@pytest.mark.parametrize("stage", ["load", "write"])
+def test_a_tracking_server_lost_while_reporting_is_one_line_and_exit_1(stage, done, monkeypatch, capsys):
+    def gone(*args, **kwargs):
+        raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/search failed\nTraceback")
+
+    monkeypatch.setattr(report, stage, gone)
+    assert report.main(done.args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: MLflow tracking failed (API request to http://127.0.0.1:5000") and \
+        "Traceback" not in err, err
 
 
 def test_help_documents_the_selection(capsys):
