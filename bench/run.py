@@ -128,7 +128,7 @@ def run(cfg: Config) -> bool:
         idle = (not cfg.study.worker and not study.not_ended(optuna_study)
                 and not study.search_trials_left(optuna_study, cfg))
         parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg, resume=not idle)
-    if idle:  # one just made, left RUNNING by a killed command, or FAILED by workers that died with nothing left, is ended
+    if idle:  # one just made, left RUNNING by a killed command, or FAILED by workers that died after the last trial
         tracking.end_parent(parent_id, "FINISHED", unless_already=True)
         return True
     ok, workers = True, []
