@@ -401,7 +401,8 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
     _check(math.isfinite(t.scale_collapse) and t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse,
            "a finite number ≥ 0")
     _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")
-    _check(e.iwae_examples >= 0, "eval.iwae_examples", e.iwae_examples, "an integer ≥ 0 (0: all)")
+    _check(e.iwae_examples == 0 or e.iwae_examples >= 2, "eval.iwae_examples", e.iwae_examples,
+           "0 (all) or an integer ≥ 2 (one image has no standard error over images)")
     _check(e.chunk >= 1, "eval.chunk", e.chunk, "an integer ≥ 1")
 
 

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
 from bench.train import TrainResult
@@ -58,6 +59,7 @@ def elbo_curve(result: TrainResult, path: Path) -> Path:
     ax.set(xlabel="epoch", ylabel="ELBO (nats per image)",
            title=f"{result.model.likelihood.name}: {result.measure.name}")
     ax.title.set_fontsize(8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no tick at 1.5
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -476,7 +476,6 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         "iwae_images": float(n),  # eval.iwae_examples, or the whole test split where it is smaller
         "test_iwae_gain": gain.mean().item(),  # IWAE-k − ELBO on the IWAE's images, from its k samples
         "anomaly_kl_train": kl_train.mean().item(),
-        "anomaly_kl_data": kl_data.mean().item(),
         "anomaly_kl_noise": kl_noise.mean().item(),
         "anomaly_detection_rate": (kl_noise > alarm).float().mean().item(),  # noise inputs flagged
         "anomaly_false_alarm_rate": (kl_data > alarm).float().mean().item(),  # test images flagged

@@ -147,6 +147,8 @@ CASES = [
      ["'data.dequantize': True, 'likelihood.name': 'discretized_logistic'} and", "trained twice",
       "discretized_logistic on this data does not read data.dequantize"]),
     ("zero workers", ["study=smoke", "study.n_workers=0"], ["study.n_workers=0 is invalid", "integer ≥ 1"]),
+    ("one IWAE image", ["study=smoke", "eval.iwae_examples=1"],
+     ["eval.iwae_examples=1 is invalid", "0 (all) or an integer ≥ 2"]),
     ("unknown pruner", ["study=smoke", "study.pruner=hyperband"],
      ["'hyperband' is invalid", "one of auto, median, none"]),
     ("bad grid key", ["study={tmp}/in/grid_key.yaml"],
