@@ -553,6 +553,14 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
     return OmegaConf.to_object(node)
 
 
+def one_variant(cfg: Config) -> Config:
+    """A trial's config as a study of just that variant (the run's config.yaml): `python -m bench.run
+    study=config.yaml` trains that run again, in a study of its own. With the study's grids and seeds
+    left in, it named another study of every variant, the grids overriding the trial's values."""
+    return apply(cfg, {"study.grids": [], "study.seeds": [cfg.train.seed], "study.search_space": {},
+                       "study.n_trials": 0})
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 

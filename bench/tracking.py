@@ -315,7 +315,7 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
     if result is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            (folder / "config.yaml").write_text(config.to_yaml(cfg))
+            (folder / "config.yaml").write_text(config.to_yaml(config.one_variant(cfg)))
             if cfg.eval.figures:
                 figures.save_all(result, folder)
             torch.save(result.model.state_dict(), folder / "model_state_dict.pt")

@@ -149,6 +149,10 @@ def test_smoke_study_logs_everything_and_resumes(tmp_path, monkeypatch, capsys):
     artifacts = {a.path for a in client.list_artifacts(child.run_id)}
     assert {"config.yaml", "reconstructions.png", "samples.png", "manifold.png", "elbo_curve.png",
             "model_state_dict.pt"} <= artifacts
+    # its config.yaml is a study of that one variant: bench.run with it trains that run again
+    saved = config.load([f"study={client.download_artifacts(child.run_id, 'config.yaml', str(tmp_path))}"])
+    assert study.variants(saved) == [{"train.seed": 0}]
+    assert (saved.likelihood.name, saved.data.binarize) == (child["params.likelihood.name"], child["params.data.binarize"])
 
     trials = _optuna(tmp_path, args).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
