@@ -179,7 +179,7 @@ def run(cfg: Config) -> bool:
     if stale:
         print(f"error: {stale} trials of joining workers that died are marked killed; {LOST_TRACKING}", file=sys.stderr)
         ok = False
-    cut = [] if cfg.study.worker or not ok else study.cut_short(optuna_study)
+    cut = [] if cfg.study.worker or not ok else study.cut_short(optuna_study, cfg)
     if cut:  # a joining worker's, stopped or failed while this command ran
         print(f"error: {len(cut)} trials were cut short in other processes ({'; '.join(cut)}); {LOST_TRACKING}",
               file=sys.stderr)

@@ -219,12 +219,14 @@ def fail_stale(study: optuna.Study, experiment_id: str) -> int:
     return n
 
 
-def cut_short(study: optuna.Study) -> list[str]:
-    """The variants whose last trial was cut short (failed, killed, interrupted; also by a joining worker)
-    and not run again since, one line each: the next command of the study trains them."""
+def cut_short(study: optuna.Study, cfg: Config) -> list[str]:
+    """The grid variants whose last trial was cut short (failed, killed, interrupted; also by a joining
+    worker) and not run again since, one line each: the next command of the study trains them. (A search
+    trial cut short is replaced by a new draw, not run again.)"""
+    grid = {variant_key(p) for p in variants(cfg)}
     last = {t.user_attrs.get(VARIANT): t for t in study.get_trials(deepcopy=False)}  # in trial order
     return [f"trial {t.number} {t.user_attrs.get(STATUS)}" for variant, t in last.items()
-            if variant and t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in states.CUT_SHORT]
+            if variant in grid and t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in states.CUT_SHORT]
 
 
 def not_ended(study: optuna.Study) -> list[str]:
@@ -246,20 +248,26 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
     trial with that run's outcome. One whose run is gone (a lost or replaced tracking store) is trained
     again: the report reads the runs."""
     runs = tracking.study_runs(experiment_id, study.study_name)
-    recorded = {variant: run_id for run_id, (variant, state) in runs.items() if state in states.SETTLED}
+    trials = study.get_trials(deepcopy=False)
+    named, numbers = {t.user_attrs.get(RUN_ID) for t in trials}, {t.number for t in trials}
+    for run_id, tags in runs.items():  # the run of a trial the storage lost, left RUNNING by a killed worker
+        if "state" not in tags and run_id not in named and int(tags.get("trial_number", -1)) not in numbers:
+            tracking.mark_run(run_id, "its trial is not in the Optuna storage (lost or replaced) and its process "
+                                      "is gone; the variant is trained again")
+    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items() if tags.get("state") in states.SETTLED}
 
     def counts(trial: optuna.trial.FrozenTrial) -> bool:
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
             return True
         return _claimed_or_settled(trial) and trial.user_attrs.get(RUN_ID) in runs
 
-    have = {t.user_attrs.get(VARIANT) for t in study.get_trials(deepcopy=False) if counts(t)}
+    have = {t.user_attrs.get(VARIANT) for t in trials if counts(t)}
     missing = [p for p in variants(cfg) if variant_key(p) not in have]
     taken = 0
     for params in missing:
         run_id = recorded.get(variant_label(params))
         if run_id is not None:
-            _add_recorded_trial(study, cfg, params, run_id)
+            _add_recorded_trial(study, cfg, params, run_id, runs[run_id])
             taken += 1
         else:
             study.enqueue_trial({k: _encode(v) for k, v in params.items()},
@@ -267,18 +275,24 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), taken
 
 
-def _add_recorded_trial(study: optuna.Study, cfg: Config, params: dict[str, Any], run_id: str) -> None:
-    """A finished trial of a grid variant, from its run's recorded outcome (as `_record` writes it)."""
+def _add_recorded_trial(study: optuna.Study, cfg: Config, params: dict[str, Any], run_id: str,
+                        tags: dict[str, str]) -> None:
+    """A finished trial of a grid variant, from its run's recorded outcome and tags (as `run_trial` and
+    `_record` write them); with its validation ELBO per epoch where grid variants are pruned (median)."""
     state, reason, last = tracking.ended_run(run_id, mend=True)
     val = last.get("val_elbo", math.nan)
     complete = state == states.COMPLETE and math.isfinite(val)
     choices = _choices(cfg)
+    epochs = tracking.run_history(run_id, "val_elbo") if cfg.study.pruner == "median" else {}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.COMPLETE if complete else TrialState.PRUNED if state == states.PRUNED else TrialState.FAIL,
         value=val if complete else None, params={k: _encode(v) for k, v in params.items()},
         distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in params},
+        intermediate_values={step: v for step, v in epochs.items() if math.isfinite(v)},
         user_attrs={VARIANT: variant_key(params), STATUS: state, REASON: reason, RUN_ID: run_id, "val_elbo": val,
-                    "samples_per_s": last.get("samples_per_s", math.nan)}))
+                    "samples_per_s": last.get("samples_per_s", math.nan),
+                    COMPARABLE: tags.get("comparable") == "True",
+                    SCALE: "" if tags.get("comparable") != "True" else tags.get(SCALE, "")}))
 
 
 def _encode(value: Any) -> Any:

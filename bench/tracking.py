@@ -353,18 +353,22 @@ def ended_run(run_id: str, mend: bool = False) -> tuple[str, str, dict[str, floa
     return run.data.tags["state"], run.data.tags.get("reason", ""), {**run.data.metrics, **speed}
 
 
+def run_history(run_id: str, key: str) -> dict[int, float]:
+    """A run's per-epoch metric: epoch -> value."""
+    return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, key)}
+
+
 def run_median_epoch(run_id: str, key: str) -> float:
     """A run's per-epoch metric (samples_per_s, ms_per_step) as bench.train.median_epoch reads it."""
-    epochs = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
-    return median_epoch([m.value for m in epochs])
+    return median_epoch([value for _, value in sorted(run_history(run_id, key).items())])
 
 
-def study_runs(experiment_id: str, optuna_study: str) -> dict[str, tuple[str, str]]:
-    """Every live run of an Optuna study's trials, oldest first: run id -> (its variant, its state tag, ""
-    while it has none)."""
+def study_runs(experiment_id: str, optuna_study: str) -> dict[str, dict[str, str]]:
+    """Every live run of an Optuna study's trials, oldest first: run id -> its tags (variant, trial_number,
+    state once recorded, comparable, comparable_scale, …)."""
     found = mlflow.search_runs([experiment_id], filter_string=f"tags.optuna_study = '{optuna_study}'",
                                order_by=["attributes.start_time ASC"], output_format="list")
-    return {r.info.run_id: (r.data.tags.get("variant", ""), r.data.tags.get("state", "")) for r in found}
+    return {r.info.run_id: r.data.tags for r in found}
 
 
 def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:

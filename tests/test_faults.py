@@ -613,9 +613,27 @@ def test_finished_runs_are_taken_back_not_trained_again_when_the_optuna_storage_
     assert [t.state for t in trials] == [TrialState.COMPLETE] * len(SEEDS)
     assert sorted(t.user_attrs["mlflow_run_id"] for t in trials) == sorted(runs.index) == sorted(runs_before.index)
     assert [t.value for t in trials] == pytest.approx([t.value for t in before])  # the runs' validation ELBO
+    for key in ("comparable", "comparable_scale"):  # what the console's summary and the report read
+        assert [t.user_attrs[key] for t in trials] == [t.user_attrs[key] for t in before], key
     # the report counts each seed once
     table = report_tables.family_table(report_data.load(args).runs)
     assert (table.n_trials.sum(), table.n_complete.sum()) == (len(SEEDS), len(SEEDS))
+
+
+def test_the_run_of_a_trial_the_lost_storage_held_is_ended_killed_not_left_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = seed_study_args(tmp_path)
+    proc = start_and_catch_second_trial(args, tmp_path)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    before, _ = _state(tmp_path, args)
+    orphan = before[1].user_attrs["mlflow_run_id"]
+    (tmp_path / "optuna.db").unlink()
+    assert run.main(args) == 0
+    _, runs = _state(tmp_path, args)
+    assert (runs.loc[orphan, "status"], runs.loc[orphan, "tags.state"]) == ("KILLED", "killed")
+    assert not (runs.status == "RUNNING").any()
+    assert "running" not in set(report_tables.trial_table(report_data.load(args)).state)
 
 
 def test_a_variant_trained_twice_counts_once_in_the_report():

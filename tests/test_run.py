@@ -386,3 +386,17 @@ def test_the_report_is_written_once_the_runs_are_kept_and_a_joining_worker_leave
     shutil.rmtree(folder)
     assert run.main([*args, "study.worker=true"]) == 0
     assert not folder.exists()
+
+
+def test_a_search_trial_cut_short_is_not_reported_as_a_variant_left_untrained(tmp_path):
+    # the next command draws a new search trial in its place: only a grid variant's last trial counts
+    path = tmp_path / "mixed.yaml"
+    path.write_text("study:\n  n_trials: 1\n  grids:\n    - likelihood.name: [bernoulli]\n"
+                    "  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\ndata:\n  binarize: static\n")
+    cfg = config.load([f"study={path}"])
+    optuna_study = optuna.create_study()
+    grid = study.variants(cfg)[0]
+    for variant, status in ((grid, "interrupted"), ({"train.lr": 0.001, "train.seed": 0}, "killed")):
+        optuna_study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+            study.VARIANT: study.variant_key(variant), study.STATUS: status}))
+    assert study.cut_short(optuna_study, cfg) == ["trial 0 interrupted"]
