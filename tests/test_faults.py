@@ -39,6 +39,13 @@ def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTri
     return trials, runs[runs["tags.mlflow.parentRunId"].notna()].set_index("run_id")
 
 
+def _kill_in_the_second_trial(args: list[str], tmp_path: Path) -> None:
+    """The study's command, SIGKILLed while its second trial trains (its run RUNNING, as the process left it)."""
+    proc = start_and_catch_second_trial(args, tmp_path)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+
+
 def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.FrozenTrial],
                     gone: str) -> None:
     """Every variant COMPLETE exactly once, with one FINISHED run; trial 0 kept as it was (not retrained);
@@ -58,9 +65,7 @@ def _assert_resumed(tmp_path: Path, args: list[str], before: list[optuna.trial.F
 def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
-    proc = start_and_catch_second_trial(args, tmp_path)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
+    _kill_in_the_second_trial(args, tmp_path)
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.RUNNING  # as the dead process left it
     assert runs.loc[before[1].user_attrs["mlflow_run_id"], "status"] == "RUNNING"
@@ -576,9 +581,7 @@ def test_a_stale_trial_whose_run_is_gone_is_trained_again(lost, tmp_path, monkey
     command that fails every time."""
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
-    proc = start_and_catch_second_trial(args, tmp_path)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
+    _kill_in_the_second_trial(args, tmp_path)
     before, _ = _state(tmp_path, args)  # points MLflow at the study's store
     if lost == "deleted in the UI":
         mlflow.tracking.MlflowClient().delete_run(before[1].user_attrs["mlflow_run_id"])
@@ -623,9 +626,7 @@ def test_finished_runs_are_taken_back_not_trained_again_when_the_optuna_storage_
 def test_the_run_of_a_trial_the_lost_storage_held_is_ended_killed_not_left_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
-    proc = start_and_catch_second_trial(args, tmp_path)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
+    _kill_in_the_second_trial(args, tmp_path)
     before, _ = _state(tmp_path, args)
     orphan = before[1].user_attrs["mlflow_run_id"]
     (tmp_path / "optuna.db").unlink()
