@@ -69,13 +69,16 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
     unbounded dashed; × marks a diverged run's last finite value. A line's colour and label are its
     family's, with its values of the grid factors `keys` when there are any (in their order: 2 < 10)."""
     short = study_mod.short_keys(keys)
-    values = {k: factor_values(runs, k) for k in keys}
-    rows = [(family_order(r.family), *(values[k].iloc[i] for k in keys), r.family) for i, (_, r) in enumerate(runs.iterrows())]
-    labels = [" ".join([row[-1], *(f"{short[k]}={format_value(v)}" for k, v in zip(keys, row[1:-1]))]) for row in rows]
-    order = list(dict.fromkeys(label for _, label in sorted(zip(rows, labels))))
-    cmap = plt.get_cmap("tab10") if len(order) <= 10 else None  # tab10: no two alike; more: a sequence
-    colors = {label: _color(label.split()[0]) if not keys else cmap(i) if cmap else plt.get_cmap("viridis")(
-        0.9 * i / (len(order) - 1)) for i, label in enumerate(order)}
+    keyed = runs.assign(family_order=runs.family.map(family_order), **{k: factor_values(runs, k) for k in keys})
+    labels = [" ".join([r.family, *(f"{short[k]}={format_value(r[k])}" for k in keys)]) for _, r in keyed.iterrows()]
+    order = list(dict.fromkeys(pd.Series(labels, index=keyed.index)[keyed.sort_values(["family_order", *keys]).index]))
+
+    def color(i: int, label: str):  # tab10 (no two alike) up to ten lines, then a sequence
+        if not keys:
+            return _color(label.split()[0])
+        return plt.get_cmap("tab10")(i) if len(order) <= 10 else plt.get_cmap("viridis")(0.9 * i / (len(order) - 1))
+
+    colors = {label: color(i, label) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
     fig, axes = _figure(len(panels))
     for ax, (protocol, objective) in zip(axes, panels):
