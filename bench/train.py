@@ -30,6 +30,7 @@ from bench import config, states
 from bench import data as data_mod
 from bench.config import Config
 from bench.data import Data
+from bench.stopping import ctrl_c_deferred
 from models import likelihoods
 from models.estimators import ElboTerms, active_units, bits_per_dim, elbo_terms, gaussian_kl, iwae
 from models.likelihoods import Likelihood, Measure
@@ -206,7 +207,10 @@ def _on_every_openmp_thread(fn: Callable[[], object]) -> None:
         fn()
         return
     body = _GOMP_BODY(lambda _: fn())  # runs on each thread, taking the GIL, which the ctypes call released
-    gomp.GOMP_parallel(body, None, torch.get_num_threads(), 0)
+    # a Ctrl-C or SIGTERM raising inside the callback would be printed and dropped by ctypes, the study
+    # training on (seen: a SIGTERM at a trial's start, exit 0): it is raised once the call returns
+    with ctrl_c_deferred():
+        gomp.GOMP_parallel(body, None, torch.get_num_threads(), 0)
 
 
 _GOMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # void (*fn) (void *data)

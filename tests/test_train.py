@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -306,6 +308,14 @@ def test_a_cpu_training_step_flushes_subnormal_floats():
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
                     reason="x86's flush mode, set on OpenMP's threads through torch's libgomp (Linux wheels)")
+def test_a_stop_while_the_openmp_threads_are_set_up_is_raised_not_dropped():
+    # the call runs Python in a ctypes callback, where an exception is printed and dropped: a SIGTERM at a
+    # trial's start (when the step sets up its threads) let the study train on and exit 0
+    assert train._libgomp() is not None  # torch's own OpenMP: the callback path is the one taken
+    with pytest.raises(KeyboardInterrupt):
+        train._on_every_openmp_thread(lambda: os.kill(os.getpid(), signal.SIGINT))
+
+
 def test_subnormals_are_flushed_on_the_intra_op_threads_started_before_the_step_too():
     """x86 keeps the mode per thread: OpenMP's worker threads, started by a parallel operation before the
     step was built (loading the data does), must flush subnormals too, not only the thread that asked.
