@@ -451,7 +451,7 @@ def validate(cfg: Config) -> None:
     points = grid_points(cfg) if s.grids or not s.search_space else []  # as bench.study.variants
     validate_run(cfg, combination=False)  # values the grids or the search replace must still be valid
     resolved: dict[str, dict[str, Any]] = {}  # each variant's whole config -> the grid point that gives it
-    scales: dict[str, dict[str, Any]] = {}  # the scale of each variant's ELBO -> a grid point or corner on it
+    grid_scales: dict[str, dict[str, Any]] = {}  # the scale of each grid variant's ELBO -> a point on it
     for point in points:
         try:
             variant = apply(cfg, point)
@@ -459,7 +459,7 @@ def validate(cfg: Config) -> None:
         except ConfigError as err:
             where = f" (in the variant {point})" if point else ""
             raise ConfigError(f"{err}{where}") from None
-        scales.setdefault(_elbo_scale(variant), point)
+        grid_scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
         unread = [f"likelihood.{key}" for key in ("scale", "min_scale") if key not in family.reads]
         if variant.data.binarize != "none" or family.support == likelihoods.EIGHT_BIT:  # pixels as they are
@@ -470,8 +470,7 @@ def validate(cfg: Config) -> None:
                "distinct variants: these give the same config, which would be trained twice" +
                (f" ({family.name} on this data does not read {' or '.join(named)}: give "
                 f"{'it' if len(named) == 1 else 'them'} only in a grid of variants that do)" if named else ""))
-    grid_scales = dict(scales)
-    scales = {}
+    scales: dict[str, dict[str, Any]] = {}  # the scale of each search corner's ELBO -> a corner on it
     corners = search_corners(s.search_space)
     for corner in corners:  # search trials: the base config with sampled values
         try:
@@ -492,13 +491,12 @@ def validate(cfg: Config) -> None:
            "it, comparing trials with each other (compare families on different measures with study.grids)")
     if s.pruner == "median":  # it compares each trial's validation ELBO with the others', grid variants' too
         data = {repr(apply(cfg, point).data): point for point in points}
+        compares = "auto or none: median pruning compares every trial's validation ELBO with the others', and these "
         _check(len(data) <= 1, "study.pruner", s.pruner,
-               "auto or none: median pruning compares every trial's validation ELBO with the others', and these "
-               f"grid points train on different data ({' and '.join(str(p) for p in data.values())})")
+               f"{compares}grid points train on different data ({' and '.join(str(p) for p in data.values())})")
         both = {**grid_scales, **scales}
         _check(len(both) <= 1, "study.pruner", s.pruner,
-               "auto or none: median pruning compares every trial's validation ELBO with the others', and these "
-               f"are on different measures ({'; '.join(f'{p} gives {k!r}' for k, p in both.items())})")
+               f"{compares}are on different measures ({'; '.join(f'{p} gives {k!r}' for k, p in both.items())})")
 
 
 def likelihood_of(cfg: Config) -> likelihoods.Likelihood:

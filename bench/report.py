@@ -210,6 +210,7 @@ THROUGHPUT = (
     "the speed benchmark (README, Speed).")
 NO_FACTORS = ("No config key other than the seed, the likelihood family and the data protocol varies across "
               "this study's runs: there are no factor tables.")
+IN_NATS = "ELBO, recon, KL, IWAE: nats per image"  # in table captions, which travel without the prose
 CURVES = ("Validation ELBO per epoch, one line per run: bounded families solid, unbounded dashed, × at a "
           "diverged run's last finite value; runs whose ELBO is not a likelihood of the data in panels of their own.")
 
@@ -291,7 +292,7 @@ def _families_section(family: pd.DataFrame) -> Blocks:
     blocks: Blocks = [("h2", "1. Results per likelihood family"), ("p", FAMILY_COLUMNS)]
     for protocol, block in family.groupby("protocol", sort=True):
         blocks += [("h3", f"Protocol {protocol}"),
-                   ("table", (f"Per family, protocol {protocol} (ELBO, recon, KL, IWAE: nats per image)", display_family(block)))]
+                   ("table", (f"Per family, protocol {protocol} ({IN_NATS})", display_family(block)))]
     return blocks
 
 
@@ -312,7 +313,7 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
         blocks.append(("p", BETA_OBJECTIVE))
     for key, table in by_factor.items():
         plot = plot_factor(table, key, folder / f"factor_{_safe(key)}.png")
-        blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} (ELBO, recon, KL, IWAE: nats per image)", display_factor(table))),
+        blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} ({IN_NATS})", display_factor(table))),
                    ("img", (f"main metrics against {key}", plot))]
     return blocks
 
@@ -322,7 +323,8 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
     grid_factors = [k for k in factor_columns(family) if k not in searched_keys(data.runs)]
     blocks: Blocks = [
         ("h2", "Plots"),
-        ("img", ("validation ELBO per epoch", plot_curves(data.runs, data.curves, grid_factors, folder / "val_elbo.png"))),
+        ("img", ("validation ELBO per epoch",
+                 plot_curves(data.runs, data.curves, grid_factors, folder / "val_elbo.png"))),
         ("p", CURVES + _undrawn(data))]
     recon = plot_artifacts(family, "reconstructions.png", folder / "reconstructions.png")
     if recon:
