@@ -80,7 +80,7 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
 
     colors = {label: color(i, label) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
-    fig, axes = _figure(len(panels))
+    fig, axes = _figure(len(panels), height=3.8 + 0.2 * math.ceil(len(order) / 2))  # room for the legends below
     for ax, (protocol, objective) in zip(axes, panels):
         seen = set()
         for label, (_, run) in zip(labels, runs.iterrows()):
@@ -98,8 +98,9 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
         ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
-        if seen:  # a panel whose runs have no finite value has no line to name
-            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7)
+        if seen:  # a panel whose runs have no finite value has no line to name; below it, so as to hide none
+            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7, ncol=2,
+                      loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return _save(fig, path)
 
 

@@ -558,6 +558,28 @@ def test_curves_of_a_numeric_factor_are_in_its_order_each_in_a_colour_of_its_own
     assert len({line.get_color() for line in drawn}) == 5  # 2 and 10, 5 and 20 alike before
 
 
+def test_the_curves_legend_is_below_its_panel_and_hides_no_line(tmp_path, monkeypatch):
+    """With eight families in a panel, matplotlib's "best" corner had covered the top curve, the best family's."""
+    families = ["continuous_bernoulli", "gaussian", "gaussian_learned", "gaussian_shared", "laplace",
+                "laplace_learned", "discretized_logistic", "gaussian_optimal"]
+    runs = pd.DataFrame({"run_id": families, "family": families, "protocol": "8bit-dequantized", "comparable": True,
+                         "bounded": True, "state": "complete"})
+    curves = pd.DataFrame({"run_id": np.repeat(families, 10), "epoch": np.tile(np.arange(1, 11), 8),
+                           "val_elbo": np.repeat(-1000.0 * np.arange(1, 9), 10) + np.tile(np.arange(10.0), 8)})
+    placed = []
+
+    def measure(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        placed.append((ax.get_legend().get_window_extent(), ax.get_window_extent()))
+        return path
+
+    monkeypatch.setattr(report_plots, "_save", measure)
+    report_plots.plot_curves(runs, curves, [], tmp_path / "c.png")
+    legend, panel = placed[0]
+    assert legend.y1 < panel.y0  # wholly below the plotting area
+
+
 def test_a_diverged_runs_curve_ends_at_its_last_finite_value_and_one_with_none_is_named(done, tmp_path):
     data = report_data.load(done.args)
     diverged = data.runs[data.runs.state == "diverged"]
