@@ -461,7 +461,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{err}{where}") from None
         grid_scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
-        unread = [f"likelihood.{key}" for key in ("scale", "min_scale") if key not in family.reads]
+        unread = unread_likelihood_keys(variant)
         if variant.data.binarize != "none" or family.support == likelihoods.EIGHT_BIT:  # pixels as they are
             unread.append("data.dequantize")
         same = resolved.setdefault(repr(apply(variant, {key: UNREAD_DEFAULTS[key] for key in unread})), point)
@@ -551,12 +551,21 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
     return OmegaConf.to_object(node)
 
 
+def unread_likelihood_keys(cfg: Config) -> list[str]:
+    """The likelihood keys that cfg's family does not read (e.g. likelihood.scale for the Bernoulli)."""
+    family = likelihoods.FAMILIES[cfg.likelihood.name]
+    return [key for key in LIKELIHOOD_DEFAULTS if key.split(".")[1] not in family.reads]
+
+
 def one_variant(cfg: Config) -> Config:
     """A trial's config as a study of just that variant (the run's config.yaml): `python -m bench.run
     study=config.yaml` trains that run again, in a study of its own. With the study's grids and seeds
-    left in, it named another study of every variant, the grids overriding the trial's values."""
+    left in, it named another study of every variant, the grids overriding the trial's values. A study-wide
+    value that its family does not read goes back to its default (a study of that family alone refuses
+    it; the model is the same), and it is a study's own command, whichever process trained the run."""
     return apply(cfg, {"study.grids": [], "study.seeds": [cfg.train.seed], "study.search_space": {},
-                       "study.n_trials": 0})
+                       "study.n_trials": 0, "study.worker": False, "study.n_workers": 1,
+                       **{key: LIKELIHOOD_DEFAULTS[key] for key in unread_likelihood_keys(cfg)}})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -32,6 +32,24 @@ def test_every_study_file_is_covered():
     assert sorted(STUDIES) == config.available_studies()
 
 
+@pytest.mark.parametrize("setting", ["likelihood.min_scale=0.001", "likelihood.scale=0.1"])
+def test_every_runs_config_yaml_loads_and_names_its_own_variant(tmp_path, setting):
+    """A study-wide setting that some of its families read (and a joining worker's study.worker=true) left
+    in a run's config.yaml made `bench.run study=config.yaml` and `load_model` refuse it (exit 2) for the
+    runs whose family does not read it."""
+    cfg = config.load(["study=likelihoods", setting, "study.worker=true"])
+    key, value = setting.split("=")
+    for params in study.variants(cfg):
+        trial = config.apply(cfg, params)
+        saved_path = tmp_path / "config.yaml"
+        saved_path.write_text(config.to_yaml(config.one_variant(trial)))
+        saved = config.load([f"study={saved_path}"])  # as bench.run and tracking.load_model read it
+        assert study.variants(saved) == [{"train.seed": trial.train.seed}]
+        assert (saved.study.worker, saved.likelihood.name, saved.data) == (False, trial.likelihood.name, trial.data)
+        reads = key.split(".")[1] in likelihoods.FAMILIES[trial.likelihood.name].reads
+        assert getattr(saved.likelihood, key.split(".")[1]) == (float(value) if reads else config.LIKELIHOOD_DEFAULTS[key])
+
+
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_every_study_file_is_valid_as_written(name):
     # the shrunk runs below override what a file sets (data, epochs, seeds, evaluation): each file must be
