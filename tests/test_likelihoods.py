@@ -394,6 +394,19 @@ def test_bounded_family_never_exceeds_supremum(name, scale, min_scale, dtype):
                 f"{name} (scale={scale}, min_scale={min_scale}): log p {lp.max().item()} > sup {sup}"
 
 
+@pytest.mark.parametrize("name,scale,min_scale", BOUNDED)
+def test_every_bounded_familys_supremum_is_reached(name, scale, min_scale):
+    """The declared supremum is the least upper bound: some decoder output reaches it (a location at x, the
+    scale at its floor, a logit saturated towards x). A supremum set too high (a constant left out) passed
+    the test above, and would loosen the report's sup/pixel and the training's divergence check."""
+    lik = likelihoods.get(name, scale=scale, min_scale=min_scale)
+    x = torch.as_tensor(random_x(lik.family.support, np.random.default_rng(5), (1, D)), dtype=torch.float64)
+    raw, xb = adversarial_raw(lik.family, x[0])
+    shared = torch.tensor([-100.0], dtype=torch.float64)  # gaussian_shared's learned log-scale, at its floor
+    lp = lik.distribution(raw.double(), shared, xb).base_dist.log_prob(xb)  # (N, D)
+    assert lp.max().item() == pytest.approx(lik.supremum_per_pixel, abs=1e-9)
+
+
 @pytest.mark.parametrize("name", ["gaussian_learned", "gaussian_shared", "gaussian_optimal"])
 def test_floored_gaussian_supremum_is_attained_at_the_floor(name):
     # With σ ≥ s the Gaussian's sup is −½ log(2π s²), reached at μ = x and σ = s.
