@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -569,3 +570,18 @@ def test_a_family_reads_exactly_the_keys_it_declares(name):
     for key, value in (("scale", 0.3), ("min_scale", 2.0)):  # a floor above any σ fitted to x here
         changed = log_p(likelihoods.get(name, **{key: value}), raw, shared, x)
         assert (not torch.equal(changed, base)) == (key in family.reads), key
+
+
+def test_the_readmes_family_table_lists_every_registered_family_as_the_registry_describes_it():
+    """A family added to the registry would otherwise be missing from the table users choose from."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].split("`")[1]] = cells
+    for name, family in likelihoods.FAMILIES.items():
+        assert name in rows, f"README's family table lacks {name}"
+        outputs, bounded = rows[name][1], rows[name][3]
+        assert outputs.startswith(str(family.n_params)), (name, outputs)
+        assert bounded.startswith("yes" if likelihoods.get(name).bounded else "no"), (name, bounded)
