@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -80,7 +81,8 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
 
     colors = {label: color(i, label) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
-    fig, axes = _figure(len(panels), height=3.8 + 0.2 * math.ceil(len(order) / 2))  # room for the legends below
+    columns = 2 if max(map(len, order)) <= 24 else 1  # a legend no wider than its panel, in the figure
+    fig, axes = _figure(len(panels), height=3.8 + 0.2 * math.ceil(len(order) / columns))  # legends below
     for ax, (protocol, objective) in zip(axes, panels):
         seen = set()
         for label, (_, run) in zip(labels, runs.iterrows()):
@@ -98,8 +100,9 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
         ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no tick at 1.5
         if seen:  # a panel whose runs have no finite value has no line to name; below it, so as to hide none
-            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7, ncol=2,
+            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7, ncol=columns,
                       loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return _save(fig, path)
 

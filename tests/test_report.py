@@ -558,26 +558,34 @@ def test_curves_of_a_numeric_factor_are_in_its_order_each_in_a_colour_of_its_own
     assert len({line.get_color() for line in drawn}) == 5  # 2 and 10, 5 and 20 alike before
 
 
-def test_the_curves_legend_is_below_its_panel_and_hides_no_line(tmp_path, monkeypatch):
-    """With eight families in a panel, matplotlib's "best" corner had covered the top curve, the best family's."""
+@pytest.mark.parametrize("factors", [[], ["likelihood.min_scale", "model.latent_dim"]])
+def test_the_curves_legends_are_below_their_panels_inside_the_figure_and_apart(tmp_path, monkeypatch, factors):
+    """With eight families in a panel, matplotlib's "best" corner had covered the top curve, the best
+    family's; then two columns of two-factor labels ran past the figure's edges and over each other."""
     families = ["continuous_bernoulli", "gaussian", "gaussian_learned", "gaussian_shared", "laplace",
                 "laplace_learned", "discretized_logistic", "gaussian_optimal"]
-    runs = pd.DataFrame({"run_id": families, "family": families, "protocol": "8bit-dequantized", "comparable": True,
-                         "bounded": True, "state": "complete"})
-    curves = pd.DataFrame({"run_id": np.repeat(families, 10), "epoch": np.tile(np.arange(1, 11), 8),
-                           "val_elbo": np.repeat(-1000.0 * np.arange(1, 9), 10) + np.tile(np.arange(10.0), 8)})
-    placed = []
+    runs = pd.DataFrame({"run_id": [f"{f}-{p}" for p in ("a", "b") for f in families], "family": families * 2,
+                         "protocol": ["8bit-dequantized"] * 8 + ["binarized-dynamic"] * 8, "comparable": True,
+                         "bounded": True, "state": "complete", "params.likelihood.min_scale": "0.001",
+                         "params.model.latent_dim": "20"})
+    curves = pd.DataFrame({"run_id": np.repeat(runs.run_id, 2), "epoch": np.tile([1, 2], 16),  # 2 epochs
+                           "val_elbo": np.repeat(-1000.0 * np.arange(1, 17), 2) + np.tile([0.0, 1.0], 16)})
+    placed, ticks = [], []
 
     def measure(fig, path):
         fig.canvas.draw()
-        ax = fig.axes[0]
-        placed.append((ax.get_legend().get_window_extent(), ax.get_window_extent()))
+        placed.extend((ax.get_legend().get_window_extent(), ax.get_window_extent(), fig.bbox) for ax in fig.axes)
+        ticks.extend(t for ax in fig.axes for t in ax.get_xticks())
         return path
 
     monkeypatch.setattr(report_plots, "_save", measure)
-    report_plots.plot_curves(runs, curves, [], tmp_path / "c.png")
-    legend, panel = placed[0]
-    assert legend.y1 < panel.y0  # wholly below the plotting area
+    report_plots.plot_curves(runs, curves, factors, tmp_path / "c.png")
+    assert len(placed) == 2
+    for legend, panel, figure in placed:
+        assert legend.y1 < panel.y0  # wholly below the plotting area
+        assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 and legend.y0 >= figure.y0
+    assert not placed[0][0].overlaps(placed[1][0])
+    assert ticks and all(t == round(t) for t in ticks)  # epochs: no tick at 1.5
 
 
 def test_a_diverged_runs_curve_ends_at_its_last_finite_value_and_one_with_none_is_named(done, tmp_path):
