@@ -461,7 +461,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{err}{where}") from None
         grid_scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
-        unread = unread_likelihood_keys(variant)
+        unread = unread_likelihood_keys(variant.likelihood.name)
         if variant.data.binarize != "none" or family.support == likelihoods.EIGHT_BIT:  # pixels as they are
             unread.append("data.dequantize")
         same = resolved.setdefault(repr(apply(variant, {key: UNREAD_DEFAULTS[key] for key in unread})), point)
@@ -551,9 +551,9 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
     return OmegaConf.to_object(node)
 
 
-def unread_likelihood_keys(cfg: Config) -> list[str]:
-    """The likelihood keys that cfg's family does not read (e.g. likelihood.scale for the Bernoulli)."""
-    family = likelihoods.FAMILIES[cfg.likelihood.name]
+def unread_likelihood_keys(name: str) -> list[str]:
+    """The likelihood keys that the family `name` does not read (e.g. likelihood.scale for the Bernoulli)."""
+    family = likelihoods.FAMILIES[name]
     return [key for key in LIKELIHOOD_DEFAULTS if key.split(".")[1] not in family.reads]
 
 
@@ -565,7 +565,7 @@ def one_variant(cfg: Config) -> Config:
     it; the model is the same), and it is a study's own command, whichever process trained the run."""
     return apply(cfg, {"study.grids": [], "study.seeds": [cfg.train.seed], "study.search_space": {},
                        "study.n_trials": 0, "study.worker": False, "study.n_workers": 1,
-                       **{key: LIKELIHOOD_DEFAULTS[key] for key in unread_likelihood_keys(cfg)}})
+                       **{key: LIKELIHOOD_DEFAULTS[key] for key in unread_likelihood_keys(cfg.likelihood.name)}})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

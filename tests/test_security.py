@@ -66,6 +66,23 @@ def test_load_model_needs_no_compiler_for_a_run_trained_compiled(tracked, monkey
     assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
 
 
+def test_load_model_reads_a_run_logged_with_a_setting_its_family_does_not_read(tracked, tmp_path):
+    """Runs logged before 6291e86 kept a study-wide likelihood.min_scale in the config.yaml of every
+    family, one that a study of the Bernoulli alone refuses (exit 2): their models must still load."""
+    cfg, experiment, parent = tracked
+    result = train(cfg)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(config.to_yaml(cfg).replace("min_scale: 0.0", "min_scale: 0.001"))
+    with pytest.raises(config.ConfigError, match="min_scale=0.001"):
+        config.load(study=str(tmp_path / "run" / "config.yaml"))
+    torch.save(result.model.state_dict(), tmp_path / "run" / "model_state_dict.pt")
+    with mlflow.start_run(experiment_id=experiment, tags={"mlflow.parentRunId": parent}) as run:
+        mlflow.log_artifacts(str(tmp_path / "run"))
+    model = tracking.load_model(run.info.run_id)
+    trained = result.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
+
+
 class _RunsCode:
     """A pickle that runs a command when unpickled: what a tampered checkpoint would hold."""
 
