@@ -552,9 +552,10 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def unread_likelihood_keys(name: str) -> list[str]:
-    """The likelihood keys that the family `name` does not read (e.g. likelihood.scale for the Bernoulli)."""
-    family = likelihoods.FAMILIES[name]
-    return [key for key in LIKELIHOOD_DEFAULTS if key.split(".")[1] not in family.reads]
+    """The likelihood keys that the family `name` does not read (e.g. likelihood.scale for the Bernoulli);
+    none for a name the registry lacks, which validation names."""
+    family = likelihoods.FAMILIES.get(name)
+    return [key for key in LIKELIHOOD_DEFAULTS if family is not None and key.split(".")[1] not in family.reads]
 
 
 def one_variant(cfg: Config) -> Config:

@@ -30,7 +30,6 @@ from mlflow.tracking import MlflowClient
 from bench import config, figures, states
 from bench.config import Config, ConfigError, LikelihoodConfig
 from bench.train import TrainResult, build, median_epoch
-from models import likelihoods
 from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
@@ -403,8 +402,7 @@ def load_model(run_id: str) -> VAE:
         # weights; a study-wide setting its family does not read (kept by runs logged before 6291e86) is
         # refused by a study of that family alone, and changes nothing in the model
         family = (yaml.safe_load(saved.read_text()).get("likelihood") or {}).get("name", LikelihoodConfig.name)
-        unread = [f"{key}={config.LIKELIHOOD_DEFAULTS[key]}" for key in config.unread_likelihood_keys(family)
-                  ] if family in likelihoods.FAMILIES else []  # an unknown one: config.load names it
+        unread = [f"{key}={config.LIKELIHOOD_DEFAULTS[key]}" for key in config.unread_likelihood_keys(family)]
         cfg = config.load(["train.compile=false", "train.device=cpu", *unread], study=str(saved))
         state = torch.load(Path(tmp) / "model_state_dict.pt", map_location="cpu", weights_only=True)
     model = build(cfg, data_dim=state["encoder.0.weight"].shape[1])  # the first layer records the width
