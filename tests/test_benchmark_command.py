@@ -323,3 +323,73 @@ def check_logging_time() -> None:
     sampler.join()
     assert own["threads"] == pytest.approx(1e3 * others["threads"], abs=50)
     assert own["sampler"] == pytest.approx(1e3 * others["sampler"], abs=50)
+
+
+def _ours(family, n_samples, ms, **paired_ms):
+    """A row of test_step: `ms` our ms/step round by round, `paired_ms` its references' rounds."""
+    info = {"kind": "ours", "device": "cpu", "family": family, "n_samples": n_samples, "n_params": 1,
+            "batch": 128, "steps": 20, "variants": 1,
+            "paired": {name: {"rounds": list(r), "median": sorted(r)[6], "best": min(r)} for name, r in paired_ms.items()}}
+    rounds = [20e-3 * x for x in ms]
+    return {"name": f"{family}-{n_samples}", "extra_info": info,
+            "stats": {"median": sorted(rounds)[6], "min": min(rounds), "rounds": 12, "data": rounds}}
+
+
+def test_each_family_is_priced_against_the_bernoullis_step_of_the_same_rounds():
+    """Family rows are timed minutes apart, so their ms/step do not compare on a drifting machine: each family's
+    step over the Bernoulli's step paired with it, round by round, does."""
+    from tests.benchmarks.conftest import markdown, summarize
+
+    drift = [1.0 + 0.1 * i for i in range(12)]  # the machine slows down over the rounds
+    rows = [_ours("bernoulli", 1, [2.0] * 12, floor=[1.0] * 12),
+            _ours("gaussian_learned", 1, [3.0 * d for d in drift], floor=[2.0] * 12, bernoulli=[2.0 * d for d in drift])]
+    summary = summarize(rows, "cmd")
+    learned = summary["rows"][1]
+    assert learned["x_bernoulli"] == pytest.approx(1.5) and learned["x_bernoulli_interval"][:2] == pytest.approx([1.5, 1.5])
+    assert "x_bernoulli" not in summary["rows"][0]
+    text = markdown(summary)
+    assert "| family | L=1 samples/s | L=1 ms/step | L=1 × floor | L=1 × bernoulli |" in text
+    assert "| 2.00 (2.00) | 2.00 (2.00) | 1 |" in text  # the Bernoulli's own row
+    assert "| 1.50 (1.50) |" in text and "× bernoulli: over the Bernoulli's step" in text
+    # a JSON from before the pairing renders as it did, without the column
+    del rows[1]["extra_info"]["paired"]["bernoulli"]
+    old = markdown(summarize(rows, "cmd"))
+    assert "× bernoulli" not in old and "| family | L=1 samples/s | L=1 ms/step | L=1 × floor |" in old
+
+
+def test_a_selection_without_our_rows_writes_no_empty_family_table():
+    from tests.benchmarks.conftest import markdown, summarize
+
+    floor = {"name": "floor", "extra_info": {"kind": "floor", "device": "cpu", "n_samples": 1, "n_params": 1,
+                                               "batch": 128, "steps": 20, "variants": 1},
+             "stats": {"median": 0.02, "min": 0.02, "rounds": 12, "data": [0.02] * 12}}
+    text = markdown(summarize([floor], "cmd"))
+    assert "| family |" not in text and "per likelihood family" not in text
+    assert "| GEMM floor, 1 decoder output(s) per pixel | 1 |" in text
+
+
+def test_a_run_started_on_a_busy_machine_says_so():
+    import os
+
+    from tests.benchmarks.conftest import markdown, summarize
+
+    rows = [_ours("bernoulli", 1, [2.0] * 12, floor=[1.0] * 12)]
+    cores = os.cpu_count()
+    assert "was busy" not in markdown(summarize(rows, "cmd", load_at_start=0.1))
+    busy = markdown(summarize(rows, "cmd", load_at_start=cores + 1.5))
+    assert f"load average {cores + 1.5} at the start" in busy
+    assert f"**The machine was busy when the run started** (load average {cores + 1.5} on {cores} cores)" in busy
+
+
+def test_a_familys_benchmark_times_the_bernoullis_step_in_its_rounds(tmp_path):
+    import json
+
+    out = tmp_path / "laplace.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/benchmarks", "--benchmark-only", "-k",
+                           "test_step and laplace-1-cpu", f"--benchmark-json={out}"], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    (row,) = json.loads(out.read_text())["vaebench"]["rows"]
+    assert row["family"] == "laplace" and len(row["paired"]["bernoulli"]["rounds"]) == len(row["round_ms"]) == 12
+    assert row["x_bernoulli"] > 0 and len(row["x_bernoulli_interval"]) == 3
+    assert "L=1 × bernoulli |" in out.with_suffix(".md").read_text()

@@ -39,7 +39,7 @@ def _flush_subnormals():
     flush_subnormals(torch.device("cpu"))
 
 
-def machine() -> dict:
+def machine(load_at_start: float | None = None) -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
@@ -47,12 +47,14 @@ def machine() -> dict:
         cpu = platform.processor() or "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}  # at the end of the run
+            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # at the end of the run
+            **({} if load_at_start is None else {"load_average_1_min_at_start": round(load_at_start, 2)})}
 
 
-def summarize(benchmarks: list[dict], command: str) -> dict:
+def summarize(benchmarks: list[dict], command: str, load_at_start: float | None = None) -> dict:
     """benchmarks: pytest-benchmark's dicts (name, stats, extra_info) -> rows, ratios and targets;
-    `command`: the pytest command line that measured them."""
+    `command`: the pytest command line that measured them; `load_at_start`: the 1-minute load average
+    when it started."""
     rows = []
     for b in benchmarks:
         info = b.get("extra_info") or {}
@@ -89,6 +91,9 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
         paired = r.get("paired", {})
         if "floor" in paired:  # ours over the floor at its shapes (P outputs per pixel, L samples)
             r["x_floor"], r["x_floor_best"], _ = _over(r, "floor")
+        if "bernoulli" in paired:  # a family's step over the Bernoulli's at the same L: what the family costs
+            r["x_bernoulli"], r["x_bernoulli_best"], rounds = _over(r, "bernoulli")
+            r["x_bernoulli_interval"] = median_interval(rounds)
         if "default" in paired:  # the step with one setting changed vs the default step
             r["default_speedup"], r["default_speedup_best"], rounds = _over(r, "default")
             r["default_speedup_interval"] = median_interval(rounds)
@@ -143,7 +148,7 @@ def summarize(benchmarks: list[dict], command: str) -> dict:
                 "median": "times: median round / steps per round; ratios: "
                           + ("median over paired rounds" if per_round else "median over median"),
                 "best": "times: fastest round / steps per round; ratios: fastest over fastest"},
-            "machine": machine(), "rows": rows, "ratios": ratios, "tracking_overhead": tracking,
+            "machine": machine(load_at_start), "rows": rows, "ratios": ratios, "tracking_overhead": tracking,
             "targets": {"speedup_vs_classic": f">= {TARGET_SPEEDUP}", "ours_over_floor": f"<= {TARGET_FLOOR}",
                         "stacked_16_step_rate_vs_single (GPU)": f">= {TARGET_STACKED}",
                         "tracking_overhead": f"< {TARGET_TRACKING}"}}
@@ -220,9 +225,14 @@ def _interval(d: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
 def markdown(summary: dict) -> str:
     m, rows = summary["machine"], summary["rows"]
     steps = rows[0]["steps"] if rows else "?"
+    start = m.get("load_average_1_min_at_start")  # runs before it kept the end's alone
+    busy = start is not None and start >= m["cores"]
     intro = (f"`{summary['command']}` on {m['cpu']} ({m['cores']} cores; torch {m['torch']}, {m['threads']} "
-             f"threads{'; ' + m['gpu'] if m['gpu'] else ''}; load average {m['load_average_1_5_15_min'][0]} at the "
-             "end). A step is forward, backward and Adam on a batch of 128 MNIST images, 784-400-20 MLP; L samples "
+             f"threads{'; ' + m['gpu'] if m['gpu'] else ''}; load average "
+             + ("" if start is None else f"{start} at the start, ") + f"{m['load_average_1_5_15_min'][0]} at the "
+             "end)" + (f". **The machine was busy when the run started** (load average {start} on {m['cores']} "
+                       "cores): other processes most likely took a share of its rounds" if busy else "")
+             + ". A step is forward, backward and Adam on a batch of 128 MNIST images, 784-400-20 MLP; L samples "
              f"of z per image. Each figure is the median of the timed rounds of {steps} steps (in brackets: the "
              "fastest round), from the JSON the command wrote (`--benchmark-json`), key `vaebench`. " + (
              "Every ratio is taken in paired rounds of one test, a reference round right before each of ours: the "
@@ -235,15 +245,26 @@ def markdown(summary: dict) -> str:
         dev = [r for r in rows if r["device"] == device]
         ours = {(r["family"], r["n_samples"]): r for r in dev if r["kind"] == "ours"}
         n_samples = sorted({L for _, L in ours})
-        lines += [f"**{device}: our step (`bench.train.train_epoch`), per likelihood family**", "",
-                  "| family | " + " | ".join(f"L={L} samples/s | L={L} ms/step | L={L} × floor" for L in n_samples)
-                  + " |", "|---" * (1 + 3 * len(n_samples)) + "|"]
+        # runs before each family was paired with the Bernoulli's step have no such column
+        columns = ["samples/s", "ms/step", "× floor"] + (["× bernoulli"] if any("x_bernoulli" in r for r in dev) else [])
+        if ours:  # none when -k picked other rows only
+            lines += [f"**{device}: our step (`bench.train.train_epoch`), per likelihood family**", "",
+                      "| family | " + " | ".join(f"L={L} {c}" for L in n_samples for c in columns) + " |",
+                      "|---" * (1 + len(columns) * len(n_samples)) + "|"]
         for family in dict.fromkeys(f for f, _ in ours):
             cells = []
             for L in n_samples:
                 r = ours.get((family, L))
-                cells += ([_samples(r), _ms(r), _pair(r, "x_floor")] if r else ["—"] * 3)
+                family_cells = [_samples(r), _ms(r), _pair(r, "x_floor"),
+                                "1" if family == "bernoulli" else _pair(r, "x_bernoulli")] if r else ["—"] * 4
+                cells += family_cells[:len(columns)]
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        if ours and len(columns) == 4:
+            lines += ["", ("× floor: the family's step over the GEMM floor at its shapes (the floor of two decoder "
+                      "outputs per pixel for a family with two); × bernoulli: over the Bernoulli's step (on binary "
+                      "pixels) at the same L, timed in the same test: what choosing the family costs. Rows of "
+                      "different families were timed minutes apart: compare them by this column, not by their "
+                      "ms/step.")]
         references = []
         for r in dev:
             if r["kind"] == "classic":
@@ -279,7 +300,9 @@ def markdown(summary: dict) -> str:
                          f"the 11 matrix products (the floor) {p['floor']:.2f} ms, Adam's update of all parameters "
                          f"{p['adam']:.2f} ms, log p(x|z) and its gradient {p['likelihood']:.2f} ms, and "
                          f"{p['rest']:.2f} ms for the rest (the reparameterisation, KL, ReLUs, bias sums, data "
-                         "transform, and the Python dispatch of each small operation); the floor target leaves "
+                         "transform, and the Python dispatch of each small operation"
+                         + (", and what the parts take more inside the step than timed alone: next line" if
+                            "in_step_ms" in d else "") + "); the floor target leaves "
                          f"{(TARGET_FLOOR - 1) * p['floor']:.2f} ms for all but the products")
         if "in_step_ms" in d:
             q = d["in_step_ms"]
@@ -474,7 +497,9 @@ def _command(config) -> str:
 
 def pytest_configure(config):
     """A --benchmark-json path that cannot be written is refused before anything runs: found when the
-    results are saved, after the whole run, it lost them with their summary."""
+    results are saved, after the whole run, it lost them with their summary. Notes the load average before
+    anything runs: other processes' share of the cores is then in every round."""
+    config._vaebench_load_at_start = os.getloadavg()[0]
     path = config.getoption("benchmark_json", None)
     if path is None:
         return
@@ -502,7 +527,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    summary = output_json["vaebench"] = summarize(output_json["benchmarks"], _command(config))
+    summary = output_json["vaebench"] = summarize(output_json["benchmarks"], _command(config),
+                                                  config._vaebench_load_at_start)
     config._vaebench_summary = summary
     path = config.getoption("benchmark_json")  # a path (pytest-benchmark ≥ 5.3), None for --benchmark-save
     if path is not None:
@@ -518,7 +544,7 @@ def pytest_terminal_summary(terminalreporter, config):
         benchmarks = [b.as_dict(include_data=True) for b in (session.benchmarks if session else []) if b]
         if not benchmarks:
             return
-        summary = summarize(benchmarks, _command(config))
+        summary = summarize(benchmarks, _command(config), config._vaebench_load_at_start)
     if summary["rows"] or summary.get("tracking_overhead"):
         terminalreporter.write_sep("=", "vaebench speed summary")
         terminalreporter.write_line(markdown(summary))
