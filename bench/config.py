@@ -181,9 +181,11 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _check_bools(content: dict[str, Any], where: str) -> None:
+def _check_types(content: dict[str, Any], where: str, from_file: bool = False) -> None:
     """OmegaConf reads 2 or -1 given to a bool as true: only booleans (YAML's true/false, yes/no) are
-    accepted, in the config and in the grids."""
+    accepted, in the config and in the grids. In a file, a text setting must be YAML text: OmegaConf
+    would turn what YAML read as a number or boolean back into other text (0755 into '493', no into
+    'False'); on the command line text settings take the text as given."""
     values = []
     for key, value in _leaves(content):
         if key == "study.grids" and isinstance(value, list):
@@ -194,11 +196,25 @@ def _check_bools(content: dict[str, Any], where: str) -> None:
     for key, value in values:
         if key in BOOL_KEYS and not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}={value!r} is invalid: expected true or false")
+        if from_file and key in STR_KEYS and isinstance(value, (bool, int, float)):
+            raise ConfigError(f"{where}: {key}={value!r} is invalid: expected text, and YAML read this value as "
+                              f"{_article(type(value).__name__)} (as it reads 0755 as 493, no as false, 12:30 as 750): "
+                              "put the text in quotes")
 
 
 class _StudyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML would keep the last
-    silently, and a study file's second `data:` section would replace its first."""
+    silently, and a study file's second `data:` section would replace its first. Aliases (*name) are
+    refused: ten lines of nested aliases expand to billions of values, and a run's config.yaml, which a
+    tracking server's other users can replace, is read with this loader too."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not supported: repeat the value, or refer to a key with an "
+                "OmegaConf interpolation ${section.key}", event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -298,7 +314,7 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             raise ConfigError(f"study file {path} is not valid YAML in UTF-8: {' '.join(str(e).split())}") from None
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
-        _check_bools(content, str(path))
+        _check_types(content, str(path), from_file=True)
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem
@@ -315,7 +331,7 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # a value YAML cannot read: `[64`
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
-        _check_bools(content, f"override {arg!r}")
+        _check_types(content, f"override {arg!r}")
         cfg = _merge(cfg, dot, f"override {arg!r}")
         given[arg] = [key for key, _ in _leaves(content)]  # `train={seed: 1}` sets train.seed
     try:
@@ -408,6 +424,9 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
 
 def validate(cfg: Config) -> None:
     s = cfg.study
+    _check(not any(quote in s.name for quote in "'\""), "study.name", s.name,
+           "a name without quotes: MLflow's search filters, which find the study's runs, cannot hold them "
+           "(a study file's name is the study's unless it sets study.name)")
     _check(s.pruner in PRUNERS, "study.pruner", s.pruner, f"one of {', '.join(PRUNERS)}")
     _check(s.n_workers >= 1, "study.n_workers", s.n_workers, "an integer ≥ 1")
     _check(len(s.seeds) >= 1 and all(_is_int(x) and 0 <= x < SEED_RANGE for x in s.seeds), "study.seeds", s.seeds,
@@ -611,15 +630,18 @@ def tracking_key(cfg: Config) -> str:
     return "$MLFLOW_TRACKING_URI" if not cfg.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
 
 
-# the password of a URL's user (postgresql://USER:PASSWORD@HOST/DB, https://USER:PASSWORD@HOST)
-_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^\s:/@'\"]*):[^\s@/'\"]*@")
+# the password of a URL's user (postgresql://USER:PASSWORD@HOST/DB, https://USER:PASSWORD@HOST): all up
+# to the @, since SQLAlchemy takes a password with / ' or + in it as given (generated ones often hold /);
+# the scheme's length bounded, else a long run of word characters costs quadratic time
+_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]{0,30}://[^\s:/@'\"]*):[^\s@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)  # ...?password=...
 
 
 def redact(text: str) -> str:
     """text with every URL password replaced by ***: a store's address is printed, logged to MLflow and
     written into reports, and none of these may hold a secret (pass one through PGPASSWORD, ~/.pgpass or
     MLFLOW_TRACKING_PASSWORD instead)."""
-    return _PASSWORD.sub(r"\1:***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", text))
 
 
 def first_line(error: BaseException) -> str:

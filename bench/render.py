@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 
 NONE = "—"  # a number that does not exist for the row (no interval, not a likelihood, never logged)
 Blocks = list[tuple[str, object]]  # (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # newlines too: they would end a table row or a paragraph
+_LINK_BRACKET = re.compile(r"\](?=[(\[:])")  # the ] of [text](url), [text][ref] and a [ref]: url definition
+
+
 def _md(text: object) -> str:
-    # Run data may hold markup: escaped like HTML, since Markdown renderers pass raw HTML through.
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+    # Run data may hold markup: escaped like HTML, since Markdown renderers pass raw HTML through; links and
+    # images made inert (an image would load from wherever it names); control characters (a terminal's
+    # escape sequences, when the file is printed) replaced by a space.
+    text = html.escape(_CONTROL.sub(" ", str(text)), quote=False).replace("|", "\\|")
+    return _LINK_BRACKET.sub(r"\\]", text)
 
 
 def render_markdown(blocks: Blocks) -> str:
@@ -75,8 +83,9 @@ def render_latex(blocks: Blocks) -> str:
         if kind != "table":
             continue
         caption, df = content
+        df = df.map(lambda v: _CONTROL.sub(" ", v) if isinstance(v, str) else v)
         styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis="columns")
-        caption = "".join(_LATEX.get(ch, ch) for ch in caption)
+        caption = "".join(_LATEX.get(ch, ch) for ch in _CONTROL.sub(" ", caption))
         tex = styler.to_latex(caption=caption, hrules=True, position="htbp", position_float="centering")
         for symbol, command in (("±", r"$\pm$"), ("—", "---"), ("∞", r"$\infty$"), ("×", r"$\times$")):
             tex = tex.replace(symbol, command)

@@ -312,7 +312,7 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
     if "train.beta" in by_factor:
         blocks.append(("p", BETA_OBJECTIVE))
     for key, table in by_factor.items():
-        plot = plot_factor(table, key, folder / f"factor_{_safe(key)}.png")
+        plot = plot_factor(table, key, folder / f"factor_{safe_name(key)}.png")
         blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} ({IN_NATS})", display_factor(table))),
                    ("img", (f"main metrics against {key}", plot))]
     return blocks
@@ -409,7 +409,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     return blocks, tables
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file name from run data: no path separators, no leading dot."""
     return re.sub(r"[^\w-]+", "_", name).strip("_") or "study"
 
@@ -418,7 +418,7 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
     """Writes the report into `folder` (default <report_dir>/<study>/) and returns the folder. Every file
     is written into a temporary folder beside it first and moved in once all are: a write that fails (a
     full disk) leaves the folder as it was, not a truncated report.html beside a new report.md."""
-    folder = folder or Path(data.selection.cfg.report_dir) / _safe(data.selection.name)
+    folder = folder or Path(data.selection.cfg.report_dir) / safe_name(data.selection.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         new = Path(tmp)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load(argv)
         report_dir = data.selection.cfg.report_dir
-        config.check_writable("report_dir", report_dir, Path(report_dir) / _safe(data.selection.name), create=True)
+        config.check_writable("report_dir", report_dir, Path(report_dir) / safe_name(data.selection.name), create=True)
     except ConfigError as e:
         print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2

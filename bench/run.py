@@ -47,7 +47,10 @@ def preflight(cfg: Config) -> None:
     tracking.check_artifact_location(cfg)
     tracking.check_reachable(config.tracking_uri(cfg), config.tracking_key(cfg))
     study.check_storage(cfg)
-    config.check_writable("report_dir", cfg.report_dir, Path(cfg.report_dir), create=True)
+    # the report's own folder, not only report_dir: a file in its place was found after hours of training
+    report_folder = Path(cfg.report_dir) / report.safe_name(cfg.study.name)
+    config.check_writable("report_dir", cfg.report_dir, report_folder if cfg.report else Path(cfg.report_dir),
+                          create=True)
     seen = set()
     for params in study.variants(cfg) or [{}]:
         data_cfg = config.apply(cfg, params).data

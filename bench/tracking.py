@@ -102,6 +102,11 @@ def _check_schema(key: str, url: str, owner: str, tables: set[str]) -> None:
         raise ConfigError(f"{key}={url!r} holds {other}'s store; {owner} needs a database of its own: "
                           "e.g. tracking.uri=sqlite:///mlflow.db with study.storage=sqlite:///optuna.db, or two "
                           "PostgreSQL databases")
+    # another application's database: MLflow and Optuna would add their tables beside its own
+    foreign = sorted(tables - {SCHEMA_TABLE[owner], "alembic_version"})
+    if foreign and SCHEMA_TABLE[owner] not in tables:
+        raise ConfigError(f"{key}={url!r} holds tables of neither MLflow nor Optuna ({', '.join(foreign[:5])}"
+                          f"{', …' if len(foreign) > 5 else ''}); expected {owner}'s store, or a new or empty database")
 
 
 def same_database(a: str, b: str) -> bool:
@@ -398,6 +403,9 @@ def load_model(run_id: str) -> VAE:
         for name in ("config.yaml", "model_state_dict.pt"):
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
         saved = Path(tmp) / "config.yaml"
+        if "${" in saved.read_text():  # an interpolation could read the environment (${oc.env:...}) into a run
+            raise ConfigError(f"run {run_id}: its config.yaml holds an interpolation (${{...}}), which vaebench "
+                              "never writes: the file was changed after the run; read it before loading it")
         # rebuilt on the CPU, uncompiled: train.compile=true would need a C++ compiler here just to load
         # weights; a study-wide setting its family does not read (kept by runs logged before 6291e86) is
         # refused by a study of that family alone, and changes nothing in the model

@@ -49,6 +49,9 @@ FILES = {
     "interpolation.yaml": "data:\n  root: ${oc.env:VAEBENCH_UNSET_VARIABLE}\n",
     "search_dim.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: {kind: float, lo: 0.0001, high: 0.01}\n",
     "MNIST/raw/t10k-images-idx3-ubyte": "garbage, not an IDX file\n",
+    "alias.yaml": "study:\n  description: &words a sweep\nreport_dir: *words\n",
+    "unquoted_text.yaml": "report_dir: 0755\n",  # YAML 1.1: the octal 493
+    "rep/smoke": "a file where the report's folder goes\n",
     "search_lr.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                       "    train.lr: {low: 0.0001, high: 0.01, log: true}\n",
 }
@@ -206,6 +209,14 @@ CASES = [
     ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
                                          "tracking.uri=sqlite:///{tmp}/in/one.db"],
      ["study.storage='sqlite:///", "and tracking.uri='sqlite:///", "are one database", "each need their own"]),
+    ("YAML alias in a study file", ["study={tmp}/in/alias.yaml"],
+     ["alias.yaml is not valid YAML", "alias *words is not supported", "OmegaConf interpolation"]),
+    ("unquoted text in a study file", ["study={tmp}/in/unquoted_text.yaml"],
+     ["report_dir=493 is invalid: expected text", "YAML read this value as an int", "put the text in quotes"]),
+    ("quote in the study name", ["study=smoke", "study.name=bob's sweep"],
+     ["study.name=\"bob's sweep\" is invalid", "a name without quotes"]),
+    ("a file where the study's report folder goes", ["study=smoke", "report_dir={tmp}/in/rep", "report=true"],
+     ["report_dir=", "in/rep/smoke is not a writable folder"]),
     ("MLflow in the default Optuna file", ["study=smoke", "tracking.uri=sqlite:///{tmp}/in/optuna.db"],
      ["study.storage (unset: optuna.db beside the MLflow store)=", "are one database"]),
 ]
@@ -295,6 +306,22 @@ def test_a_store_of_the_other_kind_is_refused(key, owner, tmp_path, monkeypatch,
     _assert_refused(["study=smoke", f"{key}=sqlite:///{store}"],
                     [f"{key}='sqlite:///{store}' holds {owner}'s store", "needs a database of its own"],
                     tmp_path, monkeypatch, capsys)
+    assert store.read_bytes() == content
+
+
+@pytest.mark.parametrize("key", ["tracking.uri", "study.storage"])
+def test_another_applications_database_is_refused(key, tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    store = tmp_path / "stores" / "app.db"
+    store.parent.mkdir()
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    db.close()
+    content = store.read_bytes()
+    _assert_refused(["study=smoke", f"{key}=sqlite:///{store}"],
+                    [f"{key}='sqlite:///{store}' holds tables of neither MLflow nor Optuna (users)",
+                     "a new or empty database"], tmp_path, monkeypatch, capsys)
     assert store.read_bytes() == content
 
 

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import math
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -340,13 +341,20 @@ def test_run_data_is_escaped(done, tmp_path):
     child = done.children.run_id.iloc[0]
     client.set_tag(child, "reason", SCRIPT)
     client.log_param(child, "extra.note", SCRIPT)  # varies across runs: becomes a factor, in a table and a plot
-    client.set_tag(done.parent, "mlflow.note.content", SCRIPT)
+    # and Markdown's own markup, newlines and a terminal's escape sequence in the description
+    links = "[x](javascript:alert(1)) ![t](http://evil.example/p.png) [r]: http://evil.example"
+    client.set_tag(done.parent, "mlflow.note.content", f"{SCRIPT} {links}\n\nsecond line \x1b[31mred")
     assert report.main([f"run={done.parent}", f"tracking.uri={uri}", f"report_dir={tmp_path / 'out'}"]) == 0
     page = (tmp_path / "out" / "rep" / "report.html").read_text(encoding="utf-8")
     assert "<script" not in page.lower()
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # description, reason, factor value
     md = (tmp_path / "out" / "rep" / "report.md").read_text(encoding="utf-8")
     assert SCRIPT not in md and "&lt;script&gt;" in md
+    assert not re.search(r"(?<!\\)\][(\[:]", md.split("## ", 1)[0])  # no link, image or reference, each ] escaped
+    assert "[x\\](javascript:alert(1))" in md and "\x1b" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| description"))
+    assert row.endswith("second line  [31mred |")  # the description's newlines no longer end its table row
+    assert "\x1b" not in (tmp_path / "out" / "rep" / "tables.tex").read_text(encoding="utf-8")
 
 
 def test_without_the_optuna_storage_states_come_from_the_mlflow_runs(done, tmp_path):

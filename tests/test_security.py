@@ -105,3 +105,46 @@ def test_load_model_refuses_a_checkpoint_that_would_run_code(tracked, tmp_path):
     assert not (tmp_path / "pwned").exists()
     torch.load(tmp_path / "run" / "model_state_dict.pt", weights_only=False)  # what a full unpickle does
     assert (tmp_path / "pwned").is_dir()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://bob:s3cr3t@db.lan:5432/vb", "postgresql://bob:***@db.lan:5432/vb"),
+    ("postgresql://bob:Zq9/Kx+7s3cr3t@db.lan/vb", "postgresql://bob:***@db.lan/vb"),  # base64 holds / and +
+    ("postgresql+psycopg://bob:it's-s3cr3t@db.lan/vb", "postgresql+psycopg://bob:***@db.lan/vb"),
+    ("https://bob:s3cr3t@mlflow.lan", "https://bob:***@mlflow.lan"),
+    ("postgresql://db.lan/vb?user=bob&password=s3cr3t&sslmode=require",
+     "postgresql://db.lan/vb?user=bob&password=***&sslmode=require"),
+    ("postgresql://bob@db.lan/vb", "postgresql://bob@db.lan/vb"),  # no password: as it was
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000")])
+def test_a_url_password_is_masked_wherever_it_is_written(url, shown):
+    for text in (url, f"study.storage={url!r}: cannot connect", f"MLflow: {url} (experiment 'x'); Optuna: {url}"):
+        masked = config.redact(text)
+        assert "s3cr3t" not in masked and masked == text.replace(url, shown)
+
+
+def test_load_model_refuses_a_config_that_reads_the_environment(tracked, tmp_path, monkeypatch):
+    """vaebench never writes an interpolation into a run's config.yaml: one there was put in later, and
+    ${oc.env:...} would read a secret into whatever the loaded config is used for."""
+    cfg, experiment, parent = tracked
+    result = train(cfg)
+    run_id = tracking.start_child(cfg, parent, experiment, "0: bernoulli", {})
+    tracking.finish_child(result, cfg, {}, "complete")
+    monkeypatch.setenv("VAEBENCH_SECRET", "s3cr3t")
+    tampered = tmp_path / "tampered" / "config.yaml"
+    tampered.parent.mkdir()
+    saved = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    tampered.write_text(saved.replace("description: ''", "description: ${oc.env:VAEBENCH_SECRET}"))
+    assert tampered.read_text() != saved
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(tampered))
+    with pytest.raises(config.ConfigError, match=r"config.yaml holds an interpolation \(\$\{\.\.\.\}\)"):
+        tracking.load_model(run_id)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10^9 values expanded
+    bomb.write_text("study:\n  description: hi\n" + "\n".join(levels) + "\n")
+    with pytest.raises(config.ConfigError, match=r"alias \*a0 is not supported"):
+        config.load([f"study={bomb}"])
