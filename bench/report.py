@@ -414,10 +414,17 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^\w-]+", "_", name).strip("_") or "study"
 
 
+# the names of a report's files, whichever figures it has: one report replaces another's whole
+REPORT_FILE = re.compile(r"report\.(md|html)|tables\.(tex|csv)|(val_elbo|reconstructions|manifold|throughput"
+                         r"|factor_[\w-]+)\.png")
+
+
 def write(data: StudyData, folder: Path | None = None) -> Path:
     """Writes the report into `folder` (default <report_dir>/<study>/) and returns the folder. Every file
     is written into a temporary folder beside it first and moved in once all are: a write that fails (a
-    full disk) leaves the folder as it was, not a truncated report.html beside a new report.md."""
+    full disk) leaves the folder as it was, not a truncated report.html beside a new report.md. Then the
+    figures of an earlier report that this one has not go (a manifold.png of another config's report
+    stayed beside it); files of other names stay."""
     folder = folder or Path(data.selection.cfg.report_dir) / safe_name(data.selection.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
@@ -432,8 +439,12 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
         pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).to_csv(
             new / "tables.csv", index=False)
         folder.mkdir(exist_ok=True)
+        written = {path.name for path in new.iterdir()}
         for path in new.iterdir():
             os.replace(path, folder / path.name)  # a rename: no write that can fail half-way
+    for path in folder.iterdir():  # a figure of the report before (of another config) that this one has not
+        if path.name not in written and REPORT_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
     return folder
 
 

@@ -113,14 +113,31 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
 
+def _tracking_setup(cfg: Config) -> str:
+    """tracking.setup, whose database errors (MLflow raises SQLAlchemy's own when it cannot make or read
+    its schema) are named as the tracking store's, not taken for the Optuna storage's."""
+    try:
+        return tracking.setup(cfg)
+    except study.STORAGE_ERRORS as e:
+        path = tracking.sqlite_path(config.tracking_uri(cfg))
+        hint = (f"; a store whose making was cut short (a killed command) stays unusable: if {path} holds no runs, "
+                "delete it" if path is not None else "")
+        raise MlflowException(f"its database could not be read or set up ({config.first_line(e)}){hint}") from e
+
+
 def run(cfg: Config) -> bool:
     """Runs the study; returns False when a trial failed for a reason other than divergence, a worker
     died, or trials of the study have not ended (running in other processes, or still queued)."""
     # Two commands started at once: the stores created once (two processes creating one SQLite file crash
     # MLflow and Optuna), each variant enqueued once, one parent run.
     with study.study_lock(cfg):
-        experiment_id = tracking.setup(cfg)
-        optuna_study = study.open_study(cfg, create=not cfg.study.worker)
+        # A stop while MLflow or Optuna makes its schema in a new SQLite file (seconds) would leave the file
+        # half made, refused by every later command in the folder: it waits for the stores to be made.
+        new_file = any(path is not None and not path.exists() for path in
+                       (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
+        with stopping.ctrl_c_deferred() if new_file else contextlib.nullcontext():
+            experiment_id = _tracking_setup(cfg)
+            optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study, experiment_id)
             queued, taken = study.enqueue_missing(optuna_study, cfg, experiment_id)
@@ -229,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # before anything is written
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return stopping.exit_code(stop)
     print(config.to_yaml(cfg))
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
     print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")

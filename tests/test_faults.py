@@ -738,3 +738,68 @@ def test_a_store_left_with_a_hot_journal_is_recovered_not_refused(tmp_path, monk
     assert report_data.load(args).runs.shape[0] == len(SEEDS)  # the report reads it
     assert not Path(f"{store}-journal").exists()
     assert run.main(args) == 0  # and the study's command takes it
+
+
+@pytest.mark.parametrize("call", [3, 40])  # in MLflow's first migration; in a later one
+def test_ctrl_c_while_a_new_store_is_made_waits_for_it(call, tmp_path, monkeypatch, capsys):
+    """A real SIGINT while MLflow makes its schema in a new mlflow.db: the store is made first, then the
+    command stops as for any Ctrl-C. Cut short, the file was left half made, and every later command in
+    the folder failed on it."""
+    from alembic.operations import Operations
+
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real, calls = Operations.create_table, []
+
+    def interrupted(*a, **kw):  # SIGINT right after a table is made, before the migration records it
+        table = real(*a, **kw)
+        calls.append(a)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return table
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Operations, "create_table", interrupted)
+        assert run.main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert run.main(args) == 0, capsys.readouterr().err  # the same command resumes in that folder
+    assert len(calls) > call  # the migration went on after the signal
+    trials, runs = _state(tmp_path, args)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and len(runs) == 3
+
+
+def test_a_half_made_tracking_store_is_named_as_mlflows_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """One cut short before the fix above, or by a SIGKILL: the error names MLflow's store, not Optuna's
+    storage, and says it can be deleted when it holds no runs."""
+    from alembic.operations import Operations
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    real = Operations.create_table
+
+    def killed(*a, **kw):  # the process dies right after a table is made
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Operations, "create_table", killed)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    assert run.main(seed_study_args(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "error: MLflow tracking failed (its database could not be read or set up" in err
+    assert f"if {tmp_path / 'mlflow.db'} holds no runs, delete it" in err and "Optuna" not in err
+
+
+def test_ctrl_c_before_the_study_starts_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*a, **kw):  # as if Ctrl-C came while the config is read and checked
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "preflight", interrupted)
+    args = seed_study_args(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert run.main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was written" in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before

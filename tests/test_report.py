@@ -400,6 +400,21 @@ def test_unknown_study_exits_2_naming_the_choices_and_writes_nothing(selection, 
     assert sorted(p.name for p in done.tmp.rglob("*")) == before
 
 
+def test_a_report_replaces_the_figures_of_the_report_before_and_keeps_other_files(done, tmp_path):
+    """Another config of the same study writes into the same folder: a figure of its report that this one
+    has not (a 2-d latent's manifold) would stay beside it, as if it were this study's."""
+    folder = tmp_path / "reports" / "rep"
+    folder.mkdir(parents=True)
+    for name in ("manifold.png", "factor_model_latent_dim.png", "notes.txt", "report.html"):
+        (folder / name).write_text("from before")
+    assert report.main([*done.args, f"report_dir={tmp_path / 'reports'}"]) == 0
+    names = {p.name for p in folder.iterdir()}
+    assert "manifold.png" not in names and "factor_model_latent_dim.png" not in names  # this report has neither
+    assert (folder / "notes.txt").read_text() == "from before"  # not a report's: the user's
+    assert (folder / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert {"report.md", "report.html", "tables.tex", "tables.csv", "val_elbo.png"} <= names
+
+
 def test_unwritable_report_dir_exits_2_and_writes_nothing(done, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("a file where a folder is needed")
