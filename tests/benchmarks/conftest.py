@@ -498,7 +498,7 @@ def _command(config) -> str:
 def pytest_configure(config):
     """A --benchmark-json path that cannot be written is refused before anything runs: found when the
     results are saved, after the whole run, it lost them with their summary. Notes the load average before
-    anything runs: other processes' share of the cores is then in every round."""
+    anything runs, so that the Markdown can say a run started on a busy machine."""
     config._vaebench_load_at_start = os.getloadavg()[0]
     path = config.getoption("benchmark_json", None)
     if path is None:
