@@ -30,6 +30,7 @@ Example: python -m bench.report study=likelihoods
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sys
@@ -422,9 +423,9 @@ REPORT_FILE = re.compile(r"report\.(md|html)|tables\.(tex|csv)|(val_elbo|reconst
 def write(data: StudyData, folder: Path | None = None) -> Path:
     """Writes the report into `folder` (default <report_dir>/<study>/) and returns the folder. Every file
     is written into a temporary folder beside it first and moved in once all are: a write that fails (a
-    full disk) leaves the folder as it was, not a truncated report.html beside a new report.md. Then the
-    figures of an earlier report that this one has not go (a manifold.png of another config's report
-    stayed beside it); files of other names stay."""
+    full disk) leaves the folder as it was, not a truncated report.html beside a new report.md. With them,
+    under a lock of the folder, the figures of an earlier report that this one has not go (a manifold.png
+    of another config's report stayed beside it); files of other names stay."""
     folder = folder or Path(data.selection.cfg.report_dir) / safe_name(data.selection.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
@@ -440,11 +441,16 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
             new / "tables.csv", index=False)
         folder.mkdir(exist_ok=True)
         written = {path.name for path in new.iterdir()}
-        for path in new.iterdir():
-            os.replace(path, folder / path.name)  # a rename: no write that can fail half-way
-    for path in folder.iterdir():  # a figure of the report before (of another config) that this one has not
-        if path.name not in written and REPORT_FILE.fullmatch(path.name) and path.is_file():
-            path.unlink()
+        lock = os.open(folder, os.O_RDONLY)
+        try:  # another report of this study's name moving its files in at once would mix the two
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for path in new.iterdir():
+                os.replace(path, folder / path.name)  # a rename: no write that can fail half-way
+            for path in folder.iterdir():  # a figure of the report before (another config's) that this one has not
+                if path.name not in written and REPORT_FILE.fullmatch(path.name) and path.is_file():
+                    path.unlink()
+        finally:
+            os.close(lock)  # and the lock with it
     return folder
 
 

@@ -415,6 +415,33 @@ def test_a_report_replaces_the_figures_of_the_report_before_and_keeps_other_file
     assert {"report.md", "report.html", "tables.tex", "tables.csv", "val_elbo.png"} <= names
 
 
+def test_a_report_moves_its_files_in_under_a_lock_of_the_folder(done, tmp_path, monkeypatch):
+    """Two reports of one study name written at once (two configs' commands ending together) mixed their
+    files, one's report.html beside the other's report.md; each now moves its files in holding the folder."""
+    import fcntl
+    import os
+
+    folder = tmp_path / "reports" / "rep"
+    held, replace = [], os.replace
+
+    def checked_replace(src, dst):
+        other = os.open(folder, os.O_RDONLY)  # another process's open of the folder
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(other)
+        return replace(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", checked_replace)
+    assert report.main([*done.args, f"report_dir={tmp_path / 'reports'}"]) == 0
+    assert len(held) >= 5 and all(held)
+    fcntl.flock(fd := os.open(folder, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after
+    os.close(fd)
+
+
 def test_unwritable_report_dir_exits_2_and_writes_nothing(done, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("a file where a folder is needed")
