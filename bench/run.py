@@ -113,18 +113,6 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
 
-def _tracking_setup(cfg: Config) -> str:
-    """tracking.setup, whose database errors (MLflow raises SQLAlchemy's own when it cannot make or read
-    its schema) are named as the tracking store's, not taken for the Optuna storage's."""
-    try:
-        return tracking.setup(cfg)
-    except study.STORAGE_ERRORS as e:
-        path = tracking.sqlite_path(config.tracking_uri(cfg))
-        hint = (f"; a store whose making was cut short (a killed command) stays unusable: if {path} holds no runs, "
-                "delete it" if path is not None else "")
-        raise MlflowException(f"its database could not be read or set up ({config.first_line(e)}){hint}") from e
-
-
 def run(cfg: Config) -> bool:
     """Runs the study; returns False when a trial failed for a reason other than divergence, a worker
     died, or trials of the study have not ended (running in other processes, or still queued)."""
@@ -136,7 +124,7 @@ def run(cfg: Config) -> bool:
         new_file = any(path is not None and not path.exists() for path in
                        (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
         with stopping.ctrl_c_deferred() if new_file else contextlib.nullcontext():
-            experiment_id = _tracking_setup(cfg)
+            experiment_id = tracking.setup(cfg)
             optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study, experiment_id)

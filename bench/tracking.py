@@ -182,7 +182,21 @@ def check_artifact_location(cfg: Config) -> None:
 
 
 def setup(cfg: Config) -> str:
-    """Points MLflow at the tracking store and returns the study's experiment id (created once)."""
+    """Points MLflow at the tracking store and returns the study's experiment id (created once). MLflow
+    raises SQLAlchemy's own errors when it cannot make or read its schema: named here as the tracking
+    store's, so that the study's command and its workers do not take them for the Optuna storage's."""
+    import sqlalchemy
+
+    try:
+        return _experiment(cfg)
+    except sqlalchemy.exc.OperationalError as e:
+        path = sqlite_path(config.tracking_uri(cfg))
+        hint = (f"; a store whose making was cut short (a killed command) stays unusable: if {path} holds no runs, "
+                "delete it" if path is not None else "")
+        raise MlflowException(f"its database could not be read or set up ({config.first_line(e)}){hint}") from e
+
+
+def _experiment(cfg: Config) -> str:
     uri = config.tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
