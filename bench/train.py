@@ -18,6 +18,7 @@ import math
 import re
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class _StepTimer:
 
 
 PROC = Path("/proc/self")  # Linux
+MAXRSS_PER_MB = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -123,7 +125,7 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     with contextlib.suppress(OSError, AttributeError):
         return int(re.search(r"VmHWM:\s*(\d+) kB", (PROC / "status").read_text()).group(1)) / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux's unit: kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MAXRSS_PER_MB
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor) -> None:

@@ -390,3 +390,13 @@ def test_the_device_is_not_a_variant(varied, tmp_path):
     study.write_text(f"study:\n  {varied}\n")
     with pytest.raises(config.ConfigError, match="key='train.device' is invalid.*compare devices with the speed"):
         config.validate(config.load(study=str(study)))
+
+
+def test_windows_is_refused_with_what_to_use_instead():
+    # Without this, Windows fails on `import fcntl`, naming no way out
+    script = ("import runpy, sys; sys.platform = 'win32'; sys.argv = ['bench.run', 'study=smoke']; "
+              "runpy.run_module('bench.run', run_name='__main__', alter_sys=True)")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode != 0
+    assert "vaebench runs on Linux and macOS; on Windows, run it under WSL 2" in done.stderr

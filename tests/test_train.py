@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -86,6 +87,14 @@ def test_cpu_peak_memory_is_the_runs_own_not_the_processs():
     lifetime_mb = train.resource.getrusage(train.resource.RUSAGE_SELF).ru_maxrss / 2**10
     result = train.train(make_cfg(*PROTOCOLS["bernoulli"], "train.epochs=1"))
     assert 0 < result.history[0]["peak_memory_mb"] < lifetime_mb - 256
+
+
+def test_cpu_peak_memory_without_proc_is_in_megabytes(monkeypatch, tmp_path):
+    # Where there is no /proc (macOS), the peak is getrusage's, whose unit differs by system (bytes on
+    # macOS, kB on Linux): a torch process holds a few hundred MB, not hundreds of GB or under 1 MB
+    monkeypatch.setattr(train, "PROC", tmp_path / "no-proc")
+    resident_mb = train.peak_memory_mb(torch.device("cpu"))
+    assert 20 < resident_mb < psutil.virtual_memory().total / 2**20
 
 
 def test_reported_elbo_is_on_the_run_measure(short_runs):
