@@ -89,7 +89,8 @@ class TrainConfig:
     # first step compiles (seconds; needs a C++ compiler); not used on a GPU (there: train.cuda_graph)
     compile: bool = False
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
-    # ends an unbounded family's run as diverged: the density has become a spike on discrete values.
+    # ends an unbounded family's run as diverged where its objective can run away (binarized or raw 8-bit
+    # pixels: the density has become a spike on discrete values); not on dequantized pixels, where it cannot
     scale_collapse: float = 0.01
 
 

@@ -377,8 +377,10 @@ def evaluate(model: VAE, x_eval: Tensor, transform: Callable[[Tensor], Tensor], 
     return {"recon": recon, "kl": kl, "elbo": elbo}
 
 
-def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum: float) -> str:
-    """Why this epoch's metrics mean the run has diverged ("" when it has not)."""
+def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum: float, measure: Measure) -> str:
+    """Why this epoch's metrics mean the run has diverged ("" when it has not). A collapsing learned scale
+    is divergence only where the objective can run away (a measure that is not a likelihood of the data):
+    on dequantized pixels it cannot, and a scale that dips there recovers or ends in a non-finite value."""
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
         return f"non-finite {', '.join(bad)} (NaN or ∞)"
@@ -388,7 +390,7 @@ def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum:
         return (f"log p(x|z) per pixel {metrics['max_log_p_per_pixel']:.4f} (of the image that has the most) "
                 f"above the supremum {sup:.4f} of the bounded family {lik.name}")
     threshold = cfg.train.scale_collapse * quantum
-    if sup is None and lik.family.learned_scale and metrics["min_scale"] < threshold:
+    if sup is None and lik.family.learned_scale and not measure.comparable and metrics["min_scale"] < threshold:
         return (f"learned scale collapsed to {metrics['min_scale']:.2e} < {threshold:.2e} (train.scale_collapse="
                 f"{cfg.train.scale_collapse:g} of the pixel quantum {quantum:.4g}): {lik.name} is unbounded, "
                 "its log p grows without limit")
@@ -430,7 +432,7 @@ def record_epoch(result: TrainResult, metrics: dict[str, float], epoch: int, cfg
     metrics["peak_memory_mb"] = peak_memory_mb(device)
     metrics["epoch"] = epoch
     result.history.append(metrics)
-    result.reason = divergence(metrics, result.model.likelihood, cfg, data.quantum)
+    result.reason = divergence(metrics, result.model.likelihood, cfg, data.quantum, result.measure)
     if result.reason:
         result.status = states.DIVERGED
 

@@ -143,7 +143,8 @@ def test_train_stacked_gives_each_variant_its_result_and_lr(tiny_cfg):
 def test_a_diverged_variant_keeps_its_model_at_divergence_and_the_others_train_on(shrink):
     # the lr-3e-2 variant's learned σ collapses below train.scale_collapse × quantum in epoch 1; its
     # slice of the stack trains on, but its result is the model its last recorded epoch evaluated
-    base = shrink(config.load(["likelihood.name=gaussian_learned", "data.binarize=none", "train.scale_collapse=8"]))
+    base = shrink(config.load(["likelihood.name=gaussian_learned", "data.binarize=none", "data.dequantize=false",
+                                 "train.scale_collapse=8"]))
     cfgs = [config.apply(base, {"train.lr": lr, "train.epochs": 3}) for lr in (1e-4, 3e-2)]
     healthy, diverged = train_stacked(cfgs)
     assert healthy.status == states.COMPLETE and len(healthy.history) == 3

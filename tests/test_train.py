@@ -251,27 +251,35 @@ def test_absurd_learning_rate_ends_the_run_as_diverged():
 
 
 @pytest.mark.parametrize("name", [n for n, f in likelihoods.FAMILIES.items() if f.learned_scale])
-def test_a_collapsed_learned_scale_is_divergence_for_every_unbounded_family(name):
+def test_a_collapsed_learned_scale_is_divergence_where_the_objective_can_run_away(name):
     cfg = make_cfg(f"likelihood.name={name}", "data.binarize=none", "train.scale_collapse=0.01")
     lik = config.likelihood_of(cfg)
     quantum = 1 / 255
     healthy = {"val_elbo": -1.0, "max_log_p_per_pixel": -10.0, "min_scale": 0.02 * quantum}
     collapsed = {**healthy, "min_scale": 0.005 * quantum}
-    assert train.divergence(healthy, lik, cfg, quantum) == ""
+    raw, dequantized = lik.measure(False, dequantized=False), lik.measure(False, dequantized=True)
+    assert train.divergence(healthy, lik, cfg, quantum, raw) == ""
     if lik.bounded:  # a pmf's scale may shrink: its log p cannot pass 0
-        assert lik.family.is_pmf and train.divergence(collapsed, lik, cfg, quantum) == ""
-    else:
-        assert "learned scale collapsed" in train.divergence(collapsed, lik, cfg, quantum)
+        assert lik.family.is_pmf and train.divergence(collapsed, lik, cfg, quantum, raw) == ""
+        return
+    assert "learned scale collapsed" in train.divergence(collapsed, lik, cfg, quantum, raw)
+    # On dequantized pixels a density's objective is bounded in expectation (a likelihood of the data):
+    # a scale that dips there at a high learning rate recovers (the per-pixel Laplace at lr 0.1, seed 0,
+    # on the digits: 1.7e-6 in epoch 1, 0.02 in epoch 2, complete after 12 with the other seeds' ELBO).
+    # The σ-VAE's σ, fitted to the very image it scores, is not such a likelihood: its check stays.
+    assert (train.divergence(collapsed, lik, cfg, quantum, dequantized) == "") == dequantized.comparable
+    assert dequantized.comparable == (name != "gaussian_optimal")
 
 
 def test_log_p_above_a_bounded_supremum_is_divergence():
     # A bounded family whose log p per pixel exceeds its supremum means a bug or a numerical blow-up.
     cfg = make_cfg(*PROTOCOLS["gaussian"])
     lik = train.likelihoods.get("gaussian")
+    measure = lik.measure(binarized=False, dequantized=True)
     metrics = {"train_elbo": -10.0, "max_log_p_per_pixel": lik.supremum_per_pixel + 1e-3}
-    assert "above the supremum" in train.divergence(metrics, lik, cfg, 1 / 256)
+    assert "above the supremum" in train.divergence(metrics, lik, cfg, 1 / 256, measure)
     metrics["max_log_p_per_pixel"] = lik.supremum_per_pixel  # attaining it is fine
-    assert train.divergence(metrics, lik, cfg, 1 / 256) == ""
+    assert train.divergence(metrics, lik, cfg, 1 / 256, measure) == ""
 
 
 def _assert_png_not_blank(path):
