@@ -459,6 +459,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         estimates = [iwae(model, inputs[i : i + 100], cfg.eval.iwae_k, cfg.eval.chunk) for i in range(0, len(inputs), 100)]
         log_px = torch.cat([e.log_px for e in estimates]) + offset  # (N,)
         mc_se = torch.cat([e.mc_se for e in estimates])
+        ess = torch.cat([e.ess for e in estimates])  # (N,)
         gain = torch.cat([e.log_px - e.elbo for e in estimates])  # (N,) ≥ 0: the offset cancels
         torch.manual_seed(seed + 2)
         noise = eval_tf(torch.randint(0, 2 if data.binarized else likelihoods.LEVELS, data.test.shape,
@@ -483,6 +484,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         "iwae_k": float(cfg.eval.iwae_k),
         "iwae_images": float(n),  # eval.iwae_examples, or the whole test split where it is smaller
         "test_iwae_gain": gain.mean().item(),  # IWAE-k − ELBO on the IWAE's images, from its k samples
+        "test_iwae_ess": ess.median().item(),  # of its images' weights: near 1, the MC s.e. says little
         "anomaly_kl_train": kl_train.mean().item(),
         "anomaly_kl_noise": kl_noise.mean().item(),
         "anomaly_detection_rate": (kl_noise > alarm).float().mean().item(),  # noise inputs flagged

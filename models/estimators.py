@@ -68,6 +68,9 @@ class IwaeEstimate:
     log_px: Tensor  # (B,) IWAE_K = logsumexp_k log w_k − log K (Burda, Grosse & Salakhutdinov 2016)
     mc_se: Tensor  # (B,) Monte-Carlo s.e. of each estimate (delta method: √(Var(w) / (K · mean(w)²)))
     elbo: Tensor  # (B,) mean_k log w_k: the ELBO from the same K samples, ≤ log_px for each image (Jensen)
+    # (B,) Kish's effective sample size (Σ w)² / Σ w², in [1, K]: near 1, one weight dominates and mc_se,
+    # which is then √(1/ESS − 1/K) < 1 nat whatever the weights' true spread, says little (Owen 2013, §9.3)
+    ess: Tensor
 
 
 @torch.no_grad()
@@ -89,7 +92,7 @@ def iwae(model: VAE, x: Tensor, k: int, chunk: int = 500) -> IwaeEstimate:
     rel_var = torch.expm1((lse_w2 - math.log(k) - 2 * log_mean_w).clamp_min(0))
     # one weight shows no spread: its s.e. is unknown (NaN), not 0
     mc_se = (rel_var / k).sqrt() if k > 1 else torch.full_like(log_mean_w, math.nan)
-    return IwaeEstimate(log_mean_w, mc_se, sum_log_w / k)
+    return IwaeEstimate(log_mean_w, mc_se, sum_log_w / k, (2 * lse_w - lse_w2).exp())
 
 
 def bits_per_dim(nll_nats: float | Tensor, n_dims: int) -> float | Tensor:

@@ -81,6 +81,7 @@ def test_iwae_with_one_sample_is_the_analytic_kl_elbo_in_expectation(correlated_
     torch.manual_seed(5)
     one = iwae(model, x.repeat(n, 1), 1)
     assert torch.all(one.mc_se.isnan())  # one weight: no spread to estimate it from
+    torch.testing.assert_close(one.ess, torch.ones_like(one.ess))  # and one effective sample
     singles = one.log_px.view(n, len(x))  # (n, B)
     iwae_1, iwae_1_se = singles.mean(0), singles.std(0) / math.sqrt(n)
     torch.manual_seed(6)
@@ -193,6 +194,10 @@ def test_chunked_iwae_equals_unchunked_on_the_same_samples(correlated_model, mon
     w = (log_w - log_w.max(0).values).exp()
     torch.testing.assert_close(whole.mc_se, (w.var(0, unbiased=False) / (k * w.mean(0) ** 2)).sqrt(),
                                rtol=1e-9, atol=1e-12)
+    # Kish's effective sample size (Σ w)² / Σ w², chunked alike, and the s.e. it caps: √(1/ESS − 1/K)
+    torch.testing.assert_close(whole.ess, w.sum(0) ** 2 / w.pow(2).sum(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(chunked.ess, whole.ess, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(whole.mc_se, (1 / whole.ess - 1 / k).sqrt(), rtol=1e-9, atol=1e-12)
 
 
 def test_chunked_iwae_agrees_with_unchunked_within_mc_error(correlated_model):

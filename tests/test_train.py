@@ -148,7 +148,7 @@ def test_final_metrics_put_the_iwae_estimates_on_the_runs_measure(short_runs, mo
     def known(model, x, k, chunk):
         log_px = -x.sum(1)  # (B,)
         given.append(log_px)
-        return IwaeEstimate(log_px, torch.full_like(log_px, 0.5), log_px - 1.0)
+        return IwaeEstimate(log_px, torch.full_like(log_px, 0.5), log_px - 1.0, torch.arange(len(x)) + 1.0)
 
     monkeypatch.setattr(train, "iwae", known)
     out = train.final_metrics(result, cfg)
@@ -159,6 +159,8 @@ def test_final_metrics_put_the_iwae_estimates_on_the_runs_measure(short_runs, mo
     assert out["test_iwae_nll_se"] == pytest.approx(log_px.std().item() / math.sqrt(n), rel=1e-5)
     assert out["test_iwae_mc_se"] == pytest.approx(0.5 / math.sqrt(n), rel=1e-6)  # √(n · 0.25) / n
     assert out["test_iwae_gain"] == pytest.approx(1.0, rel=1e-6)
+    ess = torch.cat([torch.arange(len(g)) + 1.0 for g in given])
+    assert out["test_iwae_ess"] == ess.median().item()  # of the images' effective sample sizes
     assert out["test_bpd"] == pytest.approx(out["test_iwae_nll"] / (d * math.log(2)), rel=1e-12)
 
 
