@@ -275,6 +275,12 @@ def start_child(cfg: Config, parent_id: str, experiment_id: str, name: str, tags
 _EPOCH_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-epoch-log")
 
 
+def storable(value: float) -> float:
+    """MLflow stores ±∞ as ±1.8e308, a finite number that would enter a report's means and plots and read
+    as a value in the UI: NaN instead (the run's reason tag says which metric was not finite)."""
+    return value if math.isfinite(value) else math.nan
+
+
 class EpochLog:
     """A run's per-epoch metrics (an `on_epoch` callback), sent to MLflow in batches: at the first epoch,
     then at most every `every_s` seconds, and by `wait` (finish_child calls it). Each epoch keeps its
@@ -290,7 +296,7 @@ class EpochLog:
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         now = time.time()
-        self.pending += [Metric(k, v, int(1000 * now), epoch) for k, v in metrics.items() if k != "epoch"]
+        self.pending += [Metric(k, storable(v), int(1000 * now), epoch) for k, v in metrics.items() if k != "epoch"]
         if now - self.sent_at >= self.every_s:
             self.flush()
 
@@ -331,7 +337,7 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
     if epoch_log is not None:
         epoch_log.wait()
     if final:
-        mlflow.log_metrics(final, synchronous=True)
+        mlflow.log_metrics({k: storable(v) for k, v in final.items()}, synchronous=True)
     if result is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

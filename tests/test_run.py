@@ -3,6 +3,7 @@ tmp_path."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -332,6 +333,22 @@ def test_epoch_log_sends_the_first_epoch_at_once_and_every_epoch_with_its_step(t
     epoch_log.wait()
     assert history() == [(e, -100.0 + e) for e in range(1, 6)]
     assert "epoch" not in client.get_run(run_id).data.metrics
+
+
+def test_infinite_metrics_are_stored_as_nan_not_as_the_largest_float(tmp_path):
+    # MLflow would store ±∞ as ±1.8e308: a finite number that a report would average and plot
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("inf")).info.run_id
+    epoch_log = tracking.EpochLog(run_id)
+    epoch_log(1, {"epoch": 1, "val_elbo": -math.inf, "max_log_p_per_pixel": math.inf, "train_kl": 2.5})
+    with mlflow.start_run(run_id):
+        tracking.finish_child(None, config.load([]), {"test_iwae_gain": math.inf, "test_kl": 3.0}, "diverged",
+                              "non-finite val_elbo", epoch_log)
+    metrics = client.get_run(run_id).data.metrics
+    assert math.isnan(metrics["val_elbo"]) and math.isnan(metrics["max_log_p_per_pixel"])
+    assert math.isnan(metrics["test_iwae_gain"])
+    assert metrics["train_kl"] == 2.5 and metrics["test_kl"] == 3.0
 
 
 def test_epoch_log_keeps_one_batch_in_flight_and_sends_the_epochs_behind_it_together(tmp_path, monkeypatch):
