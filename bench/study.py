@@ -514,6 +514,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         finite = all(bool(p.isfinite().all()) for p in result.model.parameters())
         final = final_metrics(result, cfg) if finite else {}
         state, reason = result.status, result.reason
+        if not finite and state == states.COMPLETE:  # its last epoch's metrics were finite, its weights not
+            state, reason = states.DIVERGED, "non-finite model parameters (NaN or ∞) after the last epoch"
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt as stop:

@@ -4,6 +4,7 @@ while the study goes on."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from bench import config, report_data, report_tables, run, stopping, study, tracking
@@ -226,6 +228,31 @@ def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_int
     assert run.main(args) == 0  # the next command trains it
     trials, _ = _state(tmp_path, args)
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+def test_weights_gone_non_finite_after_finite_metrics_mark_the_trial_diverged(tmp_path, monkeypatch):
+    # Not "complete" without test metrics and without a reason: diverged, saying why
+    monkeypatch.chdir(tmp_path)
+    real_train = study.train
+
+    def nan_weights(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        with torch.no_grad():
+            next(result.model.parameters()).fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(study, "train", nan_weights)
+    path = tmp_path / "one.yaml"
+    path.write_text("data:\n  binarize: static\nlikelihood:\n  name: bernoulli\n")
+    args = [f"study={path}", *shrink_args(tmp_path)]
+    assert run.main(args) == 0
+    trials, runs = _state(tmp_path, args)
+    (trial,) = trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["status"] == "diverged"
+    assert "non-finite model parameters" in trial.user_attrs["reason"]
+    tags = runs.loc[trial.user_attrs["mlflow_run_id"]]
+    assert tags["tags.state"] == "diverged" and "non-finite model parameters" in tags["tags.reason"]
+    assert "metrics.test_elbo" not in runs or pd.isna(tags["metrics.test_elbo"])
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):
