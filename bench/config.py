@@ -90,7 +90,8 @@ class TrainConfig:
     compile: bool = False
     # A learned scale below this fraction of the pixel quantum (1 for binarized data, 1/256 for 8-bit)
     # ends an unbounded family's run as diverged where its objective can run away (binarized or raw 8-bit
-    # pixels: the density has become a spike on discrete values); not on dequantized pixels, where it cannot
+    # pixels: the density has become a spike on discrete values; the σ-VAE's per-image σ); not on
+    # dequantized pixels, where a density's cannot
     scale_collapse: float = 0.01
 
 

@@ -30,7 +30,8 @@ IWAE_GAIN = "IWAE − ELBO, same images"  # the IWAE's images only: the test ELB
 METRICS = [
     ("val_elbo", "val ELBO"), ("test_elbo", "test ELBO"), ("test_recon", "test recon"), ("test_kl", "test KL"),
     ("test_iwae_nll", "IWAE NLL"), ("test_iwae_nll_se", "IWAE s.e."), ("test_iwae_mc_se", "IWAE MC s.e."),
-    ("test_iwae_gain", IWAE_GAIN), ("test_bpd", "bits/dim"), ("min_scale", "min scale"), ("active_units", "active units"),
+    ("test_iwae_ess", "IWAE ESS"), ("test_iwae_gain", IWAE_GAIN), ("test_bpd", "bits/dim"), ("min_scale", "min scale"),
+    ("active_units", "active units"),
     ("samples_per_s", "samples/s"), ("ms_per_step", "ms/step"),
 ]
 LIKELIHOOD_VALUED = ("val_elbo", "test_elbo", "test_recon", "test_iwae_nll", "test_iwae_nll_se", "test_iwae_mc_se",

@@ -43,7 +43,7 @@ from bench import config, states, stopping, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.stopping import ctrl_c_deferred
-from bench.train import final_metrics, median_epoch, resolve_device, train
+from bench.train import evaluation_divergence, final_metrics, median_epoch, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -514,8 +514,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         finite = all(bool(p.isfinite().all()) for p in result.model.parameters())
         final = final_metrics(result, cfg) if finite else {}
         state, reason = result.status, result.reason
-        if not finite and state == states.COMPLETE:  # its last epoch's metrics were finite, its weights not
-            state, reason = states.DIVERGED, "non-finite model parameters (NaN or ∞) after the last epoch"
+        if state == states.COMPLETE:
+            reason = evaluation_divergence(finite, final)
+            state = states.DIVERGED if reason else state
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt as stop:

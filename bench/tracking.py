@@ -277,7 +277,7 @@ _EPOCH_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-e
 
 def storable(value: float) -> float:
     """MLflow stores ±∞ as ±1.8e308, a finite number that would enter a report's means and plots and read
-    as a value in the UI: NaN instead (the run's reason tag says which metric was not finite)."""
+    as a value in the UI: NaN instead (such a metric makes the run diverged, and its reason tag names it)."""
     return value if math.isfinite(value) else math.nan
 
 

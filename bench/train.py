@@ -316,8 +316,8 @@ def median_epoch(values: list[float]) -> float:
 def epoch_metrics(sums: list[float], beta: float, n: int, times: EpochTime, data_dim: int) -> dict[str, float]:
     """One variant's per-epoch training metrics from its `run_steps` row, over n examples. samples_per_s
     is the epoch's (what a run gets, and what tests/benchmarks times); ms_per_step the step's alone;
-    min_scale only for a family with a learned scale (`run_steps` gives +∞ for the others, which MLflow
-    would show as 1.8e308)."""
+    min_scale only for a family with a learned scale (`run_steps` gives +∞ for the others, which would be
+    stored as NaN: `tracking.storable`)."""
     recon, kl, top_log_p, min_scale = sums
     metrics = {
         "train_elbo": (recon - kl) / n, "train_recon": recon / n, "train_kl": kl / n,
@@ -395,6 +395,18 @@ def divergence(metrics: dict[str, float], lik: Likelihood, cfg: Config, quantum:
                 f"{cfg.train.scale_collapse:g} of the pixel quantum {quantum:.4g}): {lik.name} is unbounded, "
                 "its log p grows without limit")
     return ""
+
+
+def evaluation_divergence(finite_weights: bool, final: dict[str, float]) -> str:
+    """Why a run whose epochs all passed `divergence` has diverged after all ("" when it has not): weights
+    that are not finite (no test metric is computed), or a test metric that is ±∞ or NaN, such as an NLL
+    of ∞ where the model gives a test image probability 0. Not a standard error that is NaN: it cannot be
+    estimated from one importance sample."""
+    if not finite_weights:
+        return "non-finite model parameters (NaN or ∞) after the last epoch"
+    bad = [f"{k}={v}" for k, v in sorted(final.items())
+           if not math.isfinite(v) and not (math.isnan(v) and k.endswith("_se"))]
+    return f"non-finite test metrics: {', '.join(bad)}" if bad else ""
 
 
 def train(cfg: Config, data: Data | None = None,
@@ -484,7 +496,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         "iwae_k": float(cfg.eval.iwae_k),
         "iwae_images": float(n),  # eval.iwae_examples, or the whole test split where it is smaller
         "test_iwae_gain": gain.mean().item(),  # IWAE-k − ELBO on the IWAE's images, from its k samples
-        "test_iwae_ess": ess.median().item(),  # of its images' weights: near 1, the MC s.e. says little
+        "test_iwae_ess": ess.nanmedian().item(),  # of its images' weights: near 1, the MC s.e. says little
         "anomaly_kl_train": kl_train.mean().item(),
         "anomaly_kl_noise": kl_noise.mean().item(),
         "anomaly_detection_rate": (kl_noise > alarm).float().mean().item(),  # noise inputs flagged

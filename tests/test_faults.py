@@ -230,10 +230,13 @@ def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_int
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
 
 
-def test_weights_gone_non_finite_after_finite_metrics_mark_the_trial_diverged(tmp_path, monkeypatch):
-    # Not "complete" without test metrics and without a reason: diverged, saying why
+@pytest.mark.parametrize("fault", ["weights", "test metric"])
+def test_a_run_that_goes_non_finite_after_its_last_epoch_is_diverged(tmp_path, monkeypatch, fault):
+    # Its epochs' metrics were finite, then its weights are not, or a test metric is ∞ (an image given
+    # probability 0): diverged, saying why, not "complete" without test metrics or with an ∞ that a
+    # report would leave out of its mean
     monkeypatch.chdir(tmp_path)
-    real_train = study.train
+    real_train, real_final = study.train, study.final_metrics
 
     def nan_weights(*args, **kwargs):
         result = real_train(*args, **kwargs)
@@ -241,18 +244,29 @@ def test_weights_gone_non_finite_after_finite_metrics_mark_the_trial_diverged(tm
             next(result.model.parameters()).fill_(math.nan)
         return result
 
-    monkeypatch.setattr(study, "train", nan_weights)
+    def infinite_nll(*args):
+        return {**real_final(*args), "test_iwae_nll": math.inf, "test_bpd": math.inf}
+
+    if fault == "weights":
+        monkeypatch.setattr(study, "train", nan_weights)
+    else:
+        monkeypatch.setattr(study, "final_metrics", infinite_nll)
     path = tmp_path / "one.yaml"
     path.write_text("data:\n  binarize: static\nlikelihood:\n  name: bernoulli\n")
     args = [f"study={path}", *shrink_args(tmp_path)]
     assert run.main(args) == 0
     trials, runs = _state(tmp_path, args)
     (trial,) = trials
+    expected = {"weights": "non-finite model parameters",
+                "test metric": "non-finite test metrics: test_bpd=inf, test_iwae_nll=inf"}[fault]
     assert trial.state == TrialState.FAIL and trial.user_attrs["status"] == "diverged"
-    assert "non-finite model parameters" in trial.user_attrs["reason"]
+    assert expected in trial.user_attrs["reason"]
     tags = runs.loc[trial.user_attrs["mlflow_run_id"]]
-    assert tags["tags.state"] == "diverged" and "non-finite model parameters" in tags["tags.reason"]
-    assert "metrics.test_elbo" not in runs or pd.isna(tags["metrics.test_elbo"])
+    assert tags["tags.state"] == "diverged" and expected in tags["tags.reason"]
+    if fault == "weights":  # no test metric from NaN weights
+        assert "metrics.test_elbo" not in runs or pd.isna(tags["metrics.test_elbo"])
+    else:  # the finite ones kept, the infinite ones NaN (MLflow would store 1.8e308)
+        assert math.isfinite(tags["metrics.test_elbo"]) and math.isnan(tags["metrics.test_iwae_nll"])
 
 
 def test_non_finite_metrics_mark_the_trial_diverged_and_the_study_goes_on(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_confidence_intervals_equal_a_hand_computation(done):
         if not nll:
             assert not runs.filter(like="metrics.test_iwae_nll").notna().any().any()
             assert runs["metrics.test_iwae_objective"].notna().all()
-        for metric in ("val_elbo", "test_elbo", *nll):
+        for metric in ("val_elbo", "test_elbo", "test_iwae_ess", *nll):  # ESS: of the weights, on any measure
             mean, half = _hand_ci(runs[f"metrics.{metric}"])
             assert table.loc[family, metric] == pytest.approx(mean, rel=1e-9), (family, metric)
             assert table.loc[family, f"{metric}_ci"] == pytest.approx(half, rel=1e-9), (family, metric)
@@ -191,6 +191,7 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
         assert objective[column] == report.NONE and likelihood[column] != report.NONE, column
     assert objective[report_tables.OBJECTIVE] != report.NONE and likelihood[report_tables.OBJECTIVE] == report.NONE
     assert objective["test KL"] != report.NONE  # a KL is a KL on any measure
+    assert objective["IWAE ESS"] != report.NONE and likelihood["IWAE ESS"] != report.NONE  # so is an ESS
     assert math.isnan(table.set_index("family").loc["laplace", "test_bpd"])  # never logged for it
     likelihoods_only = report_tables.display_family(table[table.protocol == "8bit-dequantized"])
     assert report_tables.OBJECTIVE not in likelihoods_only.columns  # no column of dashes

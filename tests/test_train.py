@@ -71,7 +71,7 @@ def test_history_has_every_per_epoch_metric(short_runs):
     _, result = short_runs("bernoulli")
     for epoch, metrics in enumerate(result.history, start=1):
         assert HISTORY_KEYS <= set(metrics), HISTORY_KEYS - set(metrics)
-        assert "min_scale" not in metrics  # no learned scale (an ∞ would read 1.8e308 in MLflow)
+        assert "min_scale" not in metrics  # no learned scale (not an ∞, which MLflow would store as NaN)
         assert metrics["epoch"] == epoch
         assert metrics["samples_per_s"] > 0 and metrics["ms_per_step"] > 0 and metrics["peak_memory_mb"] > 0
         # ELBO = recon − KL, with KL ≥ 0, on the pmf of binarized pixels (≤ 0)
@@ -271,6 +271,16 @@ def test_a_collapsed_learned_scale_is_divergence_where_the_objective_can_run_awa
     # The σ-VAE's σ, fitted to the very image it scores, is not such a likelihood: its check stays.
     assert (train.divergence(collapsed, lik, cfg, quantum, dequantized) == "") == dequantized.comparable
     assert dequantized.comparable == (name != "gaussian_optimal")
+
+
+def test_after_training_a_non_finite_test_metric_is_divergence_but_not_a_standard_error_of_one_sample():
+    assert train.evaluation_divergence(True, {"test_elbo": -90.0, "test_iwae_nll": 85.0}) == ""
+    # eval.iwae_k=1: the Monte-Carlo s.e. cannot be estimated from one weight (NaN by design)
+    assert train.evaluation_divergence(True, {"test_elbo": -90.0, "test_iwae_mc_se": math.nan}) == ""
+    assert train.evaluation_divergence(True, {"test_elbo": math.nan, "test_iwae_nll": math.inf}) == (
+        "non-finite test metrics: test_elbo=nan, test_iwae_nll=inf")
+    assert "test_iwae_mc_se=inf" in train.evaluation_divergence(True, {"test_iwae_mc_se": math.inf})
+    assert "non-finite model parameters" in train.evaluation_divergence(False, {})
 
 
 def test_log_p_above_a_bounded_supremum_is_divergence():
