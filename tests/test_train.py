@@ -267,7 +267,8 @@ def test_a_collapsed_learned_scale_is_divergence_where_the_objective_can_run_awa
     assert "learned scale collapsed" in train.divergence(collapsed, lik, cfg, quantum, raw)
     # On dequantized pixels a density's objective is bounded in expectation (a likelihood of the data):
     # a scale that dips there at a high learning rate recovers (the per-pixel Laplace at lr 0.1, seed 0,
-    # on the digits: 1.7e-6 in epoch 1, 0.02 in epoch 2, complete after 12 with the other seeds' ELBO).
+    # on the digits with hidden [64], latent 8, batch 64: 1.7e-6 in epoch 1, 0.02 in epoch 2, complete
+    # after 12 with the other seeds' ELBO).
     # The σ-VAE's σ, fitted to the very image it scores, is not such a likelihood: its check stays.
     assert (train.divergence(collapsed, lik, cfg, quantum, dequantized) == "") == dequantized.comparable
     assert dequantized.comparable == (name != "gaussian_optimal")
