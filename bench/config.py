@@ -416,6 +416,12 @@ def validate_run(cfg: Config, combination: bool = True) -> None:
             _check(shutil.which(program) is not None, "train.compile", t.compile,
                    f"false on this machine: torch.compile's CPU code needs a C++ compiler, and {cxx!r} (the CXX "
                    "environment variable, else g++) was not found")
+            from torch import _dynamo  # only here: 1.5 s of start-up that a run without compile does not need
+
+            # dynamo's options that the compiled gradient sets (models/manual_grad.py) came with torch 2.12
+            _check(all(hasattr(_dynamo.config, o) for o in ("recompile_limit", "trace_autograd_ops")),
+                   "train.compile", t.compile, f"false with torch {torch.__version__}: the compiled gradient "
+                   "needs torch 2.12 or newer")
     _check(math.isfinite(t.scale_collapse) and t.scale_collapse >= 0, "train.scale_collapse", t.scale_collapse,
            "a finite number ≥ 0")
     _check(e.iwae_k >= 1, "eval.iwae_k", e.iwae_k, "an integer ≥ 1")

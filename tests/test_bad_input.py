@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import optuna
@@ -400,3 +401,14 @@ def test_windows_is_refused_with_what_to_use_instead():
                           cwd=Path(__file__).parents[1])
     assert done.returncode != 0
     assert "vaebench runs on Linux and macOS; on Windows, run it under WSL 2" in done.stderr
+
+
+def test_compile_with_a_torch_older_than_2_12_is_refused(tmp_path, monkeypatch, capsys):
+    # torch 2.4 to 2.11 run everything else; the compiled gradient sets dynamo options they do not have
+    from torch import _dynamo
+
+    monkeypatch.setattr(_dynamo, "config", types.SimpleNamespace(recompile_limit=8))  # no trace_autograd_ops
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    _assert_refused(["study=smoke", "train.compile=true"], ["train.compile=True is invalid",
+                    "false with torch 2.11.0: the compiled gradient needs torch 2.12 or newer"],
+                    tmp_path, monkeypatch, capsys)
