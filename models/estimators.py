@@ -92,7 +92,7 @@ def iwae(model: VAE, x: Tensor, k: int, chunk: int = 500) -> IwaeEstimate:
     rel_var = torch.expm1((lse_w2 - math.log(k) - 2 * log_mean_w).clamp_min(0))
     # one weight shows no spread: its s.e. is unknown (NaN), not 0
     mc_se = (rel_var / k).sqrt() if k > 1 else torch.full_like(log_mean_w, math.nan)
-    ess = (2 * lse_w - lse_w2).exp().clamp(1, k)  # in [1, k] but for float32 rounding
+    ess = (2 * lse_w - lse_w2).exp().clamp(1, k)  # float32 rounding can put it just outside [1, k]
     return IwaeEstimate(log_mean_w, mc_se, sum_log_w / k, ess)
 
 
