@@ -1,5 +1,23 @@
+import importlib.util
 import sys
+from pathlib import Path
 
 if sys.platform == "win32":  # file locks (fcntl), POSIX signals and process groups throughout
     raise ImportError("vaebench runs on Linux and macOS; on Windows, run it under WSL 2 (the Windows "
                       "Subsystem for Linux)")
+
+
+def _check_models_package() -> None:
+    """vaebench's `models` package is installed beside `bench`; a `models.py` or `models/` of the user's
+    (common in ML projects) in the current folder comes first on sys.path, and would fail later with an
+    ImportError naming neither."""
+    ours = Path(__file__).resolve().parent.parent / "models"
+    spec = importlib.util.find_spec("models")
+    found = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    if ours not in found:
+        where = spec.origin if spec and spec.origin else ", ".join(map(str, found)) or "nothing"
+        raise ImportError(f"vaebench's package 'models' ({ours}) is hidden by {where}, earlier on sys.path "
+                          "(where the current folder comes first): rename it, or run from another folder")
+
+
+_check_models_package()

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
@@ -53,7 +50,8 @@ def manifold_grid(result: TrainResult, path: Path, n: int = 20) -> Path | None:
 
 def elbo_curve(result: TrainResult, path: Path) -> Path:
     epochs = [m["epoch"] for m in result.history]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))  # not pyplot, whose backend a notebook's import would change
+    ax = fig.subplots()
     ax.plot(epochs, [m["train_elbo"] for m in result.history], "o-", label="train")
     ax.plot(epochs, [m["val_elbo"] for m in result.history], "s-", label="validation")
     ax.set(xlabel="epoch", ylabel="ELBO (nats per image)",
@@ -63,7 +61,6 @@ def elbo_curve(result: TrainResult, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -38,9 +38,6 @@ import tempfile
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
@@ -433,7 +430,7 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         new = Path(tmp)
         # Labels come from run data: no $…$ mathtext, so a `$` in a param cannot break a plot.
-        with plt.rc_context({"text.parse_math": False}):
+        with matplotlib.rc_context({"text.parse_math": False}):
             blocks, tables = build(data, new)
         title = f"vaebench report: {data.selection.name}"
         for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, title)),

@@ -113,7 +113,7 @@ def select(argv: list[str]) -> Selection:
                           "its overrides, pass study=NAME with the same key=value arguments as to bench.run")
     uri = config.tracking_uri(cfg)
     _check_store(uri)
-    mlflow.set_tracking_uri(uri)
+    tracking.use_store(uri)
     client = MlflowClient()
     every = _all_parents(client)
     names = sorted(set(every.experiment.dropna()))  # the experiments that hold a study

@@ -1,4 +1,4 @@
-"""The report's plots (matplotlib, Agg): validation curves, reconstructions, throughput, factor studies."""
+"""The report's plots (matplotlib Figures, not pyplot, whose backend a notebook's import would change): validation curves, reconstructions, throughput, factor studies."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from pathlib import Path
 from unittest import mock
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 from matplotlib.ticker import MaxNLocator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -32,7 +31,7 @@ from bench.report_tables import (
 from models import likelihoods
 
 # ---------------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg)
+# Plots
 
 
 NATS = ("test_elbo", "test_iwae_nll", "test_iwae_gain", "test_kl")  # FACTOR_PLOTS in nats per image
@@ -45,14 +44,15 @@ def _row_label(row: pd.Series, keys: list[str]) -> str:
 
 
 def _color(family: str):
-    return plt.get_cmap("tab10")(family_order(family) % 10)
+    return matplotlib.colormaps["tab10"](family_order(family) % 10)
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row: int = 4):
     """A figure of n_panels panels, at most most_per_row a row; returns it and its n_panels axes."""
     cols = min(n_panels, most_per_row)
     rows = math.ceil(n_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n_panels:]:
         ax.remove()
     return fig, list(axes.flat[:n_panels])
@@ -60,7 +60,6 @@ def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row
 
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -77,7 +76,7 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
     def color(i: int, label: str):  # tab10 (no two alike) up to ten lines, then a sequence
         if not keys:
             return _color(label.split()[0])
-        return plt.get_cmap("tab10")(i) if len(order) <= 10 else plt.get_cmap("viridis")(0.9 * i / (len(order) - 1))
+        return matplotlib.colormaps["tab10"](i) if len(order) <= 10 else matplotlib.colormaps["viridis"](0.9 * i / (len(order) - 1))
 
     colors = {label: color(i, label) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
@@ -116,8 +115,8 @@ def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: floa
     counts = [(family.protocol == p).sum() for p in protocols]
     width = min(max(counts), per_line)
     lines = [math.ceil(n / width) for n in counts]  # per protocol
-    fig, axes = plt.subplots(sum(lines), width, figsize=(3.2 * width, height * sum(lines)), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(3.2 * width, height * sum(lines)), layout="constrained")
+    axes = fig.subplots(sum(lines), width, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     found = 0
@@ -131,12 +130,11 @@ def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: floa
                         local = client.download_artifacts(r.example_run, artifact, tmp)
                 except (MlflowException, OSError):
                     continue  # figures off (eval.figures=false), none of its kind, or the run died before logging it
-                ax.imshow(plt.imread(local), cmap="gray", interpolation="nearest")
+                ax.imshow(imread(local), cmap="gray", interpolation="nearest")
                 state = "" if r.example_state == states.COMPLETE else f" ({r.example_state})"
                 ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=8)
                 found += 1
     if not found:
-        plt.close(fig)
         return None
     return _save(fig, path)
 
@@ -145,7 +143,8 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     """Training samples/s per row (each run's median epoch; mean ± 95 % CI over completed seeds)."""
     t = family[np.isfinite(family.samples_per_s)]
     labels = [f"{_row_label(r, factor_columns(family))} ({r.protocol})" for _, r in t.iterrows()]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(t) + 1.2), layout="constrained")
+    fig = Figure(figsize=(8, 0.4 * len(t) + 1.2), layout="constrained")
+    ax = fig.subplots()
     y = np.arange(len(t))
     ax.barh(y, t.samples_per_s, xerr=t.samples_per_s_ci.fillna(0), color=[_color(f) for f in t.family])
     ax.set_yticks(y, labels, fontsize=8)

@@ -1,4 +1,5 @@
-"""The main job: `python -m bench.run study=NAME [key=value ...]`.
+"""The main job: `python -m bench.run study=NAME [key=value ...]`; from Python (a notebook, a script),
+`bench.run.run_study(["study=NAME", "key=value", ...])`, which raises where the command exits non-zero.
 
 Reads top to bottom: load and validate the config; check every input (data, stores) before writing
 anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
@@ -23,6 +24,7 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -40,6 +42,10 @@ def preflight(cfg: Config) -> None:
     """Every check that bad input can fail, before a run, a study or a file is written."""
     if not cfg.study.name:
         raise ConfigError(f"study=NAME is required; valid choices: {', '.join(config.available_studies())}")
+    config.validate(cfg)  # again: a config built or changed in code has not been through config.load
+    if mlflow.active_run() is not None:  # the trials' runs are the study's parent run's children
+        raise ConfigError(f"an MLflow run ({mlflow.active_run().info.run_id}) is active in this process: end it "
+                          "(mlflow.end_run()) before running a study, whose runs are children of its own parent run")
     try:
         resolve_device(cfg.train.device)
     except RuntimeError as e:
@@ -68,15 +74,22 @@ LOST_STORAGE = "the Optuna storage failed"  # with the error behind Optuna's, wh
 def _lost_store(error: Exception) -> str:
     """What a lost tracking store or Optuna storage, or a file that could not be written (a full disk under
     the artifacts), means for the user (the storage's error is Optuna's wrapper: the database's own is its
-    cause). A run left open is ended FAILED, not FINISHED by MLflow's exit handler: it has no state tag,
-    and the next command trains its variant again."""
+    cause)."""
     if isinstance(error, MlflowException):
         return f"MLflow tracking failed ({config.first_line(error)}); {LOST_TRACKING}"
     if isinstance(error, OSError):
-        with contextlib.suppress(MlflowException, OSError):
-            mlflow.end_run("FAILED")
         return f"{type(error).__name__}: {config.redact(str(error))}; {LOST_TRACKING}"
     return f"{LOST_STORAGE} ({config.first_line(error.__cause__ or error)}); {LOST_TRACKING}"
+
+
+def _end_runs_left_open() -> None:
+    """After an error, the runs this process left open are ended FAILED: not FINISHED by MLflow's exit
+    handler (such a run has no state tag, and the next command trains its variant again), nor left on
+    MLflow's stack of active runs, where the next study in the same process (a notebook) would trip on
+    them. Each is taken off the stack even where the store is lost."""
+    while mlflow.active_run() is not None:
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run("FAILED")
 
 
 def _interrupt_when_orphaned(main_pid: int) -> None:
@@ -109,6 +122,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
         sys.exit(stopping.exit_code(stop))
     except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
         print(f"error: worker {position}: {_lost_store(e)}", file=sys.stderr)
+        _end_runs_left_open()
         sys.exit(1)
     sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
 
@@ -193,7 +207,12 @@ def run(cfg: Config) -> bool:
               file=sys.stderr)
         ok = False
     pending = [] if cfg.study.worker else study.not_ended(optuna_study)
-    if pending:
+    codes = sorted({w.exitcode for w in workers if w.exitcode})
+    if pending and codes and all(line.endswith("queued") for line in pending):  # e.g. a script without a __main__ guard
+        print(f"error: {len(pending)} trials of this study were not started: this command's workers ended (exit "
+              f"code {', '.join(map(str, codes))}; their errors are above) before taking them. Re-run it once the "
+              "cause is fixed", file=sys.stderr)
+    elif pending:
         print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
               "did not wait for them; re-run it once they have", file=sys.stderr)
     tracking.end_parent(parent_id, "FINISHED" if ok and not pending else "FAILED")
@@ -223,26 +242,79 @@ def summary(cfg: Config) -> pd.DataFrame:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip(), config.help_text(), sep="\n\n")
-        return 0
-    try:
-        cfg = config.load(argv)
-        preflight(cfg)
-    except ConfigError as e:
-        print(f"error: {config.redact(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:  # before anything is written
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return stopping.exit_code(stop)
+class StudyNotEnded(RuntimeError):
+    """From run_study: a trial failed for a reason other than divergence, a worker died, trials have not
+    ended, or the report could not be written (the errors printed above say which: the command would exit
+    1). `table` is the study's summary. Re-running resumes: finished trials are kept."""
+
+    def __init__(self, table: pd.DataFrame):
+        super().__init__("not every trial of the study ended, or its report was not written: see the errors "
+                         f"printed above; re-running the same study resumes it ({len(table)} trials so far)")
+        self.table = table
+
+
+def run_study(overrides: Sequence[str]) -> pd.DataFrame:
+    """The main job from Python: what `python -m bench.run` does with these arguments (the same output and
+    report), returning the summary table (one row per trial) where the command exits 0. Raises instead of
+    exiting: ConfigError for bad input (nothing written), KeyboardInterrupt once the trial in progress is
+    recorded as interrupted, MlflowException, OSError or an Optuna storage error for a lost store, and
+    StudyNotEnded where the command exits 1."""
+    args = _arguments(overrides)
+    table, ok = execute(checked(args), args)
+    if not ok:
+        raise StudyNotEnded(table)
+    return table
+
+
+def _arguments(argv: Sequence[str]) -> list[str]:
+    if isinstance(argv, str):  # it would read as one argument per character
+        raise TypeError(f"the arguments are a list of strings, e.g. {argv.split()!r}, not one string")
+    return list(argv)
+
+
+def checked(argv: list[str]) -> Config:
+    """The config of these arguments, with every check that bad input can fail (ConfigError) done."""
+    cfg = config.load(argv)
+    preflight(cfg)
+    return cfg
+
+
+def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
+    """Runs a checked study, prints its summary and writes its report; returns the summary and whether
+    every trial ended and the report was written."""
     print(config.to_yaml(cfg))
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
     print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
     try:
         with stopping.sigterm_as_ctrl_c():
             ok = run(cfg)
+    except BaseException:
+        _end_runs_left_open()
+        raise
+    table = summary(cfg)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
+    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
+                       f"{study.storage_url(cfg)}"))
+    if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
+        ok = _report(argv) and ok
+    return table, ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else _arguments(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip(), config.help_text(), sep="\n\n")
+        return 0
+    try:
+        cfg = checked(argv)
+    except ConfigError as e:
+        print(f"error: {config.redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:  # before anything is written
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return stopping.exit_code(stop)
+    try:
+        _, ok = execute(cfg, argv)
     except KeyboardInterrupt as stop:
         said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
         print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
@@ -250,12 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
         print(f"error: {_lost_store(e)}", file=sys.stderr)
         return 1
-    table = summary(cfg)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
-    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
-                       f"{study.storage_url(cfg)}"))
-    if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
-        ok = _report(argv) and ok
     return 0 if ok else 1
 
 

@@ -58,8 +58,10 @@ STOPS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate,
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM raises Terminated inside. Leaves a handler someone else installed as it is."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    """SIGTERM raises Terminated inside. Leaves a handler someone else installed as it is, and does nothing
+    outside the main thread (a notebook or IDE may run a study in another), where Python has no handlers."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
     signal.signal(signal.SIGTERM, _terminate)

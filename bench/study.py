@@ -151,6 +151,11 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# The trials this process is training now (their Optuna ids): one of its own left RUNNING by an earlier
+# study in the same process (a notebook whose cell stopped on a lost store) is dead, though its pid lives.
+_TRAINING: set[int] = set()
+
+
 def _process_start(pid: int) -> str | None:
     """When a process started, in clock ticks since boot (Linux; None elsewhere or when it is gone)."""
     try:  # field 22 of /proc/PID/stat; the command name before it, in parentheses, may hold spaces
@@ -179,6 +184,8 @@ def worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     machine = trial.user_attrs.get(MACHINE)
     if host != socket.gethostname() or machine not in (None, _machine()):
         return time.time() - last_sign < REMOTE_STALE_S
+    if pid == str(os.getpid()):
+        return trial._trial_id in _TRAINING
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError):
@@ -365,10 +372,13 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
             if trial is not None:
                 trial.set_user_attr(MACHINE, _machine())  # before the owner, whose presence makes them count
                 trial.set_user_attr(STARTED, _process_start(os.getpid()))
+                _TRAINING.add(trial._trial_id)  # before the owner: alive to this process's own checks too
                 trial.set_user_attr(OWNER, _owner())
-    except KeyboardInterrupt as stop:
+    except BaseException as stop:
         if trial is not None:
-            _interrupted(study, trial, None, cfg, cfg, stop)
+            _TRAINING.discard(trial._trial_id)
+            if isinstance(stop, KeyboardInterrupt):
+                _interrupted(study, trial, None, cfg, cfg, stop)
         raise
     return trial
 
@@ -567,7 +577,10 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
             trial = _claim(study, cfg)
             if trial is None:
                 return outcomes
-            outcome = run_trial(study, trial, cfg, parent_id, experiment_id, cache, position)
+            try:
+                outcome = run_trial(study, trial, cfg, parent_id, experiment_id, cache, position)
+            finally:
+                _TRAINING.discard(trial._trial_id)
             outcomes.append(outcome)
             bar.set_postfix_str(f"{outcome.label}: {outcome.state}")
             bar.update()

@@ -196,9 +196,21 @@ def setup(cfg: Config) -> str:
         raise MlflowException(f"its database could not be read or set up ({config.first_line(e)}){hint}") from e
 
 
+def use_store(uri: str) -> None:
+    """Points MLflow's client at `uri`, leaving the environment as it was: MLflow's own call also sets
+    $MLFLOW_TRACKING_URI, which a later study in the same process (a notebook's next cell) would take for
+    the user's choice, its runs going to this one's store instead of ./mlflow.db."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def _experiment(cfg: Config) -> str:
     uri = config.tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    use_store(uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.study.name)
     if experiment is not None:

@@ -413,6 +413,7 @@ def train(cfg: Config, data: Data | None = None,
           on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Trains one variant. `on_epoch(epoch, metrics)` sees each epoch's metrics (for tracking and
     pruning; it may raise to stop the run). Divergence ends the run with a recorded reason."""
+    config.validate_run(cfg)  # a config built or changed in code has not been through config.load
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = data if data is not None else data_mod.load(cfg.data, device)

@@ -359,8 +359,17 @@ class Likelihood:
         return None
 
     def distribution(self, raw: Tensor, shared: Tensor | None = None, x: Tensor | None = None) -> Independent:
-        """raw (..., P, D) -> p(x|z) over images, batch shape (...), event shape (D,)."""
-        per_pixel = self.family.make(raw, self.scale, self.min_scale, shared, x)
+        """raw (..., P, D) -> p(x|z) over images, batch shape (...), event shape (D,). `shared`: the learned
+        log-scale of gaussian_shared (VAE.log_scale); `x` (..., D): the images, whose MSE is gaussian_optimal's σ²."""
+        f = self.family
+        if raw.dim() < 2 or raw.shape[-2] != f.n_params:  # a flat (B, P·D) output would be read as one image
+            raise ValueError(f"{f.name}: raw must have shape (..., {f.n_params}, D), {f.n_params} decoder output(s) "
+                             f"per pixel, not {tuple(raw.shape)}")
+        if f.learned_scale == SHARED and shared is None:
+            raise ValueError(f"{f.name} needs `shared`: its learned log-scale (a tensor of shape (1,), VAE.log_scale)")
+        if f.learned_scale == OPTIMAL and x is None:
+            raise ValueError(f"{f.name} needs `x`: the images (..., D), whose mean squared error is its σ²")
+        per_pixel = f.make(raw, self.scale, self.min_scale, shared, x)
         return Independent(per_pixel, 1)
 
     def score(self, raw: Tensor, x: Tensor) -> Tensor | None:

@@ -425,11 +425,16 @@ def test_a_command_that_leaves_trials_running_elsewhere_does_not_exit_0(tmp_path
     assert run.main(args) == 0
     cfg = config.load(args)
     optuna_study = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg))
-    elsewhere = optuna_study.ask()  # RUNNING, claimed by this (live) test process
-    elsewhere.set_user_attr(study.OWNER, study._owner())
-    capsys.readouterr()
-    assert run.main(args) == 1
-    assert f"trial {elsewhere.number} running in {study._owner()}" in capsys.readouterr().err
+    elsewhere = optuna_study.ask()  # RUNNING, claimed by another live process of this machine
+    owner = subprocess.Popen(["sleep", "600"])
+    try:
+        elsewhere.set_user_attr(study.OWNER, f"{socket.gethostname()}:{owner.pid}")
+        capsys.readouterr()
+        assert run.main(args) == 1
+        assert f"trial {elsewhere.number} running in {socket.gethostname()}:{owner.pid}" in capsys.readouterr().err
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 def _run_patched(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -485,13 +490,26 @@ def test_a_worker_is_known_by_its_pid_start_time_and_machine():
             trial.set_user_attr(key, value)
         return study.worker_alive(optuna_study.get_trials()[0])
 
-    assert alive(**{study.OWNER: study._owner(), study.MACHINE: study._machine()})  # this process
-    assert alive(**{study.STARTED: study._process_start(os.getpid())})
-    assert not alive(**{study.STARTED: "1"})  # the same pid, started at another time: another process
-    # a container of the same hostname: its pids cannot be checked from here, its heartbeats tell
-    assert alive(**{study.MACHINE: "another-boot pid:[1]", study.HEARTBEAT: time.time()})
-    assert not alive(**{study.HEARTBEAT: time.time() - study.REMOTE_STALE_S - 1})
-    assert alive(**{study.MACHINE: None, study.STARTED: None})  # written before they were recorded
+    worker = subprocess.Popen(["sleep", "600"])  # a live process of this machine
+    try:
+        assert alive(**{study.OWNER: f"{socket.gethostname()}:{worker.pid}", study.MACHINE: study._machine()})
+        assert alive(**{study.STARTED: study._process_start(worker.pid)})
+        assert not alive(**{study.STARTED: "1"})  # the same pid, started at another time: another process
+        # a container of the same hostname: its pids cannot be checked from here, its heartbeats tell
+        assert alive(**{study.MACHINE: "another-boot pid:[1]", study.HEARTBEAT: time.time()})
+        assert not alive(**{study.HEARTBEAT: time.time() - study.REMOTE_STALE_S - 1})
+        assert alive(**{study.MACHINE: None, study.STARTED: None})  # written before they were recorded
+    finally:
+        worker.kill()
+        worker.wait()
+    assert not alive(**{study.MACHINE: study._machine()})  # gone
+    # this process: alive while it trains the trial, not when an earlier study in it (a notebook's) left it
+    assert not alive(**{study.OWNER: study._owner(), study.STARTED: study._process_start(os.getpid())})
+    study._TRAINING.add(trial._trial_id)
+    try:
+        assert alive()
+    finally:
+        study._TRAINING.discard(trial._trial_id)
 
 
 def test_a_record_refused_because_another_command_marked_the_trial_killed_warns(capsys):

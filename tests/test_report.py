@@ -624,7 +624,7 @@ def test_the_curves_legends_are_below_their_panels_inside_the_figure_and_apart(t
     placed, ticks = [], []
 
     def measure(fig, path):
-        fig.canvas.draw()
+        fig.draw_without_rendering()
         placed.extend((ax.get_legend().get_window_extent(), ax.get_window_extent(), fig.bbox) for ax in fig.axes)
         ticks.extend(t for ax in fig.axes for t in ax.get_xticks())
         return path
@@ -694,12 +694,11 @@ def test_the_throughput_plot_shows_its_whole_axis_label(done, tmp_path):
         mp.setattr(report_plots, "_save", lambda fig, path: figures.append(fig) or path)
         report_plots.plot_throughput(report_tables.family_table(data.runs), tmp_path / "throughput.png")
     (fig,) = figures
-    fig.canvas.draw()
+    fig.draw_without_rendering()
     (ax,) = fig.axes
     label = ax.xaxis.label.get_window_extent()
     assert fig.bbox.x0 <= label.x0 and label.x1 <= fig.bbox.x1 and fig.bbox.y0 <= label.y0, label
     assert "completed seeds" in ax.get_xlabel()
-    report_plots.plt.close(fig)
 
 
 def test_the_summary_ranks_each_factor_value_as_a_row_of_its_own(done):
