@@ -235,8 +235,13 @@ def _tag(frame: pd.DataFrame, key: str, default: object = "") -> pd.Series:
 
 
 def _metric(frame: pd.DataFrame, key: str) -> pd.Series:
+    """A metric of each run; NaN where MLflow holds ±1.8e308, its stand-in for ±∞ (logged by vaebench before
+    810c92e, which logs NaN): a finite number that would enter the means and print 309 digits."""
     col = f"metrics.{key}"
-    return pd.to_numeric(frame[col], errors="coerce") if col in frame else pd.Series(np.nan, index=frame.index)
+    if col not in frame:
+        return pd.Series(np.nan, index=frame.index)
+    values = pd.to_numeric(frame[col], errors="coerce")
+    return values.where(values.abs() < 1e308)
 
 
 def load(argv: list[str]) -> StudyData:

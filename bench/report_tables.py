@@ -303,14 +303,23 @@ def _iwae_label(table: pd.DataFrame) -> str:
     return f"IWAE-{int(ks[0])} NLL" if len(ks) == 1 else "IWAE-k NLL"
 
 
+def mean_text(r: pd.Series, key: str) -> str:
+    """mean ± 95 % CI of a metric over the row's completed runs, with "(n of m runs)" where only n of them
+    have it: runs of an older vaebench lack the metrics added since (test_iwae_ess), and a NaN one (the
+    IWAE's s.e. from one importance sample) is left out."""
+    text = format_mean(r[key], r[f"{key}_ci"])
+    n = r.get(f"{key}_n", r.n_complete)
+    return f"{text} ({int(n)} of {int(r.n_complete)} runs)" if text != NONE and n < r.n_complete else text
+
+
 def _metric_text(r: pd.Series, key: str) -> str:
     """mean ± 95 % CI of a metric; likelihood-valued ones only on a comparable measure."""
-    return format_mean(r[key], r[f"{key}_ci"]) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
+    return mean_text(r, key) if r.comparable or key not in LIKELIHOOD_VALUED else NONE
 
 
 def _objective_text(r: pd.Series) -> str:
     """A row's test ELBO when it is not a likelihood of the data (a training objective), else —."""
-    return NONE if r.comparable else format_mean(r.test_elbo, r.test_elbo_ci)
+    return NONE if r.comparable else mean_text(r, "test_elbo")
 
 
 def display_family(table: pd.DataFrame) -> pd.DataFrame:
@@ -340,9 +349,9 @@ def display_measure(table: pd.DataFrame) -> pd.DataFrame:
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
         row.update({
             "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
-            "test ELBO": format_mean(r.test_elbo, r.test_elbo_ci), iwae: format_mean(r.test_iwae_nll, r.test_iwae_nll_ci),
-            IWAE_GAIN: format_mean(r.test_iwae_gain, r.test_iwae_gain_ci),
-            "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci),
+            "test ELBO": mean_text(r, "test_elbo"), iwae: mean_text(r, "test_iwae_nll"),
+            IWAE_GAIN: mean_text(r, "test_iwae_gain"),
+            "bits/dim": mean_text(r, "test_bpd"),
             OBJECTIVE: format_mean(r.training_objective, r.training_objective_ci),
             "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
             "complete/trials": f"{r.n_complete}/{r.n_trials}", "may be compared with": r.compare_with})
@@ -390,11 +399,11 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
         distance, clearly = behind_text(r)
         row = {"rank": r["rank"], "family": r.family, "": "bounded" if r.bounded else "unbounded"}
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
-        row.update({_iwae_label(table): format_mean(r.test_iwae_nll, r.test_iwae_nll_ci),
+        row.update({_iwae_label(table): mean_text(r, "test_iwae_nll"),
                     "bound": "IWAE + dequantization" if r.measure != r.scale else "IWAE",
                     "behind the first": distance, "clearly behind": clearly,
-                    "bits/dim": format_mean(r.test_bpd, r.test_bpd_ci), "complete/trials": f"{r.n_complete}/{r.n_trials}",
-                    "samples/s": format_mean(r.samples_per_s, r.samples_per_s_ci),
+                    "bits/dim": mean_text(r, "test_bpd"), "complete/trials": f"{r.n_complete}/{r.n_trials}",
+                    "samples/s": mean_text(r, "samples_per_s"),
                     "speed vs fastest": speed_text(r.speed_ratio)})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -142,8 +142,10 @@ def run(cfg: Config) -> bool:
             optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study, experiment_id)
-            queued, taken = study.enqueue_missing(optuna_study, cfg, experiment_id)
+            queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
             print(f"study {optuna_study.study_name}: {queued} variants to run"
+                  + (f" ({again} ended as diverged by a rule this vaebench no longer applies: a learned scale "
+                     "that dipped on dequantized pixels)" if again else "")
                   + (f", {taken} taken from their finished MLflow runs" if taken else "")
                   + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
         # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time

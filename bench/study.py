@@ -140,10 +140,18 @@ def open_study(cfg: Config, create: bool) -> optuna.Study:
                                  "start it first without study.worker (same config)") from None
 
 
+def diverged_by_a_retired_rule(reason: str, comparable: bool) -> bool:
+    """A run that vaebench before 8697eec ended as diverged when its learned scale dipped on dequantized
+    pixels (a likelihood of the data, `comparable`), which the current `bench.train.divergence` does not:
+    there the scale recovers. Its variant is trained again, not kept with a rule the report disowns."""
+    return comparable and reason.startswith("learned scale collapsed")
+
+
 def _claimed_or_settled(trial: optuna.trial.FrozenTrial) -> bool:
     """Finished for good: complete, pruned, diverged — or queued/running (claimed by some worker)."""
     if trial.state == TrialState.FAIL:
-        return trial.user_attrs.get(STATUS) == states.DIVERGED
+        return trial.user_attrs.get(STATUS) == states.DIVERGED and not diverged_by_a_retired_rule(
+            trial.user_attrs.get(REASON, ""), trial.user_attrs.get(COMPARABLE, False))
     return True
 
 
@@ -246,10 +254,10 @@ def not_ended(study: optuna.Study) -> list[str]:
     return lines
 
 
-def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tuple[int, int]:
+def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tuple[int, int, int]:
     """Enqueues every variant that has no finished-for-good trial with its run in the tracking store, and no
-    queued or running trial; returns how many variants are queued now (also those queued before), and
-    how many it took from runs instead.
+    queued or running trial; returns how many variants are queued now (also those queued before), how
+    many it took from runs instead, and how many of those queued had diverged by a retired rule.
     Finished work is not trained again: a variant whose run of this study is in the tracking store,
     recorded in full, while its trial is not in the Optuna storage (a lost or replaced storage), gets a
     trial with that run's outcome. One whose run is gone (a lost or replaced tracking store) is trained
@@ -261,7 +269,10 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
         if "state" not in tags and run_id not in named and int(tags.get("trial_number", -1)) not in numbers:
             tracking.mark_run(run_id, "its trial is not in the Optuna storage (lost or replaced) and its process "
                                       "is gone; the variant is trained again")
-    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items() if tags.get("state") in states.SETTLED}
+    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items() if tags.get("state") in states.SETTLED
+                and not diverged_by_a_retired_rule(tags.get("reason", ""), tags.get("comparable") == "True")}
+    retired = {t.user_attrs.get(VARIANT) for t in trials if t.state == TrialState.FAIL and not _claimed_or_settled(t)
+               and t.user_attrs.get(STATUS) == states.DIVERGED}
 
     def counts(trial: optuna.trial.FrozenTrial) -> bool:
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -271,6 +282,7 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
     have = {t.user_attrs.get(VARIANT) for t in trials if counts(t)}
     missing = [p for p in variants(cfg) if variant_key(p) not in have]
     taken = 0
+    again = sum(variant_key(p) in retired for p in missing)
     for params in missing:
         run_id = recorded.get(variant_label(params))
         if run_id is not None:
@@ -279,7 +291,7 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
         else:
             study.enqueue_trial({k: _encode(v) for k, v in params.items()},
                                 user_attrs={VARIANT: variant_key(params)}, skip_if_exists=False)
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), taken
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), taken, again
 
 
 def _add_recorded_trial(study: optuna.Study, cfg: Config, params: dict[str, Any], run_id: str,

@@ -768,3 +768,17 @@ def test_a_real_search_study_is_reported_with_its_choice_made_on_validation(tmp_
     assert report.SEARCHED.format(keys="train.lr") in md
     ranking = pd.read_csv(tmp_path / "reports" / "search" / "tables.csv").query("table == '0 ranking'")
     assert len(ranking) == 1 and ranking.family.item() == "bernoulli"
+
+
+def test_a_metric_that_some_completed_runs_lack_says_of_how_many_it_is_the_mean():
+    """Runs of an older vaebench (before test_iwae_ess) beside new ones in a resumed study."""
+    row = pd.Series({"test_iwae_ess": 4.7765, "test_iwae_ess_ci": np.nan, "test_iwae_ess_n": 1, "n_complete": 2})
+    assert report_tables.mean_text(row, "test_iwae_ess") == "4.7765 (1 of 2 runs)"
+    assert report_tables.mean_text(row.replace({2: 1}), "test_iwae_ess") == "4.7765"
+    assert report_tables.mean_text(row.replace({4.7765: np.nan}), "test_iwae_ess") == "—"
+
+
+def test_mlflows_stand_in_for_infinity_is_read_as_not_finite():
+    """vaebench before 810c92e logged ±∞, which MLflow stores as ±1.8e308: not a number to average or print."""
+    frame = pd.DataFrame({"metrics.test_iwae_gain": [1.7976931348623157e308, -1.7976931348623157e308, 2.5, np.nan]})
+    assert report_data._metric(frame, "test_iwae_gain").isna().tolist() == [True, True, False, True]
