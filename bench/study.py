@@ -526,15 +526,32 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         if prunable and math.isfinite(metrics["val_elbo"]) and trial.should_prune():
             raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
+    evaluating: tqdm | None = None
+
+    def on_iwae(done: int, total: int) -> None:
+        """The test-set IWAE's progress, and signs of life through it: k = 5000 on the whole test split
+        takes hours, and a trial silent for REMOTE_STALE_S would be marked killed by another machine."""
+        nonlocal last_beat, evaluating
+        if evaluating is None:  # in the epochs' place
+            evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
+                              position=position + 1)
+        evaluating.update(done - evaluating.n)
+        if time.time() - last_beat >= HEARTBEAT_S:
+            with ctrl_c_deferred():
+                last_beat = time.time()
+                trial.set_user_attr(HEARTBEAT, last_beat)
+
     result, history = None, []
     try:
         result = train(cfg, data, on_epoch)
         history = result.history
         with ctrl_c_deferred():
-            trial.set_user_attr(HEARTBEAT, time.time())  # the test-set IWAE can take minutes
+            last_beat = time.time()
+            trial.set_user_attr(HEARTBEAT, last_beat)
         # a model whose parameters went NaN scores nothing: its "0 active units" would read as a result
         finite = all(bool(p.isfinite().all()) for p in result.model.parameters())
-        final = final_metrics(result, cfg) if finite else {}
+        epochs.close()
+        final = final_metrics(result, cfg, on_iwae) if finite else {}
         state, reason = result.status, result.reason
         if state == states.COMPLETE:
             reason = evaluation_divergence(finite, final)
@@ -550,6 +567,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
+        if evaluating is not None:
+            evaluating.close()
     with ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
         with study_lock(base):  # not while a command marks this trial killed

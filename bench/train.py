@@ -451,10 +451,15 @@ def record_epoch(result: TrainResult, metrics: dict[str, float], epoch: int, cfg
 
 
 @torch.no_grad()
-def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
+def final_metrics(result: TrainResult, cfg: Config,
+                  on_iwae: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Test-set numbers on the run's measure: ELBO (the whole test split), IWAE-k NLL ± s.e., bits/dim (on
     a comparable measure only) and the IWAE's gain over the ELBO (both over the first eval.iwae_examples
-    images), KL anomaly score and active units. The test split is touched only here."""
+    images), KL anomaly score and active units; the evaluation's own time and peak memory. The test split
+    is touched only here. `on_iwae(images done, images)` after each batch of the IWAE, which can take
+    hours (k = 5000 on the whole test split)."""
+    started, device = time.perf_counter(), result.data.test.device
+    reset_peak_memory(device)
     model, data, offset = result.model, result.data, result.measure.nats_offset_per_pixel * result.data.dim
     fam = model.likelihood.family
     eval_tf = data.transform(fam, train=False)
@@ -469,7 +474,11 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
         x_test = torch.cat(list(eval_inputs(data.test, eval_tf, _Streams(data.test.device, seed))))  # (N, D): as evaluate's
         torch.manual_seed(seed + 1)
         inputs = x_test[: cfg.eval.iwae_examples or None]
-        estimates = [iwae(model, inputs[i : i + 100], cfg.eval.iwae_k, cfg.eval.chunk) for i in range(0, len(inputs), 100)]
+        estimates = []
+        for i in range(0, len(inputs), 100):
+            estimates.append(iwae(model, inputs[i : i + 100], cfg.eval.iwae_k, cfg.eval.chunk))
+            if on_iwae is not None:
+                on_iwae(min(i + 100, len(inputs)), len(inputs))
         log_px = torch.cat([e.log_px for e in estimates]) + offset  # (N,)
         mc_se = torch.cat([e.mc_se for e in estimates])
         ess = torch.cat([e.ess for e in estimates])  # (N,)
@@ -506,4 +515,7 @@ def final_metrics(result: TrainResult, cfg: Config) -> dict[str, float]:
     })
     if result.measure.comparable:  # bits/dim are a code length of the data: none for a training objective
         out["test_bpd"] = bits_per_dim(out["test_iwae_nll"], data.dim)
+    # the IWAE holds eval.chunk samples of 100 images at once: often more memory than training took
+    out["eval_peak_memory_mb"] = peak_memory_mb(device)
+    out["eval_s"] = time.perf_counter() - started
     return out

@@ -20,13 +20,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from bench import config, report_data, report_tables, run, stopping, study, tracking
+from bench import config, report_data, report_tables, run, stopping, study, tracking, train
 from bench.train import median_epoch
 from tests.conftest import shrink_args
 from tests.helpers import (
     ONE_THREAD_ENV,
     SEEDS,
     _sigint_handled,
+    _trials_now,
     seed_study_args,
     start_and_catch_a_worker,
     start_and_catch_second_trial,
@@ -862,3 +863,20 @@ def test_ctrl_c_before_the_study_starts_exits_130_without_a_traceback(tmp_path, 
     err = capsys.readouterr().err
     assert "interrupted: nothing was written" in err and "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_long_test_set_iwae_gives_signs_of_life_to_the_optuna_storage(tmp_path, monkeypatch):
+    """k = 5000 on the whole test split takes hours: a trial silent for REMOTE_STALE_S would be marked killed
+    by a command on another machine. The heartbeat is written between batches of the IWAE's images (at
+    most every HEARTBEAT_S: here, each time)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "HEARTBEAT_S", 0)
+    iwae, seen = train.iwae, []
+
+    def watched(*args, **kwargs):  # the heartbeat in the storage as each batch starts
+        seen.append({number: beat for number, *_, beat in _trials_now(tmp_path, study.HEARTBEAT)}[0])
+        return iwae(*args, **kwargs)
+
+    monkeypatch.setattr(train, "iwae", watched)
+    assert run.main([*seed_study_args(tmp_path), "study.seeds=[0]", "train.epochs=1", "eval.iwae_examples=300"]) == 0
+    assert len(seen) == 3 and len(set(seen)) == 3, seen

@@ -115,7 +115,11 @@ def test_reported_elbo_is_on_the_run_measure(short_runs):
 @pytest.mark.parametrize("name", ["bernoulli", "bernoulli-dynamic", "gaussian"])
 def test_final_metrics(short_runs, name):
     cfg, result = short_runs(name)
-    out = train.final_metrics(result, cfg)
+    progress = []
+    out = train.final_metrics(result, config.apply(cfg, {"eval.iwae_examples": 250}),
+                              lambda done, total: progress.append((done, total)))
+    assert progress == [(100, 250), (200, 250), (250, 250)]  # after each batch of the IWAE's images
+    assert out["eval_s"] > 0 and out["eval_peak_memory_mb"] > 10
     for key in ("test_iwae_nll", "test_iwae_nll_se", "test_bpd", "anomaly_kl_noise",
                 "active_units"):
         assert key in out and math.isfinite(out[key]), key
