@@ -8,14 +8,16 @@ if sys.platform == "win32":  # file locks (fcntl), POSIX signals and process gro
 
 
 def _check_models_package() -> None:
-    """vaebench's `models` package is installed beside `bench`; a `models.py` or `models/` of the user's
-    (common in ML projects) in the current folder comes first on sys.path, and would fail later with an
-    ImportError naming neither."""
+    """vaebench's `models` package is installed beside `bench`; a `models.py` or a `models/` package (with
+    an __init__.py) of the user's (common in ML projects) in the current folder comes first on sys.path,
+    and would fail later with an ImportError naming neither. (A plain `models/` folder, of checkpoints say,
+    hides nothing: Python looks past a folder without __init__.py.)"""
     ours = Path(__file__).resolve().parent.parent / "models"
     spec = importlib.util.find_spec("models")
-    found = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
-    if ours not in found:
-        where = spec.origin if spec and spec.origin else ", ".join(map(str, found)) or "nothing"
+    if spec is None or spec.origin in (None, "namespace"):  # the import below says what is missing
+        return
+    if ours not in [Path(p).resolve() for p in (spec.submodule_search_locations or [])]:
+        where = spec.origin
         raise ImportError(f"vaebench's package 'models' ({ours}) is hidden by {where}, earlier on sys.path "
                           "(where the current folder comes first): rename it, or run from another folder")
 

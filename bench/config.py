@@ -27,7 +27,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from models import likelihoods
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+# studies/ of a clone (an editable install), or bench/studies of an installed wheel (pyproject.toml)
+STUDIES_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "studies",
+                                Path(__file__).resolve().parent / "studies") if d.is_dir()),
+                   Path(__file__).resolve().parent.parent / "studies")
 DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
 BINARIZE = ("none", "threshold", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")

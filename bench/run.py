@@ -42,10 +42,12 @@ def preflight(cfg: Config) -> None:
     """Every check that bad input can fail, before a run, a study or a file is written."""
     if not cfg.study.name:
         raise ConfigError(f"study=NAME is required; valid choices: {', '.join(config.available_studies())}")
-    config.validate(cfg)  # again: a config built or changed in code has not been through config.load
     if mlflow.active_run() is not None:  # the trials' runs are the study's parent run's children
         raise ConfigError(f"an MLflow run ({mlflow.active_run().info.run_id}) is active in this process: end it "
                           "(mlflow.end_run()) before running a study, whose runs are children of its own parent run")
+    if os.environ.get("MLFLOW_RUN_ID"):  # as `mlflow run` sets it: MLflow would make the first trial's run that one
+        raise ConfigError(f"$MLFLOW_RUN_ID={os.environ['MLFLOW_RUN_ID']!r} is set (as `mlflow run` sets it): the "
+                          "first trial would log into that run instead of a child of the study's; unset it")
     try:
         resolve_device(cfg.train.device)
     except RuntimeError as e:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bench import data as data_mod
 from bench import states
-from bench.config import NOT_VARIED, Config, ConfigError, flatten, to_dict
+from bench.config import NOT_VARIED, Config, ConfigError, flatten, to_dict, validate_run
 from bench.data import Data
 from bench.train import (
     CudaGraphStep,
@@ -100,6 +100,8 @@ def train_stacked(cfgs: list[Config], data: Data | None = None) -> list[TrainRes
     diverges keeps its history up to that epoch and, like `train`'s, its model as it was then (a copy: its
     slice of the stack trains on with the others). Every batched matmul and Adam update of a variant is
     its own slice, so its NaNs reach no other variant."""
+    for cfg in cfgs:  # configs built or changed in code have not been through config.load
+        validate_run(cfg)
     check_stackable(cfgs)
     cfg = cfgs[0]
     device = resolve_device(cfg.train.device)

@@ -3,14 +3,15 @@
 A study's grids × seeds are its variants. Each is enqueued once as an Optuna trial carrying its
 params; workers claim queued trials atomically, so every variant runs exactly once with any number of
 workers and after a restart (only what is missing is enqueued again). A search space adds `n_trials`
-TPE trials on top. A diverged trial is recorded as FAIL with its reason and not retried; a crashed
+TPE trials on top. A diverged trial is recorded as FAIL with its reason and not retried (but for a grid
+variant diverged by a rule this vaebench no longer applies: `diverged_by_a_retired_rule`); a crashed
 or killed one is retried on the next run.
 
 Faults lose no finished work: a trial is COMPLETE in Optuna only once its MLflow run has FINISHED.
 Ctrl-C or SIGTERM (bench.stopping) ends the trial in progress as FAIL (status interrupted, run
 KILLED). A SIGKILL, a lost machine or a lost tracking store leaves it RUNNING; the next run marks it
 FAIL (status killed, run KILLED) once its worker is gone — a local process that no longer exists, or
-no epoch for REMOTE_STALE_S from another machine — and trains that variant again; one whose MLflow run
+no sign of life (an epoch, a batch of the test-set IWAE) for REMOTE_STALE_S from another machine — and trains that variant again; one whose MLflow run
 had already ended (the worker died while recording its outcome in Optuna) is given the run's outcome
 instead.
 """
@@ -51,7 +52,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 # Trial user attributes
 VARIANT, STATUS, REASON, RUN_ID, OWNER = "variant", "status", "reason", "mlflow_run_id", "owner"
-HEARTBEAT = "heartbeat"  # time of a recent finished epoch of the trial
+HEARTBEAT = "heartbeat"  # time of a recent sign of life of the trial: an epoch, or a batch of its test-set IWAE
 STARTED = "owner_started"  # when the owner process started: a reused pid is not the owner
 MACHINE = "owner_machine"  # boot and pid namespace of the owner: a container of the same hostname is not this machine
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
@@ -143,15 +144,21 @@ def open_study(cfg: Config, create: bool) -> optuna.Study:
 def diverged_by_a_retired_rule(reason: str, comparable: bool) -> bool:
     """A run that vaebench before 8697eec ended as diverged when its learned scale dipped on dequantized
     pixels (a likelihood of the data, `comparable`), which the current `bench.train.divergence` does not:
-    there the scale recovers. Its variant is trained again, not kept with a rule the report disowns."""
+    there the scale recovers. A grid variant's is trained again, not kept with a rule the report disowns
+    (a search trial's stays as it ended: its point is not drawn again)."""
     return comparable and reason.startswith("learned scale collapsed")
+
+
+def _retired(trial: optuna.trial.FrozenTrial) -> bool:
+    """A grid variant's trial diverged by a retired rule (see diverged_by_a_retired_rule)."""
+    return (trial.user_attrs.get(STATUS) == states.DIVERGED and trial.user_attrs.get("kind") != "search"
+            and diverged_by_a_retired_rule(trial.user_attrs.get(REASON, ""), trial.user_attrs.get(COMPARABLE, False)))
 
 
 def _claimed_or_settled(trial: optuna.trial.FrozenTrial) -> bool:
     """Finished for good: complete, pruned, diverged — or queued/running (claimed by some worker)."""
     if trial.state == TrialState.FAIL:
-        return trial.user_attrs.get(STATUS) == states.DIVERGED and not diverged_by_a_retired_rule(
-            trial.user_attrs.get(REASON, ""), trial.user_attrs.get(COMPARABLE, False))
+        return trial.user_attrs.get(STATUS) == states.DIVERGED and not _retired(trial)
     return True
 
 
@@ -269,10 +276,12 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
         if "state" not in tags and run_id not in named and int(tags.get("trial_number", -1)) not in numbers:
             tracking.mark_run(run_id, "its trial is not in the Optuna storage (lost or replaced) and its process "
                                       "is gone; the variant is trained again")
-    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items() if tags.get("state") in states.SETTLED
-                and not diverged_by_a_retired_rule(tags.get("reason", ""), tags.get("comparable") == "True")}
-    retired = {t.user_attrs.get(VARIANT) for t in trials if t.state == TrialState.FAIL and not _claimed_or_settled(t)
-               and t.user_attrs.get(STATUS) == states.DIVERGED}
+    retired_runs = {run_id for run_id, tags in runs.items() if tags.get("state") == states.DIVERGED
+                    and diverged_by_a_retired_rule(tags.get("reason", ""), tags.get("comparable") == "True")}
+    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items()
+                if tags.get("state") in states.SETTLED and run_id not in retired_runs}
+    retired = {runs[run_id].get("variant") for run_id in retired_runs} | {
+        variant_label(json.loads(t.user_attrs[VARIANT])) for t in trials if t.state == TrialState.FAIL and _retired(t)}
 
     def counts(trial: optuna.trial.FrozenTrial) -> bool:
         if trial.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -281,14 +290,15 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
 
     have = {t.user_attrs.get(VARIANT) for t in trials if counts(t)}
     missing = [p for p in variants(cfg) if variant_key(p) not in have]
-    taken = 0
-    again = sum(variant_key(p) in retired for p in missing)
+    taken = again = 0
     for params in missing:
-        run_id = recorded.get(variant_label(params))
+        label = variant_label(json.loads(variant_key(params)))  # as the runs' tags: keys in sorted order
+        run_id = recorded.get(label)
         if run_id is not None:
             _add_recorded_trial(study, cfg, params, run_id, runs[run_id])
             taken += 1
         else:
+            again += label in retired
             study.enqueue_trial({k: _encode(v) for k, v in params.items()},
                                 user_attrs={VARIANT: variant_key(params)}, skip_if_exists=False)
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), taken, again
@@ -605,13 +615,15 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     total = len(variants(cfg)) + cfg.study.n_trials  # n_trials is 0 without a search space
     with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
         while True:
-            trial = _claim(study, cfg)
-            if trial is None:
-                return outcomes
-            try:
+            trial = None
+            try:  # a stop between the claim and the trial's own handling: not alive to this process for good
+                trial = _claim(study, cfg)
+                if trial is None:
+                    return outcomes
                 outcome = run_trial(study, trial, cfg, parent_id, experiment_id, cache, position)
             finally:
-                _TRAINING.discard(trial._trial_id)
+                if trial is not None:
+                    _TRAINING.discard(trial._trial_id)
             outcomes.append(outcome)
             bar.set_postfix_str(f"{outcome.label}: {outcome.state}")
             bar.update()

@@ -342,8 +342,8 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
                  reason: str = "", epoch_log: EpochLog | None = None) -> None:
     """The epochs not yet sent, final metrics, figures, config and state dict, then the state tag; the
     run ends FINISHED only when COMPLETE. The state tag comes last, once the rest is stored: a process
-    that dies before it (a crash in a figure, a full disk; MLflow's exit handler then ends the run as
-    FINISHED) leaves a run that `ended_run` does not take for a finished trial. So does a metric that
+    that dies before it (a crash in a figure, a full disk: the command ends the run FAILED, or in a worker
+    process MLflow's exit handler FINISHED) leaves a run that `ended_run` does not take for a finished trial. So does a metric that
     could not be stored: the error propagates before the tag (the command exits 1, the next trains the
     variant again), never a run tagged complete without its test metrics."""
     if epoch_log is not None:

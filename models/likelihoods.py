@@ -362,7 +362,8 @@ class Likelihood:
         """raw (..., P, D) -> p(x|z) over images, batch shape (...), event shape (D,). `shared`: the learned
         log-scale of gaussian_shared (VAE.log_scale); `x` (..., D): the images, whose MSE is gaussian_optimal's σ²."""
         f = self.family
-        if raw.dim() < 2 or raw.shape[-2] != f.n_params:  # a flat (B, P·D) output would be read as one image
+        # a flat (B, P·D) output would be read as one image (not caught where B happens to equal P)
+        if raw.dim() < 2 or raw.shape[-2] != f.n_params:
             raise ValueError(f"{f.name}: raw must have shape (..., {f.n_params}, D), {f.n_params} decoder output(s) "
                              f"per pixel, not {tuple(raw.shape)}")
         if f.learned_scale == SHARED and shared is None:

@@ -25,6 +25,7 @@ from bench.train import median_epoch
 from tests.conftest import shrink_args
 from tests.helpers import (
     ONE_THREAD_ENV,
+    SEED_STUDY,
     SEEDS,
     _sigint_handled,
     _trials_now,
@@ -660,9 +661,14 @@ def test_a_stale_trial_whose_run_is_gone_is_trained_again(lost, tmp_path, monkey
     assert len(complete) == (4 if lost == "another tracking store" else 3)
 
 
-def test_finished_runs_are_taken_back_not_trained_again_when_the_optuna_storage_is_lost(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grid_keys", ["in order", "out of order"])  # the runs' variant tags have them in order
+def test_finished_runs_are_taken_back_not_trained_again_when_the_optuna_storage_is_lost(grid_keys, tmp_path,
+                                                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    if grid_keys == "out of order":
+        (tmp_path / "seeds.yaml").write_text(SEED_STUDY.replace("data: {binarize: static}\n", "").replace(
+            "- likelihood.name: [bernoulli]", "- likelihood.name: [bernoulli]\n      data.binarize: [static]"))
     assert run.main(args) == 0
     before, runs_before = _state(tmp_path, args)
     (tmp_path / "optuna.db").unlink()

@@ -18,7 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from bench import config, run, tracking, train
+from bench import config, run, stacked, tracking, train
 from bench.config import ConfigError
 from models import likelihoods
 from tests.conftest import shrink_args
@@ -64,11 +64,10 @@ def test_bad_input_raises_a_config_error_naming_the_key_and_writes_nothing(in_tm
 
 
 def test_a_config_changed_in_code_is_checked_as_one_from_the_command_line(tiny_cfg):
-    cfg = config.apply(tiny_cfg, {"likelihood.name": "bernouli", "study.name": "mine"})
     with pytest.raises(ConfigError, match="likelihood.name='bernouli'"):
-        run.preflight(cfg)
+        train.train(config.apply(tiny_cfg, {"likelihood.name": "bernouli"}))
     with pytest.raises(ConfigError, match="train.epochs=0"):
-        train.train(config.apply(tiny_cfg, {"train.epochs": 0}))
+        stacked.train_stacked([tiny_cfg, config.apply(tiny_cfg, {"train.epochs": 0})])
 
 
 def test_a_run_of_the_callers_own_left_active_is_named_and_nothing_is_written(in_tmp):
@@ -76,6 +75,14 @@ def test_a_run_of_the_callers_own_left_active_is_named_and_nothing_is_written(in
     with mlflow.start_run() as mine, pytest.raises(ConfigError, match=f"an MLflow run \\({mine.info.run_id}\\) is active"):
         run.run_study(["study=smoke", *shrink_args(in_tmp)])
     assert sorted(p.name for p in in_tmp.iterdir()) == ["mine.db"]
+
+
+def test_a_run_id_in_the_environment_is_named_and_nothing_is_written(in_tmp, monkeypatch):
+    """`mlflow run` sets $MLFLOW_RUN_ID, which MLflow's start_run would resume instead of making a child run."""
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123abcd")
+    with pytest.raises(ConfigError, match=r"\$MLFLOW_RUN_ID='0123abcd' is set .*unset it"):
+        run.run_study(["study=smoke", *shrink_args(in_tmp)])
+    assert list(in_tmp.iterdir()) == []
 
 
 def test_after_a_lost_store_the_same_process_resumes_the_study(in_tmp, monkeypatch):
@@ -137,14 +144,19 @@ def test_importing_vaebench_leaves_matplotlibs_backend_as_it_was():
     assert out.strip() == "svg"
 
 
-@pytest.mark.parametrize("own", ["models.py", "models/__init__.py"])
+@pytest.mark.parametrize("own", ["models.py", "models/__init__.py", "models/checkpoint.pt"])
 def test_a_models_module_of_the_users_folder_is_named_as_hiding_vaebenchs(own, tmp_path):
+    """A folder without __init__.py (of checkpoints, say) hides nothing: Python looks past it."""
     (tmp_path / own).parent.mkdir(exist_ok=True)
     (tmp_path / own).write_text("net = None\n")
-    proc = subprocess.run([sys.executable, "-c", "import bench.run"], cwd=tmp_path, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 1
-    assert f"vaebench's package 'models' ({ROOT / 'models'}) is hidden by {tmp_path / own}" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import bench.run; from models import likelihoods; print(likelihoods.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # after the current folder, as sys.path has it
+    if own.endswith(".pt"):
+        assert proc.returncode == 0 and proc.stdout.strip() == str(ROOT / "models" / "likelihoods.py"), proc.stderr
+    else:
+        assert proc.returncode == 1
+        assert f"vaebench's package 'models' ({ROOT / 'models'}) is hidden by {tmp_path / own}" in proc.stderr
 
 
 def test_an_installed_wheel_holds_the_studies(tmp_path):
@@ -158,10 +170,10 @@ def test_an_installed_wheel_holds_the_studies(tmp_path):
                     str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("vaebench-*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = "import bench; from bench import config; print(bench.__file__); print(config.available_studies())"
+    code = "import bench; from bench import config; print(config.STUDIES_DIR); print(config.available_studies())"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.splitlines()
-    assert out[0] == str(tmp_path / "site" / "bench" / "__init__.py")
+    assert out[0] == str(tmp_path / "site" / "bench" / "studies")  # not a top-level `studies` of site-packages
     assert out[1] == repr(sorted(p.stem for p in (ROOT / "studies").glob("*.yaml")))
 
 
