@@ -17,8 +17,7 @@ def _check_models_package() -> None:
     if spec is None or spec.origin in (None, "namespace"):  # the import below says what is missing
         return
     if ours not in [Path(p).resolve() for p in (spec.submodule_search_locations or [])]:
-        where = spec.origin
-        raise ImportError(f"vaebench's package 'models' ({ours}) is hidden by {where}, earlier on sys.path "
+        raise ImportError(f"vaebench's package 'models' ({ours}) is hidden by {spec.origin}, earlier on sys.path "
                           "(where the current folder comes first): rename it, or run from another folder")
 
 

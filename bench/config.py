@@ -27,10 +27,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from models import likelihoods
 
-# studies/ of a clone (an editable install), or bench/studies of an installed wheel (pyproject.toml)
-STUDIES_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "studies",
-                                Path(__file__).resolve().parent / "studies") if d.is_dir()),
-                   Path(__file__).resolve().parent.parent / "studies")
+# bench/studies of an installed wheel (pyproject.toml), or studies/ beside bench/ in a clone (an editable install)
+_BENCH = Path(__file__).resolve().parent
+STUDIES_DIR = _BENCH / "studies" if (_BENCH / "studies").is_dir() else _BENCH.parent / "studies"
 DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
 BINARIZE = ("none", "threshold", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
