@@ -78,6 +78,18 @@ def _sigint_handled(handler=signal.default_int_handler) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def another_live_process() -> Iterator[int]:
+    """The pid of a live process of this machine other than this one (a worker of another command, say),
+    gone once the block ends."""
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def start_and_catch_a_worker(args: list[str], tmp_path: Path, sigint=signal.default_int_handler
                              ) -> tuple[subprocess.Popen, int, int]:
     """Starts `python -m bench.run` with `args` (study.n_workers > 1; output in <tmp>/run.log; SIGINT as

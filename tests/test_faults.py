@@ -29,6 +29,7 @@ from tests.helpers import (
     SEEDS,
     _sigint_handled,
     _trials_now,
+    another_live_process,
     seed_study_args,
     start_and_catch_a_worker,
     start_and_catch_second_trial,
@@ -428,15 +429,11 @@ def test_a_command_that_leaves_trials_running_elsewhere_does_not_exit_0(tmp_path
     cfg = config.load(args)
     optuna_study = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg))
     elsewhere = optuna_study.ask()  # RUNNING, claimed by another live process of this machine
-    owner = subprocess.Popen(["sleep", "600"])
-    try:
-        elsewhere.set_user_attr(study.OWNER, f"{socket.gethostname()}:{owner.pid}")
+    with another_live_process() as owner:
+        elsewhere.set_user_attr(study.OWNER, f"{socket.gethostname()}:{owner}")
         capsys.readouterr()
         assert run.main(args) == 1
-        assert f"trial {elsewhere.number} running in {socket.gethostname()}:{owner.pid}" in capsys.readouterr().err
-    finally:
-        owner.kill()
-        owner.wait()
+        assert f"trial {elsewhere.number} running in {socket.gethostname()}:{owner}" in capsys.readouterr().err
 
 
 def _run_patched(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -492,18 +489,14 @@ def test_a_worker_is_known_by_its_pid_start_time_and_machine():
             trial.set_user_attr(key, value)
         return study.worker_alive(optuna_study.get_trials()[0])
 
-    worker = subprocess.Popen(["sleep", "600"])  # a live process of this machine
-    try:
-        assert alive(**{study.OWNER: f"{socket.gethostname()}:{worker.pid}", study.MACHINE: study._machine()})
-        assert alive(**{study.STARTED: study._process_start(worker.pid)})
+    with another_live_process() as worker:
+        assert alive(**{study.OWNER: f"{socket.gethostname()}:{worker}", study.MACHINE: study._machine()})
+        assert alive(**{study.STARTED: study._process_start(worker)})
         assert not alive(**{study.STARTED: "1"})  # the same pid, started at another time: another process
         # a container of the same hostname: its pids cannot be checked from here, its heartbeats tell
         assert alive(**{study.MACHINE: "another-boot pid:[1]", study.HEARTBEAT: time.time()})
         assert not alive(**{study.HEARTBEAT: time.time() - study.REMOTE_STALE_S - 1})
         assert alive(**{study.MACHINE: None, study.STARTED: None})  # written before they were recorded
-    finally:
-        worker.kill()
-        worker.wait()
     assert not alive(**{study.MACHINE: study._machine()})  # gone
     # this process: alive while it trains the trial, not when an earlier study in it (a notebook's) left it
     assert not alive(**{study.OWNER: study._owner(), study.STARTED: study._process_start(os.getpid())})
