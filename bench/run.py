@@ -118,7 +118,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
     try:
-        with stopping.sigterm_as_ctrl_c():
+        with stopping.stops_raise():
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
         sys.exit(stopping.exit_code(stop))
@@ -290,7 +290,7 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
     varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
     print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
     try:
-        with stopping.sigterm_as_ctrl_c():
+        with stopping.stops_raise():
             ok = run(cfg)
     except BaseException:
         _end_runs_left_open()

@@ -5,35 +5,59 @@ SIGTERM does not go through SIGINT: a shell script's `cmd &` starts the command 
 that a Ctrl-C at the terminal leaves background jobs alone), and a SIGTERM passed on as SIGINT would be
 ignored with it, the study training on. A worker process also stops on SIGHUP, which Linux sends it when
 the study's main process dies (bench.run).
+
+A stop can be dropped on its way: Python prints and ignores an exception raised in a finalizer (a
+`__del__`, a weakref callback: "Exception ignored in") or a ctypes callback, and a handler that runs while
+one does raises there. Such a Ctrl-C was lost, the study training on to its end (seen once in CI: exit 0).
+So each stop is also remembered, and raised again at the study's safe points (raise_if_stopped: between
+epochs, IWAE batches and trials) and as the block that installed the handlers ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, docker stop, a batch scheduler's end of job): the study stops as on Ctrl-C."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
 class Orphaned(KeyboardInterrupt):
     """SIGHUP in a worker: the study's main process died (killed, or its terminal closed)."""
 
 
-def _orphaned(signum, frame) -> None:
-    raise Orphaned
+# Each signal that stops a study, with what it raises (hang-ups: where signals have them)
+STOPS: dict[int, type[KeyboardInterrupt]] = {
+    signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated,
+    **({signal.SIGHUP: Orphaned} if hasattr(signal, "SIGHUP") else {})}
+
+_stopped: type[KeyboardInterrupt] | None = None  # the first stop that came, until the handlers' block ends
+_deferred: list[type[KeyboardInterrupt]] = []  # those that came inside ctrl_c_deferred, raised after it
+_depth = 0  # how many ctrl_c_deferred blocks the main thread is in
+
+
+def _stop(signum: int, frame) -> None:
+    """The handler of each signal in STOPS: raises its stop, or, inside ctrl_c_deferred, defers it; either
+    way remembers it. (A counter, not handlers swapped in and out: a signal that another thread takes while
+    the main one masks it still runs its handler in the main thread, between any two of the swaps.)"""
+    global _stopped
+    stop = STOPS[signum]
+    _stopped = _stopped or stop
+    if _depth:
+        _deferred.append(stop)
+        return
+    raise stop
 
 
 def hang_up_as_orphaned() -> None:
     """In a worker process: SIGHUP raises Orphaned."""
-    signal.signal(signal.SIGHUP, _orphaned)
+    signal.signal(signal.SIGHUP, _stop)
 
 
 def reason(stop: KeyboardInterrupt) -> str:
@@ -51,24 +75,44 @@ def exit_code(stop: KeyboardInterrupt) -> int:
                   signal.SIGHUP if isinstance(stop, Orphaned) else signal.SIGINT)
 
 
-# Each signal that stops a study, with the handler that raises for it (hang-ups: where signals have them)
-STOPS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate,
-         **({signal.SIGHUP: _orphaned} if hasattr(signal, "SIGHUP") else {})}
-
-
 @contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM raises Terminated inside. Leaves a handler someone else installed as it is, and does nothing
-    outside the main thread (a notebook or IDE may run a study in another), where Python has no handlers."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+def stops_raise() -> Iterator[None]:
+    """Inside: Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated, and a stop dropped on its way is
+    raised as the block ends. Leaves a handler someone else installed, or SIGINT ignored (as a shell
+    script's `cmd &` starts it), as it is; does nothing outside the main thread (a notebook or IDE may run a
+    study in another), where Python has no handlers."""
+    global _stopped
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGTERM, _terminate)
+    installed, unraisable_hook = {}, sys.unraisablehook
+    sys.unraisablehook = functools.partial(_quiet_about_dropped_stops, unraisable_hook)
     try:
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                installed[signum] = default
+                signal.signal(signum, _stop)
         yield
+        raise_if_stopped()
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum, default in installed.items():
+            signal.signal(signum, default)
+        sys.unraisablehook = unraisable_hook
+        _stopped = None
+        _deferred.clear()
+
+
+def _quiet_about_dropped_stops(hook: Callable[[Any], None], unraisable: Any) -> None:
+    """sys.unraisablehook: the traceback Python would print for a stop it dropped is left out (the stop
+    is raised again, and says what happened); anything else goes to `hook`."""
+    if not (_stopped is not None and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+        hook(unraisable)
+
+
+def raise_if_stopped() -> None:
+    """At a safe point of the study: raises a stop that came before and was dropped on its way."""
+    if _stopped is not None and not _depth:
+        raise _stopped
 
 
 @contextlib.contextmanager
@@ -78,36 +122,18 @@ def ctrl_c_deferred() -> Iterator[None]:
     was being recorded left its run and trial RUNNING, which the next command took for a dead worker's,
     throwing the trained variant away; and one that came inside a write could leave its SQLite transaction
     open, holding a lock that the interruption's own writes, and other workers', would wait on until the
-    store's timeout. Only where the signal raises: in the main thread, SIGINT with Python's own handler (not where
-    it is ignored), SIGTERM inside sigterm_as_ctrl_c, SIGHUP after hang_up_as_orphaned."""
+    store's timeout. Only where the signal raises: in the main thread, inside stops_raise (SIGINT where
+    Python's own handler was installed, not where it is ignored), and SIGHUP after hang_up_as_orphaned."""
+    global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[int] = []
-    with _held():
-        stops = {signum: handler for signum, handler in STOPS.items() if signal.getsignal(signum) is handler}
-        for signum in stops:
-            signal.signal(signum, lambda signum, frame: caught.append(signum))
+    _depth += 1
     try:
         yield
     finally:
-        with _held():
-            for signum, handler in stops.items():
-                signal.signal(signum, handler)
-        if caught:  # the first that came, as it would have been raised: also over an error of the block's
-            stops[caught[0]](caught[0], None)
-
-
-@contextlib.contextmanager
-def _held() -> Iterator[None]:
-    """The signals that stop a study wait while the handlers are swapped: one that came between two swaps
-    would run a handler that raises, and leave the others swapped for good. (Where the OS has no signal
-    masks, as on Windows, they do not wait.)"""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _depth -= 1
+        if not _depth and _deferred:  # the first that came, as it would have been raised: also over the block's error
+            stop = _deferred[0]
+            _deferred.clear()
+            raise stop

@@ -533,6 +533,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 trial.set_user_attr(HEARTBEAT, last_beat)
             if prunable and math.isfinite(metrics["val_elbo"]):
                 trial.report(metrics["val_elbo"], epoch)
+        stopping.raise_if_stopped()
         if prunable and math.isfinite(metrics["val_elbo"]) and trial.should_prune():
             raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
@@ -542,6 +543,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         """The test-set IWAE's progress, and signs of life through it: k = 5000 on the whole test split
         takes hours, and a trial silent for REMOTE_STALE_S would be marked killed by another machine."""
         nonlocal last_beat, evaluating
+        stopping.raise_if_stopped()
         if evaluating is None:  # in the epochs' place
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
                               position=position + 1)
@@ -616,6 +618,7 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
         while True:
             trial = None
+            stopping.raise_if_stopped()  # one dropped while the last trial was recorded
             try:  # a stop between the claim and the trial's own handling: not alive to this process for good
                 trial = _claim(study, cfg)
                 if trial is None:
