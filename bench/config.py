@@ -120,7 +120,8 @@ class StudyConfig:
     description: str = ""  # shown in MLflow and the report
     grids: list[dict[str, Any]] = field(default_factory=list)  # each: dotted key -> list of values
     seeds: list[int] = field(default_factory=lambda: [0])  # every variant runs once per seed
-    search_space: dict[str, SearchDim] = field(default_factory=dict)  # sampled by TPE
+    # sampled by TPE: dotted key -> {kind: float | int | categorical, low, high, log, choices}
+    search_space: dict[str, SearchDim] = field(default_factory=dict)
     n_trials: int = 0  # TPE trials (with a search space)
     # Prunes on the validation ELBO reported each epoch: auto = median for a search space, none for grid
     # variants (every one of them must finish) | median | none
@@ -156,6 +157,8 @@ class Config:
 SEED_RANGE = 2**32  # seeds are integers in [0, 2³²): what Optuna's samplers and NumPy accept
 # Keys whose values are nested mappings of their own, not sections of the config
 OPEN_MAPPINGS = ("study.grids", "study.search_space")
+SEARCH_EXAMPLE = ("`train.lr: {kind: float, low: 1.0e-4, high: 1.0e-2, log: true}` or "
+                  "`model.hidden: {kind: categorical, choices: [[400], [400, 150]]}`")
 
 
 def _keys_of_type(cls: type, type_name: str, prefix: str = "") -> set[str]:
@@ -270,8 +273,7 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         if (e.full_key or "").startswith("study.search_space."):  # its keys hold dots themselves
             hint = ("give study.search_space in a study file" if where.startswith("override") else
                     "study.search_space maps a dotted config key to its range")
-            raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; {hint}, e.g. "
-                              "`train.lr: {kind: float, low: 1.0e-4, high: 1.0e-2, log: true}`") from None
+            raise ConfigError(f"{where}: {e.msg.splitlines()[0]}; {hint}, e.g. {SEARCH_EXAMPLE}") from None
         parent = e.full_key.rsplit(".", 1)[0] if "." in (e.full_key or "") else ""
         section = OmegaConf.select(base, parent) if parent else base
         valid = ", ".join(str(k) for k in section)
@@ -319,6 +321,10 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         if not isinstance(content, dict):
             raise ConfigError(f"study file {path} must hold a mapping of sections, not {type(content).__name__}")
         _check_types(content, str(path), from_file=True)
+        searched = content.get("study", {}).get("search_space") if isinstance(content.get("study"), dict) else None
+        for key, dim in (searched.items() if isinstance(searched, dict) else ()):
+            _check(isinstance(dim, dict), f"{path}: study.search_space.{key}", dim,
+                   f"a range or a list of choices, e.g. {SEARCH_EXAMPLE}")
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem
@@ -336,7 +342,13 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
         _check_types(content, f"override {arg!r}")
+        searched = OmegaConf.to_container(cfg.study.search_space)
         cfg = _merge(cfg, dot, f"override {arg!r}")
+        if "study.search_space" in (key for key, _ in _leaves(content)) and \
+                OmegaConf.to_container(cfg.study.search_space) == searched:
+            raise ConfigError(f"override {arg!r} changes nothing: an override merges into the study's search space "
+                              "(it can add a key or change a key's range, not remove one); edit study.search_space "
+                              "in the study file")
         given[arg] = [key for key, _ in _leaves(content)]  # `train={seed: 1}` sets train.seed
     try:
         config: Config = OmegaConf.to_object(cfg)
@@ -452,9 +464,12 @@ def validate(cfg: Config) -> None:
         _check(s.storage.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"),
                "study.storage", s.storage,
                "a URL sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+    defaults = flatten(to_dict(Config()))
     for key, dim in s.search_space.items():
         _check(dim.kind in SEARCH_KINDS, f"study.search_space.{key}.kind", dim.kind,
                f"one of {', '.join(SEARCH_KINDS)}")
+        _check(dim.kind == "categorical" or not isinstance(defaults.get(key), list), f"study.search_space.{key}.kind",
+               dim.kind, f"categorical: {key} holds a list, e.g. {{kind: categorical, choices: [[400], [400, 150]]}}")
         if dim.kind == "categorical":
             _check(bool(dim.choices), f"study.search_space.{key}.choices", dim.choices, "a non-empty list")
         else:
@@ -463,6 +478,8 @@ def validate(cfg: Config) -> None:
                    f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "finite numbers, low < high")
             _check(not dim.log or dim.low > 0, f"study.search_space.{key}.low", dim.low,
                    "a number > 0 with log: true")
+            _check(dim.kind != "int" or (float(dim.low).is_integer() and float(dim.high).is_integer()),
+                   f"study.search_space.{key}", f"low={dim.low}, high={dim.high}", "whole numbers with kind: int")
     varied_by = [*((f"study.grids[{i}]", grid) for i, grid in enumerate(s.grids)), ("study.search_space", s.search_space)]
     for where, keys in varied_by:
         _check("train.seed" not in keys, f"{where} key", "train.seed",
@@ -471,7 +488,14 @@ def validate(cfg: Config) -> None:
                "another key: the device is where a study runs, not part of a variant (the report would pool "
                "both devices' runs in one row); compare devices with the speed benchmarks, or run the study "
                "once per device, each with its own tracking.uri")
+    gridded = sorted({key for grid in s.grids for key in grid})
+    _check(bool(s.grids) or not s.search_space or len(s.seeds) == 1, "study.seeds", s.seeds,
+           "one seed in a study without grids: each search trial trains once, with the first seed (seeds "
+           "repeat grid variants, not search trials)")
     for key in s.search_space:  # trials are ranked by their val ELBO: all must see the same data
+        _check(key not in gridded, "study.search_space key", key,
+               f"a key no grid varies (study.grids vary {', '.join(gridded)}): search trials take it from the "
+               "base config, and Optuna refuses a parameter that is sampled in some trials and set in others")
         _check(not key.startswith("data."), "study.search_space key", key,
                "a key that leaves the data as it is (vary data.* with study.grids)")
         _check(not key.startswith(NOT_VARIED), "study.search_space key", key,

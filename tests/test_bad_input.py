@@ -55,6 +55,11 @@ FILES = {
     "rep/smoke": "a file where the report's folder goes\n",
     "search_lr.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  search_space:\n"
                       "    train.lr: {low: 0.0001, high: 0.01, log: true}\n",
+    "search_gridded.yaml": "data:\n  binarize: static\nstudy:\n  n_trials: 2\n  grids:\n    - train.lr: [0.001, 0.01]\n"
+                           "  search_space:\n    train.lr: {low: 0.0001, high: 0.01, log: true}\n",
+    "search_int.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.epochs: {kind: int, low: 1.5, high: 3}\n",
+    "search_list_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    model.hidden: {kind: int, low: 32, high: 64}\n",
+    "search_bare_range.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: [0.0001, 0.01]\n",
 }
 BINARY_FILES = {"latin1.yaml": b"data:\n  root: \xff\xfe\n"}
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -205,6 +210,18 @@ CASES = [
       "those that do: gaussian, laplace"]),
     ("a literal interpolation start", ["study=smoke", "study.description=costs \\${{x}}"],  # {{: str.format
      ["study.description='costs ${x}': a value cannot hold '${'"]),
+    ("search over a key a grid varies", ["study={tmp}/in/search_gridded.yaml"],  # Optuna crashed on it
+     ["study.search_space key='train.lr' is invalid", "a key no grid varies (study.grids vary train.lr)"]),
+    ("seeds of a search", ["study={tmp}/in/search_lr.yaml", "study.seeds=[0,1]"],  # it trains the first only
+     ["study.seeds=[0, 1] is invalid", "one seed in a study without grids"]),
+    ("int range with fractions", ["study={tmp}/in/search_int.yaml"],  # Optuna would round them
+     ["study.search_space.train.epochs='low=1.5, high=3.0' is invalid", "whole numbers with kind: int"]),
+    ("range over a list-valued key", ["study={tmp}/in/search_list_key.yaml"],
+     ["study.search_space.model.hidden.kind='int' is invalid", "categorical: model.hidden holds a list"]),
+    ("a bare list as a range", ["study={tmp}/in/search_bare_range.yaml"],
+     ["study.search_space.train.lr=[0.0001, 0.01] is invalid", "a range or a list of choices, e.g. `train.lr: {kind"]),
+    ("an empty search space as an override", ["study={tmp}/in/search_lr.yaml", "study.search_space={{}}"],
+     ["override 'study.search_space={}' changes nothing", "edit study.search_space in the study file"]),
     ("key the search samples", ["study={tmp}/in/search_lr.yaml", "train.lr=0.5"],
      ["override 'train.lr=0.5': train.lr is sampled by the study's search_space", "change study.search_space"]),
     ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
