@@ -146,6 +146,7 @@ def run(cfg: Config) -> bool:
             stale = study.fail_stale(optuna_study, experiment_id)
             queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
             print(f"study {optuna_study.study_name}: {queued} variants to run"
+                  + (f" and {study.search_trials_left(optuna_study, cfg)} search trials" if cfg.study.search_space else "")
                   + (f" ({again} ended as diverged by a rule this vaebench no longer applies: a learned scale "
                      "that dipped on dequantized pixels)" if again else "")
                   + (f", {taken} taken from their finished MLflow runs" if taken else "")

@@ -116,14 +116,71 @@ def _sampler(cfg: Config, trial_number: int = 0) -> optuna.samplers.BaseSampler:
     trial of the study, whichever process asks. One seed per process drew the same point again in each
     resumed command and each worker (TPE samples at random for its first trials)."""
     seed = int.from_bytes(hashlib.sha256(f"{cfg.study.seeds[0]} {trial_number}".encode()).digest()[:4], "little")
-    return optuna.samplers.TPESampler(seed=seed)
+    return _AmongItsKind(optuna.samplers.TPESampler(seed=seed))
 
 
 def pruner(cfg: Config) -> optuna.pruners.BasePruner:
     """Grid variants are never pruned under `auto` (`run_trial` neither reports nor prunes them): a grid
-    study must finish every one of them."""
+    study must finish every one of them. A trial is first compared after its second epoch (epochs count
+    from 1; Optuna prunes from step n_warmup_steps on): one epoch says little of a slow starter."""
     median = cfg.study.pruner == "median" or (cfg.study.pruner == "auto" and bool(cfg.study.search_space))
-    return optuna.pruners.MedianPruner(n_warmup_steps=1) if median else optuna.pruners.NopPruner()
+    return _AmongItsKind(optuna.pruners.MedianPruner(n_warmup_steps=2)) if median else optuna.pruners.NopPruner()
+
+
+class _TrialsOfOneKind:
+    """A study as seen by its search or its grid: the trials of one kind only (search trials, or grid
+    variants). A grid variant's trial holds other settings and no sampled params; among the search's,
+    grid variants would count towards TPE's random start-up trials and its good trials, and towards the
+    pruner's medians, pruning a search trial against a median of two search trials and four grid
+    variants."""
+
+    def __init__(self, study: optuna.Study, search: bool):
+        self._study, self._search = study, search
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+                if _is_search(t) == self._search]
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+
+def _is_search(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
+    return trial.user_attrs.get("kind") == "search"
+
+
+class _AmongItsKind(optuna.samplers.BaseSampler, optuna.pruners.BasePruner):
+    """A sampler or pruner that sees, for each trial, the trials of its kind only (_TrialsOfOneKind)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def _view(self, study: optuna.Study, trial) -> _TrialsOfOneKind:
+        return _TrialsOfOneKind(study, _is_search(trial))
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(self._view(study, trial), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+    def prune(self, study, trial) -> bool:
+        return self.inner.prune(self._view(study, trial), trial)
 
 
 def open_study(cfg: Config, create: bool) -> optuna.Study:
@@ -151,7 +208,7 @@ def diverged_by_a_retired_rule(reason: str, comparable: bool) -> bool:
 
 def _retired(trial: optuna.trial.FrozenTrial) -> bool:
     """A grid variant's trial diverged by a retired rule (see diverged_by_a_retired_rule)."""
-    return (trial.user_attrs.get(STATUS) == states.DIVERGED and trial.user_attrs.get("kind") != "search"
+    return (trial.user_attrs.get(STATUS) == states.DIVERGED and not _is_search(trial)
             and diverged_by_a_retired_rule(trial.user_attrs.get(REASON, ""), trial.user_attrs.get(COMPARABLE, False)))
 
 
@@ -407,7 +464,7 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
 
 def search_trials_left(study: optuna.Study, cfg: Config) -> int:
     searched = [t for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("kind") == "search" and _claimed_or_settled(t)]
+                if _is_search(t) and _claimed_or_settled(t)]
     return max(0, cfg.study.n_trials - len(searched))
 
 
@@ -520,7 +577,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
     # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
-    prunable = base.study.pruner == "median" or trial.user_attrs.get("kind") == "search"
+    prunable = base.study.pruner == "median" or _is_search(trial)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_beat

@@ -296,12 +296,78 @@ def test_pruning_is_median_for_a_search_space_and_off_for_grid_variants(tmp_path
     # asked for, on grid variants that share data and measure (smoke's would not)
     lrs = tmp_path / "lrs.yaml"
     lrs.write_text("data:\n  binarize: static\nstudy:\n  grids:\n    - train.lr: [0.001, 0.01]\n")
-    assert isinstance(study.pruner(config.load([f"study={lrs}", "study.pruner=median"])), optuna.pruners.MedianPruner)
+    assert isinstance(study.pruner(config.load([f"study={lrs}", "study.pruner=median"])).inner,
+                      optuna.pruners.MedianPruner)
     one_data = tmp_path / "one_data.yaml"  # a data key with one value: the same data for every variant
     one_data.write_text("study:\n  grids:\n    - data.binarize: [none]\n"
                         "      likelihood.name: [gaussian, laplace, discretized_logistic]\n")
-    assert isinstance(study.pruner(config.load([f"study={one_data}", "study.pruner=median"])),
+    assert isinstance(study.pruner(config.load([f"study={one_data}", "study.pruner=median"])).inner,
                       optuna.pruners.MedianPruner)
+
+
+GRID_AND_SEARCH = ("data:\n  binarize: static\nstudy:\n  n_trials: 20\n  grids:\n    - train.beta: [0.5, 1, 2, 4, 8]\n"
+                   "  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+
+
+def _settled(optuna_study: optuna.Study, kind: str, values: list[float], lrs: tuple[float, ...] = ()) -> None:
+    """Trials COMPLETE with these values, reported at epochs 1-3: grid variants, or search trials with
+    these lrs."""
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for i, value in enumerate(values):
+        params = {"train.lr": lrs[i]} if lrs else {}
+        optuna_study.add_trial(optuna.trial.create_trial(
+            value=value, params=params, distributions={key: lr for key in params},
+            user_attrs={"kind": "search"} if kind == "search" else {}, intermediate_values={1: value, 2: value, 3: value}))
+
+
+def test_the_search_is_pruned_among_its_own_trials_from_the_second_epoch(tmp_path):
+    # Grid variants (other settings, never pruned under auto) counted among the pruner's trials: a search
+    # trial was pruned against a median of two search trials and four grid variants, or of grid variants alone
+    path = tmp_path / "both.yaml"
+    path.write_text(GRID_AND_SEARCH)
+    cfg = config.load([f"study={path}"])
+    optuna_study = optuna.create_study(direction="maximize", pruner=study.pruner(cfg))
+    _settled(optuna_study, "grid", [0.0] * 5)
+
+    def prunes(value: float, epoch: int) -> bool:
+        trial = optuna_study.ask()
+        trial.set_user_attr("kind", "search")
+        trial.report(value, epoch)
+        pruned = trial.should_prune()
+        optuna_study.tell(trial, state=TrialState.FAIL)
+        return pruned
+
+    assert not prunes(-100.0, 2)  # no search trial has finished: nothing to compare with
+    _settled(optuna_study, "search", [0.0] * 5)
+    assert not prunes(-100.0, 1)  # one epoch says little of a slow starter
+    assert prunes(-100.0, 2)
+
+
+def test_tpe_draws_for_the_search_as_if_the_grid_variants_were_not_there(tmp_path):
+    # TPE draws its first 10 trials at random: 10 grid variants among them made it model the search's
+    # lr from 3 search trials, and take grid variants (with no lr) among its good trials
+    path = tmp_path / "both.yaml"
+    path.write_text(GRID_AND_SEARCH)
+    cfg = config.load([f"study={path}"])
+
+    def draw(grid_variants: int) -> float:
+        optuna_study = optuna.create_study(direction="maximize", sampler=study._sampler(cfg))
+        _settled(optuna_study, "grid", [10.0] * grid_variants)
+        _settled(optuna_study, "search", [1.0, 2.0, 3.0], (1e-3, 2e-3, 5e-3))
+        trial = optuna_study.ask()
+        trial.set_user_attr("kind", "search")
+        optuna_study.sampler = study._sampler(cfg, 13)
+        return study.trial_params(trial, cfg)["train.lr"]
+
+    assert draw(10) == draw(0)
+
+
+def test_the_readme_search_example_is_a_valid_study(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("A search study, say `my_search.yaml`")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "my_search.yaml").write_text(example)
+    cfg = config.load([f"study={tmp_path / 'my_search.yaml'}"])
+    assert cfg.study.n_trials == 30 and set(cfg.study.search_space) == {"train.lr", "train.batch_size", "model.hidden"}
 
 
 def test_under_auto_pruning_only_search_trials_report_and_grid_variants_all_finish(tmp_path, monkeypatch):
@@ -318,10 +384,10 @@ def test_under_auto_pruning_only_search_trials_report_and_grid_variants_all_fini
     assert set(trials["search"].intermediate_values) == {1, 2}
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
-    assert isinstance(study.pruner(config.load([f"study={path}"])), optuna.pruners.MedianPruner)
+    assert isinstance(study.pruner(config.load([f"study={path}"])).inner, optuna.pruners.MedianPruner)
 
 
-def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
+def test_search_space_runs_tpe_trials(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 3\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
@@ -329,6 +395,7 @@ def test_search_space_runs_tpe_trials(tmp_path, monkeypatch):
                     "data:\n  binarize: static\n")
     args = [f"study={path}", *shrink_args(tmp_path)]
     assert run.main(args) == 0
+    assert ": 0 variants to run and 3 search trials\n" in capsys.readouterr().out
     trials = _optuna(tmp_path, args).get_trials()
     assert len(trials) == 3 and all(1e-4 <= t.params["train.lr"] <= 1e-2 for t in trials)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
