@@ -45,7 +45,7 @@ from bench import config, states
 from bench.config import ConfigError
 from bench.render import NONE, Blocks, render_html, render_latex, render_markdown
 from bench.report_data import StudyData, load, unfinished_note
-from bench.report_plots import plot_artifacts, plot_curves, plot_factor, plot_throughput
+from bench.report_plots import plot_artifacts, plot_curves, plot_factor, plot_search_history, plot_throughput
 from bench.report_tables import (
     NO_INTERVAL,
     NOT_TOLD_APART,
@@ -56,6 +56,7 @@ from bench.report_tables import (
     display_family,
     display_measure,
     display_ranking,
+    display_search,
     display_trials,
     factor_columns,
     factor_tables,
@@ -66,6 +67,8 @@ from bench.report_tables import (
     measure_table,
     rankable,
     ranking_table,
+    sampled_value,
+    search_table,
     searched_keys,
     trial_table,
     varied_here,
@@ -229,6 +232,9 @@ SUMMARY = (
     "intervals of samples/s (for what a step costs, see the speed benchmark). Blocks are never compared "
     "with each other: their numbers are on different measures.")
 NOTHING_RANKED = "Nothing here is ranked: no row has a completed run with an IWAE NLL on a likelihood of the data."
+SEARCH_TRIALS = ("TPE maximises a trial's validation ELBO at its last epoch; a pruned trial's is at the epoch it was "
+                 "stopped, so it is listed after the completed ones, not ranked with them. Diverged trials are "
+                 "recorded as failed, which TPE does not learn from.")
 SEARCHED = ("A search study ({keys}): of each family's searched configurations, only the one with the highest "
             "mean validation ELBO is ranked, so that the choice is never made on the test set; section 3 lists "
             "them all.")
@@ -303,7 +309,7 @@ def _measure_section(measure: pd.DataFrame) -> Blocks:
             ("p", "In this study:"), ("ul", _protocol_sentences(measure))]
 
 
-def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks:
+def _factors_section(by_factor: dict[str, pd.DataFrame], searched: list[str], folder: Path) -> Blocks:
     blocks: Blocks = [("h2", "3. Factor studies")]
     if not by_factor:
         blocks.append(("p", NO_FACTORS))
@@ -312,10 +318,28 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], folder: Path) -> Blocks
     if "train.beta" in by_factor:
         blocks.append(("p", BETA_OBJECTIVE))
     for key, table in by_factor.items():
-        plot = plot_factor(table, key, folder / f"factor_{safe_name(key)}.png")
+        plot = plot_factor(table, key, folder / f"factor_{safe_name(key)}.png", sampled=key in searched)
         blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} ({IN_NATS})", display_factor(table))),
                    ("img", (f"main metrics against {key}", plot))]
     return blocks
+
+
+def _search_section(search: pd.DataFrame, folder: Path) -> Blocks:
+    """A search's trials, best first, with the best trial in a sentence and the search's history."""
+    if search.empty:
+        return []
+    keys = [c for c in search.columns if c not in ("trial", "run_id", "state", "val_elbo")]
+    counts = search.state.value_counts()
+    tally = ", ".join(f"{n} {state}" for state, n in counts.items())
+    best = search.iloc[0]
+    lead = (f"Best search trial: trial {int(best.trial)} ({', '.join(f'{k}={sampled_value(best[k])}' for k in keys)}), "
+            f"validation ELBO {format_mean(best.val_elbo)} nats (run {best.run_id}). "
+            if best.state == states.COMPLETE else "No search trial has completed. ")
+    plot = plot_search_history(search, folder / "search_history.png")
+    return [("h3", "Search"),
+            ("p", lead + f"Of {len(search)} search trials: {tally}. {SEARCH_TRIALS}"),
+            ("table", ("Search trials, completed ones best first", display_search(search))),
+            ("img", ("validation ELBO per search trial", plot))]
 
 
 def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Blocks:
@@ -394,6 +418,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     ranking = ranking_table(data.runs, family)
     searched = [k for k in searched_keys(data.runs) if k in factor_columns(family)]
     trials = trial_table(data)
+    search = search_table(data)
     setting = configuration(data.runs)
     description = str(sel.parent.get("tags.mlflow.note.content", "") or "").strip() or "(no description)"
     blocks: Blocks = [
@@ -401,11 +426,12 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
         *([("p", note)] if (note := unfinished_note(data)) else []),
         ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
         ("p", _trained(setting, data.runs)), *_summary_section(family, ranking, searched),
-        *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, folder),
+        *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, searched, folder),
+        *_search_section(search, folder),
         *_plots_section(data, family, folder), *_provenance_section(data, trials, setting)]
     tables = {"0 ranking": ranking, "1 family": likelihoods_where_comparable(family), "2 measure": measure,
               **{f"3 factor {k}": likelihoods_where_comparable(t).assign(factor=k) for k, t in by_factor.items()},
-              "4 trials": trials}
+              **({"3 search": search} if len(search) else {}), "4 trials": trials}
     return blocks, tables
 
 
@@ -416,7 +442,7 @@ def safe_name(name: str) -> str:
 
 # the names of a report's files, whichever figures it has: one report replaces another's whole
 REPORT_FILE = re.compile(r"report\.(md|html)|tables\.(tex|csv)|(val_elbo|reconstructions|manifold|throughput"
-                         r"|factor_[\w-]+)\.png")
+                         r"|search_history|factor_[\w-]+)\.png")
 
 
 def write(data: StudyData, folder: Path | None = None) -> Path:

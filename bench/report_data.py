@@ -204,6 +204,11 @@ def load_trials(sel: Selection) -> tuple[pd.DataFrame, str]:
     return pd.DataFrame(rows, columns=columns), f"Optuna study {sel.optuna_study!r} in {url}"
 
 
+def grid_labels(cfg: Config) -> set[str]:
+    """The labels of the study's grid variants (a run's `variant` tag): any other run is a search trial's."""
+    return {study_mod.variant_label(json.loads(study_mod.variant_key(p))) for p in study_mod.variants(cfg)}
+
+
 def unfinished_note(data: StudyData) -> str:
     """A warning for a study with trials that have not ended ("" when all have): the tables then cover
     only the trials ended so far. A grid variant counts by its last attempt; one cut short is trained
@@ -212,7 +217,7 @@ def unfinished_note(data: StudyData) -> str:
     trials = data.trials if len(data.trials) else data.runs[["trial", "state", "variant"]]
     trials = trials.sort_values("trial")
     cfg = data.selection.cfg
-    grid = {study_mod.variant_label(json.loads(study_mod.variant_key(p))) for p in study_mod.variants(cfg)}
+    grid = grid_labels(cfg)
     variants = trials[trials.variant.isin(grid)].drop_duplicates("variant", keep="last")
     search = trials[~trials.variant.isin(grid)]
     latest = pd.concat([variants, search])

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.image import imread
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -156,8 +156,9 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
-    """The main metrics against one factor: a line per protocol × family (× other factors)."""
+def plot_factor(table: pd.DataFrame, key: str, path: Path, sampled: bool = False) -> Path:
+    """The main metrics against one factor: a line per protocol × family (× other factors). A factor a
+    search `sampled` gets the axis' own ticks: one per sampled value would overlap."""
     others = [k for k in factor_columns(table) if k != key]
     numeric = pd.api.types.is_numeric_dtype(table[key])
     values = sorted(table[key].unique()) if numeric else list(dict.fromkeys(table[key]))
@@ -188,7 +189,10 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
-        ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=7)
+        if sampled and numeric:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        else:
+            ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel(key)
         ax.set_title(title, fontsize=8)
@@ -199,3 +203,21 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path) -> Path:
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
     return _save(fig, path)
+
+
+def plot_search_history(table: pd.DataFrame, path: Path) -> Path:
+    """A search's validation ELBO per trial (search_table's rows): completed trials as dots with the best
+    so far as a line, the others (pruned: at the epoch they were stopped) as grey crosses."""
+    fig, (ax,) = _figure(1, width=6.0, height=3.6)
+    done = table[table.state == states.COMPLETE].sort_values("trial")
+    rest = table[(table.state != states.COMPLETE) & np.isfinite(table.val_elbo)]
+    ax.plot(done.trial, done.val_elbo, "o", color="tab:blue", label="completed trial")
+    ax.step(done.trial, done.val_elbo.cummax(), where="post", color="tab:blue", alpha=0.6, label="best so far")
+    if len(rest):
+        ax.plot(rest.trial, rest.val_elbo, "x", color="grey", label="not completed (at its last epoch)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation ELBO (nats)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+

@@ -11,7 +11,7 @@ from scipy import stats
 
 from bench import config, states
 from bench.render import NONE
-from bench.report_data import IWAE_GAIN, LIKELIHOOD_VALUED, METRICS, StudyData
+from bench.report_data import IWAE_GAIN, LIKELIHOOD_VALUED, METRICS, StudyData, grid_labels
 from models import likelihoods
 
 OBJECTIVE = "training objective (not a likelihood)"
@@ -276,6 +276,21 @@ def trial_table(data: StudyData) -> pd.DataFrame:
     return table.sort_values("trial").reset_index(drop=True)
 
 
+def search_table(data: StudyData) -> pd.DataFrame:
+    """A search's trials (not the grid's variants): completed ones first, best first by their validation
+    ELBO at the last epoch (TPE's objective), then the others by trial number (a pruned trial's ELBO is at
+    the epoch it was stopped). trial, run_id, state, val_elbo, and the sampled values; empty without a search."""
+    keys = searched_keys(data.runs)
+    runs = data.runs[~data.runs.variant.isin(grid_labels(data.selection.cfg))]
+    if not keys or runs.empty:
+        return pd.DataFrame(columns=["trial", "run_id", "state", "val_elbo", *keys])
+    table = runs.rename(columns={f"params.{k}": k for k in keys})[["trial", "run_id", "state", "val_elbo", *keys]]
+    order = table.assign(unfinished=table.state != states.COMPLETE, value=-table.val_elbo.where(
+        table.state == states.COMPLETE))
+    return table.loc[order.sort_values(["unfinished", "value", "trial"], na_position="last").index].reset_index(
+        drop=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Display: numbers → text
 
@@ -407,6 +422,22 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
                     "speed vs fastest": speed_text(r.speed_ratio)})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sampled_value(v: object) -> str:
+    """A sampled value as MLflow holds it (text), numbers to 3 significant digits."""
+    try:
+        return f"{float(v):.3g}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def display_search(table: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in table.columns if c not in ("trial", "run_id", "state", "val_elbo")]
+    return pd.DataFrame({
+        "trial": [str(int(t)) for t in table.trial], "state": table.state,
+        "val ELBO": [format_mean(v) if np.isfinite(v) else NONE for v in table.val_elbo],
+        **{k: [sampled_value(v) for v in table[k]] for k in keys}, "run id": table.run_id})
 
 
 def display_trials(table: pd.DataFrame) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
@@ -768,6 +769,30 @@ def test_a_real_search_study_is_reported_with_its_choice_made_on_validation(tmp_
     assert report.SEARCHED.format(keys="train.lr") in md
     ranking = pd.read_csv(tmp_path / "reports" / "search" / "tables.csv").query("table == '0 ranking'")
     assert len(ranking) == 1 and ranking.family.item() == "bernoulli"
+
+
+def test_a_search_is_reported_best_trial_first_without_the_grids_variants(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "both.yaml").write_text(
+        "study:\n  n_trials: 3\n  grids:\n    - train.beta: [1.0]\n  search_space:\n"
+        "    train.lr: {low: 0.0003, high: 0.01, log: true}\n"
+        "likelihood:\n  name: bernoulli\ndata:\n  binarize: static\n")
+    args = [f"study={tmp_path / 'both.yaml'}", *shrink_args(tmp_path), "report=true"]
+    assert run.main(args) == 0
+    folder = tmp_path / "reports" / "both"
+    search = pd.read_csv(folder / "tables.csv").query("table == '3 search'")
+    cfg = config.load(args)
+    trials = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg)).get_trials()
+    searched = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    assert sorted(search.trial) == sorted(t.number for t in searched)  # the grid variant's trial is not listed
+    assert list(search.val_elbo) == sorted((t.value for t in searched), reverse=True)  # best first
+    best = max(searched, key=lambda t: t.value)
+    assert search.run_id.iloc[0] == best.user_attrs["mlflow_run_id"]
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    assert (f"Best search trial: trial {best.number} (train.lr={best.params['train.lr']:.3g}), validation ELBO "
+            f"{report_tables.format_mean(best.value)} nats (run {search.run_id.iloc[0]}). Of 3 search trials: "
+            "3 complete.") in md
+    assert (folder / "search_history.png").is_file() and "![validation ELBO per search trial](search_history.png)" in md
 
 
 def test_a_metric_that_some_completed_runs_lack_says_of_how_many_it_is_the_mean():
