@@ -225,7 +225,7 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     # trades, beside a word on the objective that β ≠ 1 maximises
     shown = report_tables.display_factor(report_tables.factor_tables(table)["train.beta"])
     assert {"test ELBO", "test recon", "test KL", "IWAE-8 NLL", "IWAE MC s.e.", report_data.IWAE_GAIN} <= set(shown.columns)
-    blocks = report._factors_section(report_tables.factor_tables(table), tmp_path)
+    blocks = report._factors_section(report_tables.factor_tables(table), [], tmp_path)
     assert ("p", report.BETA_OBJECTIVE) in blocks
     setting = report_tables.configuration(data.runs)
     assert "β (varied), L = 1 samples of z per image" in report._trained(setting, data.runs)
