@@ -170,7 +170,8 @@ def run(cfg: Config) -> bool:
                 w.start()
             running = {w.sentinel: (i, w) for i, w in enumerate(workers)}
             while running:  # as each worker ends: one killed is named, and its trial marked, at once
-                for sentinel in mp_connection.wait(list(running)):
+                stopping.raise_if_stopped()  # one this process dropped (see bench.stopping)
+                for sentinel in mp_connection.wait(list(running), timeout=1):
                     i, w = running.pop(sentinel)
                     w.join()
                     if w.exitcode < 0:

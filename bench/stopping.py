@@ -122,17 +122,25 @@ def ctrl_c_deferred() -> Iterator[None]:
     was being recorded left its run and trial RUNNING, which the next command took for a dead worker's,
     throwing the trained variant away; and one that came inside a write could leave its SQLite transaction
     open, holding a lock that the interruption's own writes, and other workers', would wait on until the
-    store's timeout. Only where the signal raises: in the main thread, inside stops_raise (SIGINT where
-    Python's own handler was installed, not where it is ignored), and SIGHUP after hang_up_as_orphaned."""
-    global _depth
+    store's timeout. Only where the signal raises, in the main thread: inside stops_raise (SIGINT where
+    Python's own handler was installed, not where it is ignored), SIGHUP after hang_up_as_orphaned, and
+    SIGINT with Python's own handler outside a study (the speed benchmarks, `train` called from Python),
+    for which the block installs its own."""
+    global _depth, _stopped
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    borrowed = _depth == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if borrowed:
+        signal.signal(signal.SIGINT, _stop)
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
+        if borrowed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _stopped = None  # outside a study: nothing raises it again
         if not _depth and _deferred:  # the first that came, as it would have been raised: also over the block's error
             stop = _deferred[0]
             _deferred.clear()

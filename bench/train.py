@@ -210,7 +210,8 @@ def _on_every_openmp_thread(fn: Callable[[], object]) -> None:
         return
     body = _GOMP_BODY(lambda _: fn())  # runs on each thread, taking the GIL, which the ctypes call released
     # a Ctrl-C or SIGTERM raising inside the callback would be printed and dropped by ctypes, the study
-    # training on (seen: a SIGTERM at a trial's start, exit 0): it is raised once the call returns
+    # training on (seen: a SIGTERM at a trial's start, exit 0): it is raised once the call returns, also
+    # outside a study
     with ctrl_c_deferred():
         gomp.GOMP_parallel(body, None, torch.get_num_threads(), 0)
 

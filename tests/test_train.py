@@ -11,6 +11,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +411,26 @@ def test_a_runs_speed_is_its_median_epoch_after_the_first(epochs, median):
     assert train.median_epoch(epochs) == median  # the first also pays for setting up
     assert math.isnan(train.median_epoch([]))
 
+
+
+def test_a_ctrl_c_in_the_openmp_callback_outside_a_study_is_raised_once_it_returns():
+    # the speed benchmarks and `train` called from Python set flush-to-zero on each OpenMP thread through a
+    # ctypes callback, which prints and drops an exception raised inside it: the Ctrl-C was lost
+    torch.ones(256, 256) @ torch.ones(256, 256)  # torch's OpenMP team started
+    assert train._libgomp() is not None  # the path with the callback (PyPI's torch for Linux ships libgomp)
+    sent = []
+
+    def interrupted_inside() -> None:
+        if threading.current_thread() is threading.main_thread() and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # bytecodes, at which Python runs the handler
+                pass
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train._on_every_openmp_thread(interrupted_inside)
+        assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
