@@ -324,7 +324,7 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         searched = content.get("study", {}).get("search_space") if isinstance(content.get("study"), dict) else None
         for key, dim in (searched.items() if isinstance(searched, dict) else ()):
             _check(isinstance(dim, dict), f"{path}: study.search_space.{key}", dim,
-                   f"a range or a list of choices, e.g. {SEARCH_EXAMPLE}")
+                   f"a mapping: {{kind, low, high, log}} or {{kind: categorical, choices: [...]}}, e.g. {SEARCH_EXAMPLE}")
         cfg = _merge(cfg, content, str(path))
         if not cfg.study.name:
             cfg.study.name = path.stem
@@ -342,13 +342,13 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
             raise ConfigError(f"override {arg!r}: {' '.join(str(e).split())}") from None
         content = OmegaConf.to_container(dot)
         _check_types(content, f"override {arg!r}")
-        searched = OmegaConf.to_container(cfg.study.search_space)
+        given_space = dict(_leaves(content)).get("study.search_space")
+        kept = sorted(set(cfg.study.search_space) - set(given_space)) if isinstance(given_space, dict) else []
+        if kept:  # `study.search_space={}` would leave them all
+            raise ConfigError(f"override {arg!r} cannot remove {', '.join(kept)} from the study's search space: an "
+                              "override merges into it (it can add a key or change a key's range); edit "
+                              "study.search_space in the study file")
         cfg = _merge(cfg, dot, f"override {arg!r}")
-        if "study.search_space" in (key for key, _ in _leaves(content)) and \
-                OmegaConf.to_container(cfg.study.search_space) == searched:
-            raise ConfigError(f"override {arg!r} changes nothing: an override merges into the study's search space "
-                              "(it can add a key or change a key's range, not remove one); edit study.search_space "
-                              "in the study file")
         given[arg] = [key for key, _ in _leaves(content)]  # `train={seed: 1}` sets train.seed
     try:
         config: Config = OmegaConf.to_object(cfg)

@@ -335,11 +335,12 @@ def _search_section(search: pd.DataFrame, folder: Path) -> Blocks:
     lead = (f"Best search trial: trial {int(best.trial)} ({', '.join(f'{k}={sampled_value(best[k])}' for k in keys)}), "
             f"validation ELBO {format_mean(best.val_elbo)} nats (run {best.run_id}). "
             if best.state == states.COMPLETE else "No search trial has completed. ")
-    plot = plot_search_history(search, folder / "search_history.png")
+    drawn = search.val_elbo.abs() < float("inf")  # not NaN, not ±∞
     return [("h3", "Search"),
             ("p", lead + f"Of {len(search)} search trials: {tally}. {SEARCH_TRIALS}"),
             ("table", ("Search trials, completed ones best first", display_search(search))),
-            ("img", ("validation ELBO per search trial", plot))]
+            ("img", ("validation ELBO per search trial", plot_search_history(search, folder / "search_history.png")))
+            if drawn.any() else ("p", "No search trial has a finite validation ELBO to plot.")]
 
 
 def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Blocks:

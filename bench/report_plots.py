@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.image import imread
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -189,7 +189,9 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path, sampled: bool = False
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
-        if sampled and numeric:
+        if sampled and numeric:  # 1, 2 and 5 of each decade: a range of one decade gets more than one tick
+            if ax.get_xscale() == "log":
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         else:
             ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=7)

@@ -425,11 +425,12 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def sampled_value(v: object) -> str:
-    """A sampled value as MLflow holds it (text), numbers to 3 significant digits."""
+    """A sampled value as MLflow holds it (text): whole numbers as they are, others to 3 significant digits."""
     try:
-        return f"{float(v):.3g}"
+        number = float(v)
     except (TypeError, ValueError):
         return str(v)
+    return str(v) if number.is_integer() else f"{number:.3g}"
 
 
 def display_search(table: pd.DataFrame) -> pd.DataFrame:

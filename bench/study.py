@@ -579,8 +579,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
     prunable = base.study.pruner == "median" or _is_search(trial)
 
+    history: list[dict[str, float]] = []  # each epoch's metrics, also a pruned trial's
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal last_beat
+        history.append(metrics)
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
@@ -610,10 +613,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 last_beat = time.time()
                 trial.set_user_attr(HEARTBEAT, last_beat)
 
-    result, history = None, []
+    result = None
     try:
         result = train(cfg, data, on_epoch)
-        history = result.history
         with ctrl_c_deferred():
             last_beat = time.time()
             trial.set_user_attr(HEARTBEAT, last_beat)

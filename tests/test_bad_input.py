@@ -219,9 +219,10 @@ CASES = [
     ("range over a list-valued key", ["study={tmp}/in/search_list_key.yaml"],
      ["study.search_space.model.hidden.kind='int' is invalid", "categorical: model.hidden holds a list"]),
     ("a bare list as a range", ["study={tmp}/in/search_bare_range.yaml"],
-     ["study.search_space.train.lr=[0.0001, 0.01] is invalid", "a range or a list of choices, e.g. `train.lr: {kind"]),
+     ["study.search_space.train.lr=[0.0001, 0.01] is invalid", "a mapping: {kind, low, high, log} or", "e.g. `train.lr: {kind"]),
     ("an empty search space as an override", ["study={tmp}/in/search_lr.yaml", "study.search_space={{}}"],
-     ["override 'study.search_space={}' changes nothing", "edit study.search_space in the study file"]),
+     ["override 'study.search_space={}' cannot remove train.lr from the study's search space",
+      "edit study.search_space in the study file"]),
     ("key the search samples", ["study={tmp}/in/search_lr.yaml", "train.lr=0.5"],
      ["override 'train.lr=0.5': train.lr is sampled by the study's search_space", "change study.search_space"]),
     ("one SQLite file for both stores", ["study=smoke", "study.storage=sqlite:///{tmp}/in/one.db",
@@ -429,3 +430,11 @@ def test_compile_with_a_torch_older_than_2_12_is_refused(tmp_path, monkeypatch, 
     _assert_refused(["study=smoke", "train.compile=true"], ["train.compile=True is invalid",
                     "false with torch 2.11.0: the compiled gradient needs torch 2.12 or newer"],
                     tmp_path, monkeypatch, capsys)
+
+
+def test_an_override_that_leaves_the_search_space_as_it_is_is_taken(tmp_path):
+    # refused only where it would remove a key: `{}` on a study without a search space sets what is there
+    assert config.load(["study=smoke", "study.search_space={}"]) == config.load(["study=smoke"])
+    (tmp_path / "search.yaml").write_text(FILES["search_lr.yaml"])
+    same = "study.search_space={train.lr: {low: 0.0001, high: 0.01, log: true}}"
+    assert config.load([f"study={tmp_path / 'search.yaml'}", same]) == config.load([f"study={tmp_path / 'search.yaml'}"])

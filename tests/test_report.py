@@ -807,3 +807,14 @@ def test_mlflows_stand_in_for_infinity_is_read_as_not_finite():
     """vaebench before 810c92e logged ±∞, which MLflow stores as ±1.8e308: not a number to average or print."""
     frame = pd.DataFrame({"metrics.test_iwae_gain": [1.7976931348623157e308, -1.7976931348623157e308, 2.5, np.nan]})
     assert report_data._metric(frame, "test_iwae_gain").isna().tolist() == [True, True, False, True]
+
+
+def test_a_searchs_values_are_shown_whole_and_its_plot_only_with_an_elbo_to_draw(tmp_path):
+    assert [report_tables.sampled_value(v) for v in ("1024", "0.0012345", "[400, 150]")] == ["1024", "0.00123",
+                                                                                            "[400, 150]"]
+    diverged = pd.DataFrame({"trial": [0, 1], "run_id": ["a", "b"], "state": ["diverged"] * 2,
+                             "val_elbo": [np.nan, -np.inf], "train.batch_size": ["1024", "32"]})
+    blocks = report._search_section(diverged, tmp_path)
+    assert ("p", "No search trial has a finite validation ELBO to plot.") in blocks and not any(
+        kind == "img" for kind, _ in blocks) and not (tmp_path / "search_history.png").exists()
+    assert "No search trial has completed. Of 2 search trials: 2 diverged." in blocks[1][1]

@@ -4,6 +4,7 @@ tmp_path."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -385,6 +386,22 @@ def test_under_auto_pruning_only_search_trials_report_and_grid_variants_all_fini
     path = tmp_path / "search.yaml"
     path.write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
     assert isinstance(study.pruner(config.load([f"study={path}"])).inner, optuna.pruners.MedianPruner)
+
+
+def test_a_pruned_trial_keeps_its_last_validation_elbo(tmp_path, monkeypatch, capsys):
+    # it was recorded as NaN: the command's summary printed "—" where the report showed its value
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "lrs.yaml"
+    path.write_text("data:\n  binarize: static\nstudy:\n  grids:\n    - train.lr: [0.001]\n")
+    args = [f"study={path}", *shrink_args(tmp_path), "train.epochs=3", "study.pruner=median"]
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    assert run.main(args) == 0
+    (trial,) = _optuna(tmp_path, args).get_trials()
+    assert trial.state == TrialState.PRUNED
+    run_id = trial.user_attrs["mlflow_run_id"]
+    logged = MlflowClient().get_metric_history(run_id, "val_elbo")
+    assert [m.step for m in logged] == [1] and trial.user_attrs["val_elbo"] == pytest.approx(logged[0].value)
+    assert re.search(rf" pruned +{logged[0].value:.2f} ", capsys.readouterr().out)  # the command's summary
 
 
 def test_search_space_runs_tpe_trials(tmp_path, monkeypatch, capsys):
