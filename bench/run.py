@@ -306,6 +306,12 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
     return table, ok
 
 
+def _ending(stop: KeyboardInterrupt) -> None:
+    """The command (not `main` called from Python, which returns) ends on this stop: further ones are ignored."""
+    if __name__ == "__main__":
+        stopping.ignore_further_stops()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else _arguments(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -317,11 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {config.redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # before anything is written
+        _ending(stop)
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return stopping.exit_code(stop)
     try:
         _, ok = execute(cfg, argv)
     except KeyboardInterrupt as stop:
+        _ending(stop)
         said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
         print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
         return stopping.exit_code(stop)

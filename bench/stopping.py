@@ -109,6 +109,15 @@ def _quiet_about_dropped_stops(hook: Callable[[Any], None], unraisable: Any) -> 
         hook(unraisable)
 
 
+def ignore_further_stops() -> None:
+    """In the main thread of a command that a stop is ending: a second Ctrl-C or SIGTERM would cut its last
+    words and Python's exit (MLflow's exit handlers, the interpreter's shutdown) short, with a traceback,
+    or with a SIGTERM's default action and no message at all."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def raise_if_stopped() -> None:
     """At a safe point of the study: raises a stop that came before and was dropped on its way."""
     if _stopped is not None and not _depth:

@@ -408,6 +408,32 @@ def test_a_stop_that_python_drops_in_a_finalizer_still_stops_the_study(sent, cod
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_second_ctrl_c_as_the_command_ends_is_ignored(tmp_path, monkeypatch):
+    # One that came after the study's handlers were restored escaped as a traceback (or, for SIGTERM, killed
+    # the command by its default action without a word), also in Python's exit handlers after `main`.
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    monkeypatch.setattr(run, "__name__", "__main__")  # as `python -m bench.run` runs it
+    real_exit_code, second = stopping.exit_code, []
+
+    def second_ctrl_c(stop):
+        second.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # bytecodes, at which Python runs the handler
+            pass
+        return real_exit_code(stop)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        monkeypatch.setattr(stopping, "exit_code", second_ctrl_c)
+        _real_ctrl_c_at(monkeypatch, args, "start_child", call=2)  # returns 130: the second one ignored
+        # and so on through Python's exit, which follows at once in the command
+        assert second and [signal.getsignal(s) for s in previous] == [signal.SIG_IGN] * 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_ctrl_c_while_a_finished_trial_is_recorded_waits_for_the_record(tmp_path, monkeypatch):
     # A real SIGINT in the middle of recording trial 0 (its MLflow run being closed): the record is
     # finished first (trial COMPLETE, run FINISHED, not RUNNING for the next command to take for a dead
