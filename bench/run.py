@@ -183,6 +183,32 @@ def run(cfg: Config) -> bool:
                         if stale:  # trained again by the next command
                             print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
             ok = all(w.exitcode == 0 for w in workers)
+        # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command);
+        # first, those of joining workers that died (SIGKILL, a lost machine): not left for the user to wait on.
+        # (Inside the try: a stop here ends the parent run KILLED too, not left RUNNING.)
+        stale = 0
+        if not cfg.study.worker:
+            with study.study_lock(cfg):
+                stale = study.fail_stale(optuna_study, experiment_id)
+        if stale:
+            print(f"error: {stale} trials of joining workers that died are marked killed; {LOST_TRACKING}", file=sys.stderr)
+            ok = False
+        cut = [] if cfg.study.worker or not ok else study.cut_short(optuna_study, cfg)
+        if cut:  # a joining worker's, stopped or failed while this command ran
+            print(f"error: {len(cut)} trials were cut short in other processes ({'; '.join(cut)}); {LOST_TRACKING}",
+                  file=sys.stderr)
+            ok = False
+        pending = [] if cfg.study.worker else study.not_ended(optuna_study)
+        codes = sorted({w.exitcode for w in workers if w.exitcode})
+        if pending and codes and all(line.endswith("queued") for line in pending):  # e.g. a script without a __main__ guard
+            print(f"error: {len(pending)} trials of this study were not started: this command's workers ended (exit "
+                  f"code {', '.join(map(str, codes))}; their errors are above) before taking them. Re-run it once the "
+                  "cause is fixed", file=sys.stderr)
+        elif pending:
+            print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
+                  "did not wait for them; re-run it once they have", file=sys.stderr)
+        tracking.end_parent(parent_id, "FINISHED" if ok and not pending else "FAILED")
+        return ok and not pending
     except KeyboardInterrupt as stop:
         # a second Ctrl-C or SIGTERM must not skip the clean-up
         previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -198,31 +224,6 @@ def run(cfg: Config) -> bool:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         raise
-    # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command);
-    # first, those of joining workers that died (SIGKILL, a lost machine): not left for the user to wait on
-    stale = 0
-    if not cfg.study.worker:
-        with study.study_lock(cfg):
-            stale = study.fail_stale(optuna_study, experiment_id)
-    if stale:
-        print(f"error: {stale} trials of joining workers that died are marked killed; {LOST_TRACKING}", file=sys.stderr)
-        ok = False
-    cut = [] if cfg.study.worker or not ok else study.cut_short(optuna_study, cfg)
-    if cut:  # a joining worker's, stopped or failed while this command ran
-        print(f"error: {len(cut)} trials were cut short in other processes ({'; '.join(cut)}); {LOST_TRACKING}",
-              file=sys.stderr)
-        ok = False
-    pending = [] if cfg.study.worker else study.not_ended(optuna_study)
-    codes = sorted({w.exitcode for w in workers if w.exitcode})
-    if pending and codes and all(line.endswith("queued") for line in pending):  # e.g. a script without a __main__ guard
-        print(f"error: {len(pending)} trials of this study were not started: this command's workers ended (exit "
-              f"code {', '.join(map(str, codes))}; their errors are above) before taking them. Re-run it once the "
-              "cause is fixed", file=sys.stderr)
-    elif pending:
-        print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
-              "did not wait for them; re-run it once they have", file=sys.stderr)
-    tracking.end_parent(parent_id, "FINISHED" if ok and not pending else "FAILED")
-    return ok and not pending
 
 
 def summary(cfg: Config) -> pd.DataFrame:
@@ -294,10 +295,10 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
     try:
         with stopping.stops_raise():
             ok = run(cfg)
+            table = summary(cfg)
     except BaseException:
         _end_runs_left_open()
         raise
-    table = summary(cfg)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
     print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
                        f"{study.storage_url(cfg)}"))

@@ -81,25 +81,42 @@ def stops_raise() -> Iterator[None]:
     raised as the block ends. Leaves a handler someone else installed, or SIGINT ignored (as a shell
     script's `cmd &` starts it), as it is; does nothing outside the main thread (a notebook or IDE may run a
     study in another), where Python has no handlers."""
-    global _stopped
+    global _stopped, _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _stopped = None  # a stop that came while another study's handlers were put back is not this one's
+    _deferred.clear()
     installed, unraisable_hook = {}, sys.unraisablehook
-    sys.unraisablehook = functools.partial(_quiet_about_dropped_stops, unraisable_hook)
     try:
+        sys.unraisablehook = functools.partial(_quiet_about_dropped_stops, unraisable_hook)
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             if signal.getsignal(signum) is default:
                 installed[signum] = default
                 signal.signal(signum, _stop)
         yield
         raise_if_stopped()
+    except Exception as error:
+        if _stopped is None:
+            raise
+        raise stopped_by(error) from error
     finally:
+        _depth += 1  # a stop while the handlers are put back waits, and is dropped: the study is ending
         for signum, default in installed.items():
             signal.signal(signum, default)
         sys.unraisablehook = unraisable_hook
+        _depth -= 1
         _stopped = None
         _deferred.clear()
+
+
+def stopped_by(error: BaseException) -> KeyboardInterrupt | None:
+    """The stop behind an error, if one came: a KeyboardInterrupt raised inside some libraries comes out as
+    another error (OmegaConf's config calls: an AttributeError or a ConfigKeyError, 1 in 8 times), which
+    is then the stop, not a failure of the trial or of the command."""
+    if isinstance(error, KeyboardInterrupt):
+        return error
+    return _stopped() if _stopped is not None else None
 
 
 def _quiet_about_dropped_stops(hook: Callable[[Any], None], unraisable: Any) -> None:

@@ -570,9 +570,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             trial.set_user_attr(RUN_ID, epoch_log.run_id)
             trial.set_user_attr(COMPARABLE, measure.comparable)
             trial.set_user_attr(SCALE, measure.scale)
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, Exception) as error:  # a stop, or an error a stop caused (stopping.stopped_by)
+        stop = stopping.stopped_by(error)
+        if stop is None:
+            raise
         _interrupted(study, trial, epoch_log, cfg, base, stop)  # ends the run, once there is one
-        raise
+        raise stop from (None if stop is error else error)
     last_beat = -math.inf
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
@@ -634,7 +637,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         raise
     except STORAGE_ERRORS:  # not the variant's failure: the next command trains it again
         raise
-    except Exception as e:  # noqa: BLE001  the study goes on; the run and trial keep the reason
+    except Exception as e:  # the study goes on (but for a stop); the run and trial keep the reason
+        if (stop := stopping.stopped_by(e)) is not None:
+            _interrupted(study, trial, epoch_log, cfg, base, stop)
+            raise stop from e
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
     finally:
         epochs.close()
