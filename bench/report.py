@@ -67,6 +67,7 @@ from bench.report_tables import (
     measure_table,
     rankable,
     ranking_table,
+    sampled_keys,
     sampled_value,
     search_table,
     searched_keys,
@@ -328,7 +329,7 @@ def _search_section(search: pd.DataFrame, folder: Path) -> Blocks:
     """A search's trials, best first, with the best trial in a sentence and the search's history."""
     if search.empty:
         return []
-    keys = [c for c in search.columns if c not in ("trial", "run_id", "state", "val_elbo")]
+    keys = sampled_keys(search)
     counts = search.state.value_counts()
     tally = ", ".join(f"{n} {state}" for state, n in counts.items())
     best = search.iloc[0]

@@ -276,6 +276,14 @@ def trial_table(data: StudyData) -> pd.DataFrame:
     return table.sort_values("trial").reset_index(drop=True)
 
 
+SEARCH_COLUMNS = ["trial", "run_id", "state", "val_elbo"]  # then the sampled values
+
+
+def sampled_keys(search: pd.DataFrame) -> list[str]:
+    """The keys whose sampled values a search_table holds."""
+    return [c for c in search.columns if c not in SEARCH_COLUMNS]
+
+
 def search_table(data: StudyData) -> pd.DataFrame:
     """A search's trials (not the grid's variants): completed ones first, best first by their validation
     ELBO at the last epoch (TPE's objective), then the others by trial number (a pruned trial's ELBO is at
@@ -283,8 +291,8 @@ def search_table(data: StudyData) -> pd.DataFrame:
     keys = searched_keys(data.runs)
     runs = data.runs[~data.runs.variant.isin(grid_labels(data.selection.cfg))]
     if not keys or runs.empty:
-        return pd.DataFrame(columns=["trial", "run_id", "state", "val_elbo", *keys])
-    table = runs.rename(columns={f"params.{k}": k for k in keys})[["trial", "run_id", "state", "val_elbo", *keys]]
+        return pd.DataFrame(columns=[*SEARCH_COLUMNS, *keys])
+    table = runs.rename(columns={f"params.{k}": k for k in keys})[[*SEARCH_COLUMNS, *keys]]
     order = table.assign(unfinished=table.state != states.COMPLETE, value=-table.val_elbo.where(
         table.state == states.COMPLETE))
     return table.loc[order.sort_values(["unfinished", "value", "trial"], na_position="last").index].reset_index(
@@ -434,7 +442,7 @@ def sampled_value(v: object) -> str:
 
 
 def display_search(table: pd.DataFrame) -> pd.DataFrame:
-    keys = [c for c in table.columns if c not in ("trial", "run_id", "state", "val_elbo")]
+    keys = sampled_keys(table)
     return pd.DataFrame({
         "trial": [str(int(t)) for t in table.trial], "state": table.state,
         "val ELBO": [format_mean(v) if np.isfinite(v) else NONE for v in table.val_elbo],

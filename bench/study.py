@@ -57,6 +57,7 @@ STARTED = "owner_started"  # when the owner process started: a reused pid is not
 MACHINE = "owner_machine"  # boot and pid namespace of the owner: a container of the same hostname is not this machine
 COMPARABLE = "comparable"  # whether its ELBO is a likelihood of the data (bench.report, section 2)
 SCALE = "comparable_scale"  # the scale it may be compared on ("" when not a likelihood of the data)
+KIND = "kind"  # "search" for a search trial (a grid variant's trial has none)
 HEARTBEAT_S = 60  # written at most this often
 REMOTE_STALE_S = 1800  # a trial of another machine with no heartbeat for this long is taken as dead
 
@@ -149,7 +150,7 @@ class _TrialsOfOneKind:
 
 
 def _is_search(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
-    return trial.user_attrs.get("kind") == "search"
+    return trial.user_attrs.get(KIND) == "search"
 
 
 class _AmongItsKind(optuna.samplers.BaseSampler, optuna.pruners.BasePruner):
@@ -473,7 +474,7 @@ def _search_trial(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
         return None
     trial = study.ask()
     study.sampler = _sampler(cfg, trial.number)  # before its params are drawn (trial_params)
-    trial.set_user_attr("kind", "search")
+    trial.set_user_attr(KIND, "search")
     return trial
 
 
