@@ -1,4 +1,5 @@
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -22,3 +23,21 @@ def _check_models_package() -> None:
 
 
 _check_models_package()
+
+
+def _interrupted_while_starting(signum: int, frame) -> None:
+    sys.stderr.write("\ninterrupted: nothing was written\n")
+    raise SystemExit(128 + signum)
+
+
+# `python -m bench.run` (or bench.report; Python names the command "-m" while it imports the package): a
+# Ctrl-C in the seconds its imports take (torch, MLflow) ends it with one line, as one before the study
+# starts does, not with the traceback of a library's import. The command calls command_starts() first.
+if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def command_starts() -> None:
+    """Python's own Ctrl-C handler back, which the command's stops (bench.stopping) build on."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

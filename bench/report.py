@@ -41,6 +41,7 @@ import matplotlib
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+import bench
 from bench import config, states
 from bench.config import ConfigError
 from bench.render import NONE, Blocks, render_html, render_latex, render_markdown
@@ -511,4 +512,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    bench.command_starts()
     sys.exit(main())

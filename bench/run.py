@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 
+import bench
 from bench import config, report, states, stopping, study, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
@@ -119,6 +120,7 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
     try:
         with stopping.stops_raise():
+            stopping.let_stops_through()  # one that came while this process started is raised here
             outcomes = study.work(cfg, parent_id, experiment_id, position)
     except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
         sys.exit(stopping.exit_code(stop))
@@ -166,8 +168,9 @@ def run(cfg: Config) -> bool:
             ctx = mp.get_context("spawn")
             workers = [ctx.Process(target=_worker, args=(cfg, parent_id, experiment_id, i, os.getpid()))
                        for i in range(cfg.study.n_workers)]
-            for w in workers:
-                w.start()
+            with stopping.held_in_processes_started():
+                for w in workers:
+                    w.start()
             running = {w.sentinel: (i, w) for i, w in enumerate(workers)}
             while running:  # as each worker ends: one killed is named, and its trial marked, at once
                 stopping.raise_if_stopped()  # one this process dropped (see bench.stopping)
@@ -355,4 +358,5 @@ def _report(argv: list[str]) -> bool:
 
 
 if __name__ == "__main__":
+    bench.command_starts()
     sys.exit(main())

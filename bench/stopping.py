@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing.resource_tracker
 import signal
 import sys
 import threading
@@ -53,6 +54,27 @@ def _stop(signum: int, frame) -> None:
         _deferred.append(stop)
         return
     raise stop
+
+
+@contextlib.contextmanager
+def held_in_processes_started() -> Iterator[None]:
+    """Processes started inside begin with the stops blocked (a signal mask is inherited across fork and
+    exec) until they let them through (let_stops_through): a spawned worker imports torch and MLflow for
+    seconds while still in the terminal's process group, and a Ctrl-C there printed a traceback from the
+    middle of an import. A stop that comes meanwhile waits, and is raised once the worker is ready for it.
+    (multiprocessing's resource tracker, which the first process started starts, unblocks SIGINT and SIGTERM
+    as it starts: so it starts first.)"""
+    multiprocessing.resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def let_stops_through() -> None:
+    """In a process started inside held_in_processes_started, once its handlers are in place."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
 
 
 def hang_up_as_orphaned() -> None:

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import shrink_args
@@ -76,6 +77,27 @@ def _sigint_handled(handler=signal.default_int_handler) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def a_worker_of(pid: int, timeout_s: float = 120) -> int:
+    """The pid of the first worker that the study's command `pid` spawns, once there is one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers = [p.pid for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            if workers:
+                return workers[0]
+        assert time.monotonic() < deadline, f"no worker of process {pid} after {timeout_s} s"
+        time.sleep(0.01)
+
+
+def wait_until_it_imports_torch(pid: int, timeout_s: float = 120) -> None:
+    """Returns once process `pid` has loaded torch's library, in the middle of its imports (torch's and
+    MLflow's take seconds more): a signal sent now interrupts an import. Reads /proc (Linux)."""
+    deadline = time.monotonic() + timeout_s
+    while "libtorch" not in Path(f"/proc/{pid}/maps").read_text():
+        assert time.monotonic() < deadline, f"process {pid} had not loaded torch after {timeout_s} s"
+        time.sleep(0.005)
 
 
 @contextlib.contextmanager

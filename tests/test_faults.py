@@ -29,10 +29,12 @@ from tests.helpers import (
     SEEDS,
     _sigint_handled,
     _trials_now,
+    a_worker_of,
     another_live_process,
     seed_study_args,
     start_and_catch_a_worker,
     start_and_catch_second_trial,
+    wait_until_it_imports_torch,
 )
 
 
@@ -960,6 +962,45 @@ def test_ctrl_c_before_the_study_starts_exits_130_without_a_traceback(tmp_path, 
     err = capsys.readouterr().err
     assert "interrupted: nothing was written" in err and "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+
+
+@LINUX_PROC
+def test_ctrl_c_while_the_command_imports_exits_130_in_one_line(tmp_path):
+    """A Ctrl-C in the seconds the command imports torch and MLflow: one line, not an import's traceback."""
+    args = seed_study_args(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with _sigint_handled():
+        proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+    wait_until_it_imports_torch(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert (proc.returncode, out) == (130, "\ninterrupted: nothing was written\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@LINUX_PROC
+def test_ctrl_c_while_a_worker_starts_stops_it_without_a_traceback(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C reaches the whole process group, where a spawned worker stays while it imports
+    torch and MLflow: it waits for the worker to be ready, which then stops without starting a trial."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "study.n_workers=2"]
+    with open(tmp_path / "run.log", "w") as log, _sigint_handled():
+        proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT, env=ONE_THREAD_ENV, start_new_session=True)
+    wait_until_it_imports_torch(a_worker_of(proc.pid))
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    log = (tmp_path / "run.log").read_text()
+    assert "interrupted: finished trials are kept" in log and "Traceback" not in log, log
+    cfg = config.load(args)
+    trials = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg)).get_trials()
+    mlflow.set_tracking_uri(config.tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.study.name])  # the parent run only: no trial had started
+    assert [t.state for t in trials] == [TrialState.WAITING] * len(SEEDS) and list(runs.status) == ["KILLED"]
 
 
 def test_a_long_test_set_iwae_gives_signs_of_life_to_the_optuna_storage(tmp_path, monkeypatch):
