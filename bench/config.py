@@ -683,6 +683,11 @@ def first_line(error: BaseException) -> str:
     return redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 variant", "2 variants"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config, as printed and logged (passwords redacted)."""
     return redact(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

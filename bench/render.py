@@ -7,7 +7,8 @@ import html
 import re
 
 NONE = "—"  # a number that does not exist for the row (no interval, not a likelihood, never logged)
-Blocks = list[tuple[str, object]]  # (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path)
+# (kind, content); kind: h1 h2 h3 p ul table (caption, text frame) img (alt, path, caption)
+Blocks = list[tuple[str, object]]
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")  # newlines too: they would end a table row or a paragraph
@@ -36,25 +37,58 @@ def render_markdown(blocks: Blocks) -> str:
             df = df.rename(columns=_md).map(_md)
             out.append(f"*{_md(caption)}*\n\n" + df.to_markdown(index=False, disable_numparse=True))
         elif kind == "img":
-            alt, path = content
-            out.append(f"![{_md(alt)}]({path.name})")
+            alt, path, caption = content
+            out.append(f"![{_md(alt)}]({path.name})\n\n{_md(caption)}")
     return "\n\n".join(out) + "\n"
 
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; font-size: 12px; margin: 0.3em 0 1.2em; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; }
-th { background: #eef; } tr:nth-child(even) td { background: #f8f8f8; }
-.scroll { overflow-x: auto; } .caption { font-style: italic; margin-bottom: 0; }
+caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 0.3em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; background: #fff; }
+thead th { background: #eef; } tbody th { font-weight: normal; } tr:nth-child(even) > * { background: #f8f8f8; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+tbody th:first-child { position: sticky; left: 0; }
+.scroll { overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0; }
 """
+# A number as the tables show it: -123.5 ± 2.8, 0.81×, 0%, 1.2e+03, ∞, 3/3
+_NUMBER = re.compile(r"[-+−]?(∞|\d[\d,]*(\.\d*)?(e[-+]?\d+)?)( ± \S+)?[×%]?(/\d+)?")
+
+
+def _is_numeric(column) -> bool:
+    """Every cell a number or —: the column is right-aligned, its digits under each other."""
+    cells = [str(v) for v in column if str(v) not in (NONE, "", "nan", "None")]
+    return bool(cells) and all(_NUMBER.fullmatch(c) for c in cells)
+
+
+def _html_table(caption: str, df) -> str:
+    """A table with its caption, column headers and one row header per row (the family where there is
+    one, else the first column: it stays in view as a wide table scrolls), numbers right-aligned."""
+    e = html.escape
+    row_header = list(df.columns).index("family") if "family" in df.columns else 0
+    numeric = [_is_numeric(df.iloc[:, i]) for i in range(df.shape[1])]
+    num = ' class="num"'
+
+    def cell(i: int, value) -> str:
+        text = NONE if value is None or str(value) in ("nan", "None") else str(value)
+        attrs = (' scope="row"' if i == row_header else "") + (num if numeric[i] else "")
+        tag = "th" if i == row_header else "td"
+        return f"<{tag}{attrs}>{e(text)}</{tag}>"
+
+    head = "".join(f'<th scope="col"{num if numeric[i] else ""}>{e(str(c))}</th>' for i, c in enumerate(df.columns))
+    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return (f"<div class=\"scroll\"><table><caption>{e(caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def render_html(blocks: Blocks, title: str) -> str:
     """A self-contained page: no external resource, plots as data: URIs, every string escaped."""
     e = html.escape
-    head = f"<head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{CSS}</style></head>"
+    head = (f"<head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, "
+            f"initial-scale=1\"><title>{e(title)}</title><style>{CSS}</style></head>")
     out = [f"<!DOCTYPE html>\n<html lang=\"en\">{head}<body>"]
     for kind, content in blocks:
         if kind in ("h1", "h2", "h3", "p"):
@@ -62,13 +96,11 @@ def render_html(blocks: Blocks, title: str) -> str:
         elif kind == "ul":
             out.append("<ul>" + "".join(f"<li>{e(str(item))}</li>" for item in content) + "</ul>")
         elif kind == "table":
-            caption, df = content
-            table = df.to_html(index=False, escape=True, border=0, na_rep=NONE)
-            out.append(f"<p class=\"caption\">{e(caption)}</p><div class=\"scroll\">{table}</div>")
+            out.append(_html_table(*content))
         elif kind == "img":
-            alt, path = content
+            alt, path, caption = content
             uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-            out.append(f"<figure><img alt=\"{e(alt)}\" src=\"{uri}\"><figcaption>{e(alt)}</figcaption></figure>")
+            out.append(f"<figure><img alt=\"{e(alt)}\" src=\"{uri}\"><figcaption>{e(caption)}</figcaption></figure>")
     return "\n".join(out) + "\n</body></html>\n"
 
 

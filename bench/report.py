@@ -21,9 +21,6 @@ Exit codes: 0 report written; 1 it could not be written (a full disk: the report
 was, not half rewritten); 2 bad input, or no such study/experiment/run (the message names the valid
 choices; nothing is written).
 
-Stages, one module each: select and load the study (report_data), its tables (report_tables), its plots
-(report_plots); this module writes the prose around them and the files.
-
 Example: python -m bench.report study=likelihoods
          python -m bench.report experiment=likelihoods tracking.uri=sqlite:///runs/mlflow.db
 """
@@ -76,8 +73,8 @@ from bench.report_tables import (
     varied_here,
 )
 
-# ---------------------------------------------------------------------------------------------------
-# The report: blocks of prose, tables and plots, rendered to Markdown, HTML and LaTeX
+# Stages, one module each: select and load the study (report_data), its tables (report_tables), its plots
+# (report_plots), the blocks rendered (render); this module writes the prose around them and the files.
 
 # The prose of section 2 (the README's "Which numbers share a measure").
 COMPARABILITY_INTRO = (
@@ -151,7 +148,7 @@ def _provenance(data: StudyData) -> pd.DataFrame:
         "first run started": str(runs.start_time.min())[:19], "last run ended": str(runs.end_time.max())[:19],
         "report generated": data.generated,
     }
-    return pd.DataFrame({"": list(fields), "value": [NONE if pd.isna(v) else config.redact(str(v))
+    return pd.DataFrame({"field": list(fields), "value": [NONE if pd.isna(v) else config.redact(str(v))
                                                      for v in fields.values()]})
 
 
@@ -178,7 +175,9 @@ STATISTICS = (
     "confidence interval, mean ± t(0.975, n−1)·s/√n (no interval when n = 1). Diverged, pruned and failed "
     "trials are counted (trials, divergence = diverged/trials) but do not enter the means; a trial cut short "
     "(failed, killed, interrupted) and then run again counts once, as its last attempt. Section 4 lists every "
-    "attempt with its reason.")
+    "attempt with its reason. ELBOs are higher-is-better; NLLs, bits/dim and KL lower-is-better. — marks a "
+    "number a row does not have: not a likelihood of the data (section 2), no completed run, no interval (one "
+    "seed), no learned scale, or the first row's distance from itself.")
 FAMILY_COLUMNS = (
     "One block per data protocol; bounded families first. ELBO, reconstruction (E_q log p(x|z)) and IWAE NLL "
     "in nats per image on the row's measure (section 2); bits/dim from the IWAE NLL. IWAE s.e. is the "
@@ -192,9 +191,11 @@ FAMILY_COLUMNS = (
     "and reconstruction are over the whole test split, the IWAE numbers over its first eval.iwae_examples "
     "images (a run param; all when 0): compare them through \"IWAE − ELBO, same images\", the IWAE bound's "
     "gain over the ELBO of its own images and samples (≥ 0 for every image), not through the two columns, "
-    "whose images differ. min scale is the smallest learned scale reached in training (— for families "
-    "without a learned scale). A row whose numbers are not likelihoods of the data (section 2) shows only "
-    "its test ELBO, as a training objective.")
+    "whose images differ. val ELBO is the last epoch's on the validation split. active units counts the "
+    "latent units whose posterior mean varies across test images, Cov_x(E_q[z]) > 0.01 (Burda et al. 2016). "
+    "min scale is the smallest learned scale reached in training (— for families without a learned scale). "
+    "A row whose numbers are not likelihoods of the data (section 2) shows only its test ELBO, as a training "
+    "objective on a scale of its own: it compares with no other row.")
 FACTOR_COLUMNS = (
     "Each config key the study varies, against the main metrics, per protocol and family (mean ± 95 % CI over "
     "seeds, as in section 1). As there, the test ELBO is over the whole test split and the IWAE over its first "
@@ -237,6 +238,8 @@ NOTHING_RANKED = "Nothing here is ranked: no row has a completed run with an IWA
 SEARCH_TRIALS = ("TPE maximises a trial's validation ELBO at its last epoch; a pruned trial's is at the epoch it was "
                  "stopped, so it is listed after the completed ones, not ranked with them. Diverged trials are "
                  "recorded as failed, which TPE does not learn from.")
+SEARCH_HISTORY = ("Validation ELBO (nats per image) per search trial: completed trials as dots, the best so far "
+                  "as a line, trials that did not complete as grey crosses at their last epoch.")
 SEARCHED = ("A search study ({keys}): of each family's searched configurations, only the one with the highest "
             "mean validation ELBO is ranked, so that the choice is never made on the test set; section 3 lists "
             "them all.")
@@ -322,7 +325,9 @@ def _factors_section(by_factor: dict[str, pd.DataFrame], searched: list[str], fo
     for key, table in by_factor.items():
         plot = plot_factor(table, key, folder / f"factor_{safe_name(key)}.png", sampled=key in searched)
         blocks += [("h3", f"Factor {key}"), ("table", (f"Main metrics against {key} ({IN_NATS})", display_factor(table))),
-                   ("img", (f"main metrics against {key}", plot))]
+                   ("img", ((f"Line plots of the main metrics against {key}, one panel per metric (per measure for "
+                            "likelihoods), one line per protocol and family, with 95 % CI error bars"), plot,
+                            f"Main metrics against {key}: mean ± 95 % CI over seeds, as in the table above."))]
     return blocks
 
 
@@ -341,7 +346,8 @@ def _search_section(search: pd.DataFrame, folder: Path) -> Blocks:
     return [("h3", "Search"),
             ("p", lead + f"Of {len(search)} search trials: {tally}. {SEARCH_TRIALS}"),
             ("table", ("Search trials, completed ones best first", display_search(search))),
-            ("img", ("validation ELBO per search trial", plot_search_history(search, folder / "search_history.png")))
+            ("img", (("Scatter plot of each search trial's validation ELBO against its trial number, the best so far "
+                     "as a step line"), plot_search_history(search, folder / "search_history.png"), SEARCH_HISTORY))
             if drawn.any() else ("p", "No search trial has a finite validation ELBO to plot.")]
 
 
@@ -350,20 +356,21 @@ def _plots_section(data: StudyData, family: pd.DataFrame, folder: Path) -> Block
     grid_factors = [k for k in factor_columns(family) if k not in searched_keys(data.runs)]
     blocks: Blocks = [
         ("h2", "Plots"),
-        ("img", ("validation ELBO per epoch",
-                 plot_curves(data.runs, data.curves, grid_factors, folder / "val_elbo.png"))),
-        ("p", CURVES + _undrawn(data))]
+        ("img", (("Line plots of validation ELBO (nats per image) against epoch, one panel per data protocol, one "
+                 "line per run"), plot_curves(data.runs, data.curves, grid_factors, folder / "val_elbo.png"),
+                 CURVES + _undrawn(data)))]
     recon = plot_artifacts(family, "reconstructions.png", folder / "reconstructions.png")
     if recon:
-        blocks += [("img", ("reconstructions", recon)),
-                   ("p", "Test inputs (top) and their reconstructions, one seed per family and protocol.")]
+        blocks.append(("img", ("Test images above their reconstructions, one panel per family and protocol", recon,
+                               "Test inputs (top) and their reconstructions, one seed per family and protocol.")))
     else:
         blocks.append(("p", "No reconstructions.png artifacts (the study ran with eval.figures=false)."))
     manifold = plot_artifacts(family, "manifold.png", folder / "manifold.png", height=3.2)
     if manifold:  # runs with a 2-d latent space
-        blocks += [("img", ("latent manifold", manifold)),
-                   ("p", MANIFOLD)]
-    blocks += [("img", ("throughput", plot_throughput(family, folder / "throughput.png"))), ("p", THROUGHPUT)]
+        blocks.append(("img", ("Images decoded from a grid of 2-d latent values, one panel per family and protocol",
+                               manifold, MANIFOLD)))
+    blocks.append(("img", ("Bar chart of training samples/s per family and protocol, with 95 % CI error bars",
+                           plot_throughput(family, folder / "throughput.png"), THROUGHPUT)))
     return blocks
 
 
@@ -391,12 +398,14 @@ def _trained(setting: pd.DataFrame, runs: pd.DataFrame) -> str:
     else:
         examples = "all" if v("eval.iwae_examples") == "0" else f"at most the first {v('eval.iwae_examples')}"
     return (f"Each run: an MLP VAE with hidden layers {v('model.hidden')} and {v('model.latent_dim')} latent "
-            f"units, trained {v('train.epochs')} epochs in batches of {v('train.batch_size')} (Adam, lr "
-            f"{v('train.lr')}, β {v('train.beta')}, L = {v('train.n_samples')} samples of z per image) on "
+            f"units, trained {v('train.epochs')} epoch{'' if v('train.epochs') == '1' else 's'} in batches of {v('train.batch_size')} (Adam, lr "
+            f"{v('train.lr')}, β {v('train.beta')}, L = {v('train.n_samples')} sample{'' if v('train.n_samples') == '1' else 's'} of z per image) on "
             f"{v('data.name')}{limit}; IWAE with k = {v('eval.iwae_k')} on {examples} test images. Section 4 "
-            "lists every setting.")
+            "lists every setting." + (ONE_EPOCH if v("train.epochs") == "1" else ""))
 
 
+ONE_EPOCH = (" With one epoch a run, samples/s and speed vs fastest include the start of training (its first "
+             "steps, the memory it takes): they say little about what a step costs.")
 CONFIGURATION = ("Configuration of the runs (their MLflow params, as set: the splits the data gave are under Data "
                  "protocols; the keys the study varies say so)")
 
@@ -465,7 +474,8 @@ def write(data: StudyData, folder: Path | None = None) -> Path:
         for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, title)),
                            ("tables.tex", render_latex(blocks))):
             (new / name).write_text(text, encoding="utf-8")
-        pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).to_csv(
+        # convert_dtypes: counts stay whole (3, not 3.0) where the tables' missing values made them floats
+        pd.concat([t.assign(table=name) for name, t in tables.items()], ignore_index=True).convert_dtypes().to_csv(
             new / "tables.csv", index=False)
         folder.mkdir(exist_ok=True)
         written = {path.name for path in new.iterdir()}
@@ -506,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: report_dir={report_dir!r}: cannot write the report ({e}); the folder is as it was",
               file=sys.stderr)
         return 1
-    print(f"report of {data.selection.optuna_study} ({len(data.runs)} runs): {folder / 'report.html'}, "
+    print(f"report of {data.selection.optuna_study} ({config.counted(len(data.runs), 'run')}): {folder / 'report.html'}, "
           f"report.md, tables.csv, tables.tex")
     return 0
 

@@ -43,8 +43,19 @@ def _row_label(row: pd.Series, keys: list[str]) -> str:
     return " ".join([row.family, *(f"{short[k]}={format_value(row[k])}" for k in keys)])
 
 
-def _color(family: str):
-    return matplotlib.colormaps["tab10"](family_order(family) % 10)
+# Each family's colour (Okabe & Ito's colour-blind-safe set, its yellow, faint on white, for Tol's wine) and
+# marker: families are told apart by both, also in grey scale or with a colour-vision deficiency
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#882255", "#999999")
+MARKERS = "osD^vP*Xh"
+LEGEND_SIZE = 9  # points: at most 2 panels a row, shown about as wide as drawn, a legend stays readable
+
+
+def _color(family: str) -> str:
+    return PALETTE[family_order(family) % len(PALETTE)]
+
+
+def _marker(family: str) -> str:
+    return MARKERS[family_order(family) % len(MARKERS)]
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row: int = 4):
@@ -73,15 +84,17 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
     labels = [" ".join([r.family, *(f"{short[k]}={format_value(r[k])}" for k in keys)]) for _, r in keyed.iterrows()]
     order = list(dict.fromkeys(pd.Series(labels, index=keyed.index)[keyed.sort_values(["family_order", *keys]).index]))
 
-    def color(i: int, label: str):  # tab10 (no two alike) up to ten lines, then a sequence
+    def color(i: int, label: str):  # no two alike up to nine lines, then a sequence
         if not keys:
             return _color(label.split()[0])
-        return matplotlib.colormaps["tab10"](i) if len(order) <= 10 else matplotlib.colormaps["viridis"](0.9 * i / (len(order) - 1))
+        return PALETTE[i] if len(order) <= len(PALETTE) else matplotlib.colormaps["viridis"](0.9 * i / (len(order) - 1))
 
     colors = {label: color(i, label) for i, label in enumerate(order)}
     panels = sorted({(p, not c) for p, c in zip(runs.protocol, runs.comparable)})
+    last_epoch = int(curves.epoch.max()) if len(curves) else 1
     columns = 2 if max(map(len, order)) <= 24 else 1  # a legend no wider than its panel, in the figure
-    fig, axes = _figure(len(panels), height=3.8 + 0.2 * math.ceil(len(order) / columns))  # legends below
+    fig, axes = _figure(len(panels), height=3.8 + 0.3 * math.ceil(len(order) / columns), most_per_row=2)
+    fig.get_layout_engine().set(h_pad=0.1)  # the layout places a legend below its panel a pixel past the edge
     for ax, (protocol, objective) in zip(axes, panels):
         seen = set()
         for label, (_, run) in zip(labels, runs.iterrows()):
@@ -91,18 +104,22 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], path:
             c = c[np.isfinite(c.val_elbo)]
             if c.empty:
                 continue
-            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=".", color=colors[label],
-                    label=None if label in seen else label)
+            ax.plot(c.epoch, c.val_elbo, "-" if run.bounded else "--", marker=_marker(run.family), markersize=4,
+                    markevery=max(1, len(c) // 10), color=colors[label], label=None if label in seen else label)
             seen.add(label)
             if run.state == states.DIVERGED:
                 ax.plot(c.epoch.iloc[-1], c.val_elbo.iloc[-1], "x", color=colors[label], markersize=9)
         title, what = ((f"{protocol}: not likelihoods", "training objective") if objective else
                        (protocol, "validation ELBO"))
         ax.set(title=title, xlabel="epoch", ylabel=f"{what} (nats per image)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no tick at 1.5
+        if last_epoch <= 10:  # each epoch ticked: MaxNLocator puts one run's single epoch among 0.95, 0.96 …
+            ax.set_xticks(range(1, last_epoch + 1))
+            ax.set_xlim(0.5, last_epoch + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no tick at 1.5
         if seen:  # a panel whose runs have no finite value has no line to name; below it, so as to hide none
-            ax.legend(fontsize=7, title="solid: bounded, dashed: unbounded", title_fontsize=7, ncol=columns,
-                      loc="upper center", bbox_to_anchor=(0.5, -0.18))
+            ax.legend(fontsize=LEGEND_SIZE, title="solid: bounded, dashed: unbounded", title_fontsize=LEGEND_SIZE,
+                      ncol=columns, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return _save(fig, path)
 
 
@@ -132,7 +149,7 @@ def plot_artifacts(family: pd.DataFrame, artifact: str, path: Path, height: floa
                     continue  # figures off (eval.figures=false), none of its kind, or the run died before logging it
                 ax.imshow(imread(local), cmap="gray", interpolation="nearest")
                 state = "" if r.example_state == states.COMPLETE else f" ({r.example_state})"
-                ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=8)
+                ax.set_title(f"{_row_label(r, factor_columns(family))}{state}\n{protocol}", fontsize=LEGEND_SIZE)
                 found += 1
     if not found:
         return None
@@ -147,7 +164,7 @@ def plot_throughput(family: pd.DataFrame, path: Path) -> Path:
     ax = fig.subplots()
     y = np.arange(len(t))
     ax.barh(y, t.samples_per_s, xerr=t.samples_per_s_ci.fillna(0), color=[_color(f) for f in t.family])
-    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_yticks(y, labels, fontsize=LEGEND_SIZE)
     ax.invert_yaxis()
     ax.set_xlim(left=0)
     # two lines: on one, the label is wider than the axes that it is centred under, past the figure's edge
@@ -185,7 +202,7 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path, sampled: bool = False
             ci = g[f"{metric}_ci"].fillna(0)
             # a t-interval of a quantity that cannot be negative stops at 0
             below = np.minimum(ci, g[metric].clip(lower=0)) if metric in NOT_NEGATIVE else ci
-            ax.errorbar(x, g[metric], yerr=[below, ci], marker="o", capsize=3,
+            ax.errorbar(x, g[metric], yerr=[below, ci], marker=_marker(group[1]), capsize=3,
                         linestyle="-" if g.comparable.all() else ":", color=_color(group[1]), label=label)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")  # β 0.25 … 4, latent 2 … 50
@@ -194,16 +211,16 @@ def plot_factor(table: pd.DataFrame, key: str, path: Path, sampled: bool = False
                 ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         else:
-            ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=7)
+            ax.set_xticks(values if numeric else range(len(values)), [format_value(v) for v in values], fontsize=8)
         ax.minorticks_off()
         ax.set_xlabel(key)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=LEGEND_SIZE)
     legend = {}  # label -> line, over all panels: the likelihood panels lack the objectives' lines
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=LEGEND_SIZE)
     return _save(fig, path)
 
 
@@ -220,6 +237,6 @@ def plot_search_history(table: pd.DataFrame, path: Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("validation ELBO (nats)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=LEGEND_SIZE)
     return _save(fig, path)
 

@@ -15,6 +15,7 @@ from bench.report_data import IWAE_GAIN, LIKELIHOOD_VALUED, METRICS, StudyData, 
 from models import likelihoods
 
 OBJECTIVE = "training objective (not a likelihood)"
+BOUNDED = "log p(x|z)"  # bounded or unbounded
 # Table 3's metrics: the IWAE's gain over the ELBO of its own images beside the two, which are over
 # different images (the whole test split, its first eval.iwae_examples); the plots leave out the s.e.
 FACTOR_METRICS = ("test_elbo", "test_recon", "test_iwae_nll", "test_iwae_mc_se", "test_iwae_gain", "test_kl", "active_units",
@@ -351,14 +352,14 @@ def display_family(table: pd.DataFrame) -> pd.DataFrame:
     labels = dict(METRICS, test_iwae_nll=_iwae_label(table))
     rows = []
     for _, r in table.iterrows():
-        row = {"": "bounded" if r.bounded else "unbounded", "family": r.family}
+        row = {"family": r.family, BOUNDED: "bounded" if r.bounded else "unbounded",
+               "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞"}
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
-        row.update({"trials": r.n_trials, "complete": r.n_complete, "diverged": r.n_diverged,
-                    "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE,
-                    "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞"})
-        row.update({labels[key]: _metric_text(r, key) for key, _ in METRICS})
-        if not table.comparable.all():
+        if not table.comparable.all():  # in view beside the family: such a row's only number
             row[OBJECTIVE] = _objective_text(r)
+        row.update({labels[key]: _metric_text(r, key) for key, _ in METRICS})
+        row.update({"trials": r.n_trials, "complete": r.n_complete, "diverged": r.n_diverged,
+                    "divergence": f"{r.divergence_rate:.0%}" if np.isfinite(r.divergence_rate) else NONE})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -368,7 +369,7 @@ def display_measure(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in table.iterrows():
         row = {"measure (nats per image)": r.measure, "comparable": "yes" if r.comparable else "no",
-               "": "bounded" if r.bounded else "unbounded", "family": r.family}
+               BOUNDED: "bounded" if r.bounded else "unbounded", "family": r.family}
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
         row.update({
             "sup/pixel": f"{r.supremum:.4g}" if r.bounded and np.isfinite(r.supremum) else "∞",
@@ -420,7 +421,7 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in table.iterrows():
         distance, clearly = behind_text(r)
-        row = {"rank": r["rank"], "family": r.family, "": "bounded" if r.bounded else "unbounded"}
+        row = {"rank": r["rank"], "family": r.family, BOUNDED: "bounded" if r.bounded else "unbounded"}
         row.update({k: format_value(r[k]) for k in factor_columns(table)})
         row.update({_iwae_label(table): mean_text(r, "test_iwae_nll"),
                     "bound": "IWAE + dequantization" if r.measure != r.scale else "IWAE",

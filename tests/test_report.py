@@ -88,10 +88,11 @@ def test_report_writes_every_file(done):
     for heading in ("1. Results per likelihood family", "2. Bounded vs unbounded", "3. Factor studies",
                     "4. Provenance"):
         assert heading in md
-    assert "![validation ELBO per epoch](val_elbo.png)" in md
+    assert "![Line plots of validation ELBO (nats per image) against epoch, one panel per data protocol, one line " \
+        "per run](val_elbo.png)" in md
     # what the numbers depend on, in the report itself (the shrunk study: 2 epochs, 200 images)
     assert ("Each run: an MLP VAE with hidden layers [32] and 4 latent units, trained 2 epochs in batches of "
-            "128 (Adam, lr 0.001, β 1.0, L = 1 samples of z per image) on digits, at most 200 images per split; "
+            "128 (Adam, lr 0.001, β 1.0, L = 1 sample of z per image) on digits, at most 200 images per split; "
             "IWAE with k = 8 on the first 20 test images.") in md
     setting = report_tables.configuration(report_data.load(done.args).runs).set_index("key").value
     assert (setting["train.epochs"], setting["model.latent_dim"], setting["data.limit"]) == ("2", "4", "200")
@@ -123,7 +124,7 @@ def test_diverged_trials_are_counted_not_dropped(done):
     assert row.n_trials == 2 and row.n_diverged == 2 and row.divergence_rate == 1.0
     assert row.test_elbo_n == 0 and math.isnan(row.test_elbo)  # their metrics do not enter the means
     shown = report_tables.display_family(table).set_index("family").loc["gaussian_learned"]
-    assert list(shown[["", "trials", "complete", "diverged", "divergence"]]) == ["unbounded", 2, 0, 2, "100%"]
+    assert list(shown[[report_tables.BOUNDED, "trials", "complete", "diverged", "divergence"]]) == ["unbounded", 2, 0, 2, "100%"]
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     failed = md.split("### Trials that did not complete")[1].split("###")[0]
     assert failed.count("gaussian_learned") >= 2 and "collapsed" in failed
@@ -196,8 +197,8 @@ def test_a_training_objective_is_never_shown_beside_a_likelihood(done):
     assert math.isnan(table.set_index("family").loc["laplace", "test_bpd"])  # never logged for it
     likelihoods_only = report_tables.display_family(table[table.protocol == "8bit-dequantized"])
     assert report_tables.OBJECTIVE not in likelihoods_only.columns  # no column of dashes
-    # the curves: binarized likelihoods, binarized objectives and 8-bit likelihoods, a 5-inch panel each
-    assert Image.open(done.folder / "val_elbo.png").width == 3 * 5 * 100
+    # the curves: binarized likelihoods, binarized objectives and 8-bit likelihoods, 5-inch panels, 2 a row
+    assert Image.open(done.folder / "val_elbo.png").width == 2 * 5 * 100
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     assert "laplace may be compared with nothing: density at binary values" in md
     # tables.csv too: the objective in its own column, no likelihood-valued number on that row
@@ -228,7 +229,7 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
     blocks = report._factors_section(report_tables.factor_tables(table), [], tmp_path)
     assert ("p", report.BETA_OBJECTIVE) in blocks
     setting = report_tables.configuration(data.runs)
-    assert "β (varied), L = 1 samples of z per image" in report._trained(setting, data.runs)
+    assert "β (varied), L = 1 sample of z per image" in report._trained(setting, data.runs)
     panels = {}  # each factor panel's title -> its lines' labels, which end with "(protocol)"
     save = report_plots._save
 
@@ -331,6 +332,79 @@ def test_html_report_renders_in_headless_chromium(done, tmp_path):
     _browse(done.folder / "report.html", tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,2400")
     shot = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"))
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 50  # not blank: text, tables and plots drawn
+
+
+class _Structure(HTMLParser):
+    """Each table's caption, column headers and rows (cells as (tag, attributes, text)); each figure's alt
+    text and caption; the page's meta tags."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.figures, self.metas, self._cell, self._in = [], [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append({"caption": "", "head": [], "rows": []})
+        elif tag == "caption":
+            self._in = "caption"
+        elif tag == "tr":
+            self.tables[-1]["rows"].append([])
+        elif tag in ("th", "td"):
+            self._cell = [tag, attrs, ""]
+        elif tag == "img":
+            self.figures.append([attrs.get("alt", ""), ""])
+        elif tag == "figcaption":
+            self._in = "figcaption"
+        elif tag == "meta":
+            self.metas.append(attrs)
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self.tables[-1]["rows"][-1].append(tuple(self._cell))
+            self._cell = None
+        elif tag in ("caption", "figcaption"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[2] += data
+        elif self._in == "caption":
+            self.tables[-1]["caption"] += data
+        elif self._in == "figcaption":
+            self.figures[-1][1] += data
+
+
+def test_html_tables_and_figures_say_what_they_hold_to_a_screen_reader(done):
+    page = _Structure()
+    page.feed((done.folder / "report.html").read_text(encoding="utf-8"))
+    assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in page.metas
+    assert len(page.tables) >= 6
+    for table in page.tables:
+        header, *rows = table["rows"]
+        assert table["caption"] and rows
+        assert all(tag == "th" and attrs["scope"] == "col" and text for tag, attrs, text in header)  # none empty
+        for row in rows:  # one row header, the family's cell where there is one
+            assert [cell[1].get("scope") for cell in row if cell[0] == "th"] == ["row"]
+        names = [text for _, _, text in header]
+        if "family" in names:
+            assert all(row[names.index("family")][0] == "th" for row in rows)
+    ranking = next(t for t in page.tables if t["caption"].startswith("Ranking"))
+    names = [text for _, _, text in ranking["rows"][0]]
+    iwae = next(i for i, n in enumerate(names) if n.startswith("IWAE-"))
+    assert all(row[iwae][1].get("class") == "num" for row in ranking["rows"])  # right-aligned, its header too
+    assert ranking["rows"][0][names.index("bound")][1].get("class") is None  # text stays left
+    assert len(page.figures) >= 3
+    for alt, caption in page.figures:  # alt says what the plot is; the caption what to read in it
+        assert len(alt.split()) >= 8 and caption and alt != caption and not alt.endswith(".png")
+    assert any(caption.startswith(report.CURVES) for _, caption in page.figures)
+
+
+def test_tables_csv_keeps_counts_whole(done):
+    lines = (done.folder / "tables.csv").read_text(encoding="utf-8").splitlines()
+    columns = lines[0].split(",")
+    counts = [row.split(",")[columns.index("n_complete")] for row in lines[1:]]
+    assert counts and all(re.fullmatch(r"\d*", c) for c in counts), counts
 
 
 def test_run_data_is_escaped(done, tmp_path):
@@ -640,6 +714,37 @@ def test_the_curves_legends_are_below_their_panels_inside_the_figure_and_apart(t
     assert ticks and all(t == round(t) for t in ticks)  # epochs: no tick at 1.5
 
 
+def test_each_family_is_drawn_in_a_colour_and_a_marker_of_its_own(tmp_path, monkeypatch):
+    """Colour alone does not tell families apart in grey scale or with a colour-vision deficiency."""
+    runs = pd.DataFrame({"run_id": likelihoods.NAMES, "family": likelihoods.NAMES, "protocol": "8bit-dequantized",
+                         "comparable": True, "bounded": True, "state": "complete"})
+    curves = pd.DataFrame({"run_id": likelihoods.NAMES, "epoch": 1, "val_elbo": -1.0})
+    drawn = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: drawn.extend(fig.axes[0].lines) or path)
+    report_plots.plot_curves(runs, curves, [], tmp_path / "c.png")
+    assert len(drawn) == len(likelihoods.NAMES) == len({line.get_marker() for line in drawn})
+    assert len({line.get_color() for line in drawn}) == len(drawn)
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_short_studys_curves_tick_each_epoch(epochs, tmp_path, monkeypatch):
+    """One epoch had ticks at 0.95, 0.96 … and none at 1."""
+    runs = pd.DataFrame({"run_id": ["a"], "family": "bernoulli", "protocol": "binarized-static", "comparable": True,
+                         "bounded": True, "state": "complete"})
+    curves = pd.DataFrame({"run_id": "a", "epoch": range(1, epochs + 1), "val_elbo": -1.0})
+    ticks = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: ticks.extend(fig.axes[0].get_xticks()) or path)
+    report_plots.plot_curves(runs, curves, [], tmp_path / "c.png")
+    assert list(ticks) == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("epochs, said", [("1", "trained 1 epoch in batches"), ("2", "trained 2 epochs in batches")])
+def test_the_report_says_what_one_epoch_a_run_means_for_its_speeds(epochs, said):
+    setting = pd.DataFrame({"key": ["train.epochs", "data.limit"], "value": [epochs, "0"]})
+    text = report._trained(setting, pd.DataFrame({"iwae_images": [100.0]}))
+    assert said in text and (report.ONE_EPOCH in text) == (epochs == "1")
+
+
 def test_a_diverged_runs_curve_ends_at_its_last_finite_value_and_one_with_none_is_named(done, tmp_path):
     data = report_data.load(done.args)
     diverged = data.runs[data.runs.state == "diverged"]
@@ -792,7 +897,7 @@ def test_a_search_is_reported_best_trial_first_without_the_grids_variants(tmp_pa
     assert (f"Best search trial: trial {best.number} (train.lr={best.params['train.lr']:.3g}), validation ELBO "
             f"{report_tables.format_mean(best.value)} nats (run {search.run_id.iloc[0]}). Of 3 search trials: "
             "3 complete.") in md
-    assert (folder / "search_history.png").is_file() and "![validation ELBO per search trial](search_history.png)" in md
+    assert (folder / "search_history.png").is_file() and "against its trial number, the best so far as a step line](search_history.png)" in md
 
 
 def test_a_metric_that_some_completed_runs_lack_says_of_how_many_it_is_the_mean():
