@@ -1,11 +1,13 @@
 """The main job: `python -m bench.run study=NAME [key=value ...]`; from Python (a notebook, a script),
 `bench.run.run_study(["study=NAME", "key=value", ...])`, which raises where the command exits non-zero.
 
-Reads top to bottom: load and validate the config; check every input (data, stores) before writing
-anything; create the MLflow experiment, the Optuna study and its parent run once; enqueue the
-variants that are missing; train them with one or more workers; print the summary; write the study's
-report (as `python -m bench.report` with the same arguments; not with report=false, nor in a joining
-worker, study.worker=true, whose study's own command writes it).
+It loads and validates the config; checks every input (data, stores) before writing anything; creates
+the MLflow experiment, the Optuna study and its parent run once; enqueues the variants that are missing;
+trains them with one or more workers; prints the summary; writes the study's report (as `python -m
+bench.report` with the same arguments; not with report=false, nor in a joining worker, study.worker=true,
+whose study's own command writes it).
+Results, by default in the current folder: MLflow runs in mlflow.db (tracking.uri) with their artifacts
+in mlartifacts/, Optuna trials in optuna.db (study.storage), the report in reports/<study>/ (report_dir).
 Exit codes: 0 all trials ended (complete, pruned or diverged); 1 a trial failed for another reason, a
 worker died, trials are still running in other processes, the tracking store or the Optuna storage
 was lost, or the report could not be written; 2 bad input (nothing written); 130 interrupted
@@ -147,12 +149,14 @@ def run(cfg: Config) -> bool:
         if not cfg.study.worker:
             stale = study.fail_stale(optuna_study, experiment_id)
             queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
-            print(f"study {optuna_study.study_name}: {queued} variants to run"
-                  + (f" and {study.search_trials_left(optuna_study, cfg)} search trials" if cfg.study.search_space else "")
+            to_run = [config.counted(queued, "variant")] if queued or not cfg.study.search_space else []
+            if cfg.study.search_space:
+                to_run.append(config.counted(study.search_trials_left(optuna_study, cfg), "search trial"))
+            print(f"study {optuna_study.study_name}: {' and '.join(to_run)} to run"
                   + (f" ({again} ended as diverged by a rule this vaebench no longer applies: a learned scale "
                      "that dipped on dequantized pixels)" if again else "")
                   + (f", {taken} taken from their finished MLflow runs" if taken else "")
-                  + (f", {stale} stale trials of dead workers marked failed" if stale else ""))
+                  + (f", {config.counted(stale, 'stale trial')} of dead workers marked failed" if stale else ""))
         # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time
         idle = (not cfg.study.worker and not study.not_ended(optuna_study)
                 and not study.search_trials_left(optuna_study, cfg))

@@ -46,6 +46,8 @@ for _key, _value in HTTP_DEFAULTS.items():
 # MLflow logs a database store's error with its traceback (~120 lines, twice for a lost server) before
 # raising it; the command then names the error in one line (bench.run)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+# three INFO lines a trial ("Started monitoring system metrics", ...) between the progress bars
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def sqlite_path(uri: str) -> Path | None:

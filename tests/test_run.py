@@ -282,7 +282,7 @@ def test_a_variant_that_diverged_by_the_retired_scale_collapse_rule_is_trained_a
         (tmp_path / "optuna.db").unlink()
     capsys.readouterr()
     assert run.main(args) == 0
-    assert ("1 variants to run (1 ended as diverged by a rule this vaebench no longer applies: a learned scale that "
+    assert ("1 variant to run (1 ended as diverged by a rule this vaebench no longer applies: a learned scale that "
             "dipped on dequantized pixels)" + (", 1 taken from their finished MLflow runs" if storage == "lost" else "")
             ) in capsys.readouterr().out
     trials = _optuna(tmp_path, args).get_trials()
@@ -412,7 +412,7 @@ def test_search_space_runs_tpe_trials(tmp_path, monkeypatch, capsys):
                     "data:\n  binarize: static\n")
     args = [f"study={path}", *shrink_args(tmp_path)]
     assert run.main(args) == 0
-    assert ": 0 variants to run and 3 search trials\n" in capsys.readouterr().out
+    assert ": 3 search trials to run\n" in capsys.readouterr().out
     trials = _optuna(tmp_path, args).get_trials()
     assert len(trials) == 3 and all(1e-4 <= t.params["train.lr"] <= 1e-2 for t in trials)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
