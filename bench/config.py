@@ -284,6 +284,9 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         current = OmegaConf.select(base, key) if key else None
         if OmegaConf.is_list(current):
             current = OmegaConf.to_container(current)
+            if "is not a ListConfig" in str(e):  # e.g. study.seeds=0,1,2; OmegaConf's words name its AnyNode
+                raise ConfigError(f"{where}: {key} is a list, written in brackets: "
+                                  f"{key}={json.dumps(current).replace(' ', '')}") from None
         expected = f"{key} expects {_article(type(current).__name__)} like {current!r}: " \
             if key and current is not None else ""
         raise ConfigError(f"{where}: {expected}{str(e).splitlines()[0]}") from None

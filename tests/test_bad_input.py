@@ -74,6 +74,8 @@ CASES = [
     ("unknown key", ["study=smoke", "train.epochz=1"], ["train.epochz", "valid keys in train: epochs"]),
     ("wrong type", ["study=smoke", "train.epochs=abc"], ["'abc'", "train.epochs expects an int"]),
     ("wrong type in YAML", ["study={tmp}/in/yaml_type.yaml"], ["'many'", "train.epochs expects an int"]),
+    ("list without brackets", ["study=smoke", "study.seeds=0,1,2"],
+     ["override 'study.seeds=0,1,2': study.seeds is a list, written in brackets: study.seeds=[0]"]),
     ("mapping for a list", ["study=smoke", "model.hidden={{a: 1}}"],
      ["override 'model.hidden={a: 1}'", "a value of the wrong shape", "see --help"]),
     ("grid over where results go", ["study={tmp}/in/grid_placement.yaml"],
