@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except MlflowException as e:  # a tracking server gone while the runs are read
         print(f"error: MLflow tracking failed ({config.first_line(e)}); no report written", file=sys.stderr)
         return 1
+    replaced = _study_reported_in(Path(report_dir) / safe_name(data.selection.name))
     try:
         folder = write(data)
     except MlflowException as e:  # gone while the figures are fetched
@@ -518,7 +519,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"report of {data.selection.optuna_study} ({config.counted(len(data.runs), 'run')}): {folder / 'report.html'}, "
           f"report.md, tables.csv, tables.tex")
+    if replaced not in (None, data.selection.optuna_study):  # a study's configs share its report folder
+        print(f"it replaces the report of {replaced} there, another config of study {data.selection.name}: give "
+              "each its own report_dir to keep both")
     return 0
+
+
+def _study_reported_in(folder: Path) -> str | None:
+    """The Optuna study whose report a folder holds (its intro names it), if any."""
+    try:
+        found = re.search(r"^Optuna study (\S+), ", (folder / "report.md").read_text(encoding="utf-8"), re.MULTILINE)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return found.group(1) if found else None
 
 
 if __name__ == "__main__":

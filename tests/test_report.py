@@ -84,6 +84,7 @@ def test_report_writes_every_file(done):
             "throughput.png"} <= names
     for png in done.folder.glob("*.png"):
         assert _is_png(png.read_bytes()), png
+        assert report.REPORT_FILE.fullmatch(png.name), png  # else the next report would leave it, stale
     md = (done.folder / "report.md").read_text(encoding="utf-8")
     for heading in ("1. Results per likelihood family", "2. Bounded vs unbounded", "3. Factor studies",
                     "4. Provenance"):
@@ -489,6 +490,18 @@ def test_a_report_replaces_the_figures_of_the_report_before_and_keeps_other_file
     assert (folder / "notes.txt").read_text() == "from before"  # not a report's: the user's
     assert (folder / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert {"report.md", "report.html", "tables.tex", "tables.csv", "val_elbo.png"} <= names
+
+
+def test_a_report_says_which_other_configs_report_it_replaces(done, tmp_path, capsys):
+    args = [f"run={done.parent}", f"tracking.uri=sqlite:///{done.tmp / 'mlflow.db'}", f"report_dir={tmp_path}"]
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("# vaebench report: rep\n\nOptuna study rep-00000000, 3 runs; ...\n")
+    assert report.main(args) == 0
+    said = capsys.readouterr().out
+    assert "it replaces the report of rep-00000000 there, another config of study rep: give each its own " \
+           "report_dir to keep both" in said
+    assert report.main(args) == 0  # its own report again: nothing to say
+    assert "replaces" not in capsys.readouterr().out
 
 
 def test_a_report_moves_its_files_in_under_a_lock_of_the_folder(done, tmp_path, monkeypatch):
