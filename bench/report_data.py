@@ -222,7 +222,7 @@ def unfinished_note(data: StudyData) -> str:
     search = trials[~trials.variant.isin(grid)]
     latest = pd.concat([variants, search])
     running, queued = int((latest.state == "running").sum()), int((latest.state == "waiting").sum())
-    ended = int(search.state.isin([states.COMPLETE, states.PRUNED, states.DIVERGED]).sum())
+    ended = int(search.state.isin(states.SETTLED).sum())
     search_running = int(search.state.isin(["running", "waiting"]).sum())
     counts = {"running": running, "queued": queued,
               "cut short (failed, killed or interrupted)": int(variants.state.isin(states.CUT_SHORT).sum()),

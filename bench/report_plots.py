@@ -1,4 +1,5 @@
-"""The report's plots (matplotlib Figures, not pyplot, whose backend a notebook's import would change): validation curves, reconstructions, throughput, factor studies."""
+"""The report's plots (matplotlib Figures, not pyplot, whose backend a notebook's import would change):
+validation curves, reconstructions and latent manifolds, throughput, factor studies, a search's history."""
 
 from __future__ import annotations
 
@@ -29,10 +30,6 @@ from bench.report_tables import (
     format_value,
 )
 from models import likelihoods
-
-# ---------------------------------------------------------------------------------------------------
-# Plots
-
 
 NATS = ("test_elbo", "test_iwae_nll", "test_iwae_gain", "test_kl")  # FACTOR_PLOTS in nats per image
 NOT_NEGATIVE = ("test_kl", "test_iwae_gain", "active_units", "samples_per_s")

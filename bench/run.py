@@ -40,6 +40,45 @@ from bench import data as data_mod
 from bench.config import Config, ConfigError
 from bench.train import resolve_device
 
+# After a stop, a lost store, a dead worker or a trial cut short: the trial in progress is left to the next
+# command, which marks it killed or interrupted (its owner is gone) and trains that variant again.
+RESUME_HINT = "finished trials are kept; re-run the same command to resume"
+LOST_STORAGE = "the Optuna storage failed"  # with the error behind Optuna's, whose own text guesses "invalid data"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else _arguments(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip(), config.help_text(), sep="\n\n")
+        return 0
+    try:
+        cfg = checked(argv)
+    except ConfigError as e:
+        print(f"error: {config.redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:  # before anything is written
+        _ending()
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return stopping.exit_code(stop)
+    try:
+        _, ok = execute(cfg, argv)
+    except KeyboardInterrupt as stop:
+        _ending()
+        said = "terminated (SIGTERM)" if stopping.signum(stop) == signal.SIGTERM else "interrupted"
+        print(f"\n{said}: {RESUME_HINT}", file=sys.stderr)
+        return stopping.exit_code(stop)
+    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
+        print(f"error: {_lost_store(e)}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def checked(argv: list[str]) -> Config:
+    """The config of these arguments, with every check that bad input can fail (ConfigError) done."""
+    cfg = config.load(argv)
+    preflight(cfg)
+    return cfg
+
 
 def preflight(cfg: Config) -> None:
     """Every check that bad input can fail, before a run, a study or a file is written."""
@@ -70,67 +109,26 @@ def preflight(cfg: Config) -> None:
             data_mod.load(data_cfg)
 
 
-# A tracking store lost mid-study ends the run; the trial in progress is left RUNNING, and the next run
-# marks it failed (its owner is gone) and trains that variant again.
-LOST_TRACKING = "finished trials are kept; re-run the same command to resume"
-LOST_STORAGE = "the Optuna storage failed"  # with the error behind Optuna's, whose own text guesses "invalid data"
-
-
-def _lost_store(error: Exception) -> str:
-    """What a lost tracking store or Optuna storage, or a file that could not be written (a full disk under
-    the artifacts), means for the user (the storage's error is Optuna's wrapper: the database's own is its
-    cause)."""
-    if isinstance(error, MlflowException):
-        return f"MLflow tracking failed ({config.first_line(error)}); {LOST_TRACKING}"
-    if isinstance(error, OSError):
-        return f"{type(error).__name__}: {config.redact(str(error))}; {LOST_TRACKING}"
-    return f"{LOST_STORAGE} ({config.first_line(error.__cause__ or error)}); {LOST_TRACKING}"
-
-
-def _end_runs_left_open() -> None:
-    """After an error, the runs this process left open are ended FAILED: not FINISHED by MLflow's exit
-    handler (such a run has no state tag, and the next command trains its variant again), nor left on
-    MLflow's stack of active runs, where the next study in the same process (a notebook) would trip on
-    them. Each is taken off the stack even where the store is lost."""
-    while mlflow.active_run() is not None:
-        with contextlib.suppress(MlflowException, OSError):
-            mlflow.end_run("FAILED")
-
-
-def _interrupt_when_orphaned(main_pid: int) -> None:
-    """Linux: the worker gets SIGHUP when the main process dies (SIGKILL, a lost terminal), and ends its
-    trial as interrupted, saying so, instead of training on, orphaned, out of reach of the terminal's
-    Ctrl-C. Elsewhere it trains on, and the next command finds its trial."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    stopping.hang_up_as_orphaned()
-    prctl(1, signal.SIGHUP)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != main_pid:  # the main process died before the line above
-        os.kill(os.getpid(), signal.SIGHUP)
-
-
-def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main_pid: int) -> None:
-    # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
-    # once (a second SIGINT would interrupt a worker while it records the first).
-    os.setpgrp()
-    # Only the main process sends it SIGINT (a Ctrl-C passed on), which must raise here even where the
-    # command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    _interrupt_when_orphaned(main_pid)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
+def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
+    """Runs a checked study, prints its summary and writes its report; returns the summary and whether
+    every trial ended and the report was written."""
+    print(config.to_yaml(cfg))
+    varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
+    print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
     try:
         with stopping.stops_raise():
-            stopping.let_stops_through()  # one that came while this process started is raised here
-            outcomes = study.work(cfg, parent_id, experiment_id, position)
-    except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
-        sys.exit(stopping.exit_code(stop))
-    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
-        print(f"error: worker {position}: {_lost_store(e)}", file=sys.stderr)
+            ok = run(cfg)
+            table = summary(cfg)
+    except BaseException:
         _end_runs_left_open()
-        sys.exit(1)
-    sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
+        raise
+    print(table.drop(columns="run id").to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
+          if len(table) else "no trials")
+    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
+                       f"{study.storage_url(cfg)}"))
+    if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
+        ok = _report(argv) and ok
+    return table, ok
 
 
 def run(cfg: Config) -> bool:
@@ -143,7 +141,7 @@ def run(cfg: Config) -> bool:
         # half made, refused by every later command in the folder: it waits for the stores to be made.
         new_file = any(path is not None and not path.exists() for path in
                        (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
-        with stopping.ctrl_c_deferred() if new_file else contextlib.nullcontext():
+        with stopping.stops_deferred() if new_file else contextlib.nullcontext():
             experiment_id = tracking.setup(cfg)
             optuna_study = study.open_study(cfg, create=not cfg.study.worker)
         if not cfg.study.worker:
@@ -175,20 +173,7 @@ def run(cfg: Config) -> bool:
             with stopping.held_in_processes_started():
                 for w in workers:
                     w.start()
-            running = {w.sentinel: (i, w) for i, w in enumerate(workers)}
-            while running:  # as each worker ends: one killed is named, and its trial marked, at once
-                stopping.raise_if_stopped()  # one this process dropped (see bench.stopping)
-                for sentinel in mp_connection.wait(list(running), timeout=1):
-                    i, w = running.pop(sentinel)
-                    w.join()
-                    if w.exitcode < 0:
-                        print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
-                              file=sys.stderr)
-                    if w.exitcode != 0:  # killed, or stopped by a lost store: its trial may be left running
-                        with study.study_lock(cfg):
-                            stale = study.fail_stale(optuna_study, experiment_id)
-                        if stale:  # trained again by the next command
-                            print(f"its trial is marked killed; {LOST_TRACKING}", file=sys.stderr)
+            _wait_for(workers, cfg, optuna_study, experiment_id)
             ok = all(w.exitcode == 0 for w in workers)
         # trials still running elsewhere, or queued (a joining worker leaves these to the study's own command);
         # first, those of joining workers that died (SIGKILL, a lost machine): not left for the user to wait on.
@@ -198,21 +183,21 @@ def run(cfg: Config) -> bool:
             with study.study_lock(cfg):
                 stale = study.fail_stale(optuna_study, experiment_id)
         if stale:
-            print(f"error: {stale} trials of joining workers that died are marked killed; {LOST_TRACKING}", file=sys.stderr)
+            print(f"error: {stale} trials of joining workers that died are marked killed; {RESUME_HINT}", file=sys.stderr)
             ok = False
         cut = [] if cfg.study.worker or not ok else study.cut_short(optuna_study, cfg)
         if cut:  # a joining worker's, stopped or failed while this command ran
-            print(f"error: {len(cut)} trials were cut short in other processes ({'; '.join(cut)}); {LOST_TRACKING}",
+            print(f"error: {len(cut)} trials were cut short in other processes ({'; '.join(cut)}); {RESUME_HINT}",
                   file=sys.stderr)
             ok = False
         pending = [] if cfg.study.worker else study.not_ended(optuna_study)
         codes = sorted({w.exitcode for w in workers if w.exitcode})
-        if pending and codes and all(line.endswith("queued") for line in pending):  # e.g. a script without a __main__ guard
+        if pending and codes and study.only_queued(pending):  # e.g. a script without a __main__ guard
             print(f"error: {len(pending)} trials of this study were not started: this command's workers ended (exit "
                   f"code {', '.join(map(str, codes))}; their errors are above) before taking them. Re-run it once the "
                   "cause is fixed", file=sys.stderr)
         elif pending:
-            print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(pending)}. This command "
+            print(f"error: {len(pending)} trials of this study have not ended: {'; '.join(map(study.where_now, pending))}. This command "
                   "did not wait for them; re-run it once they have", file=sys.stderr)
         tracking.end_parent(parent_id, "FINISHED" if ok and not pending else "FAILED")
         return ok and not pending
@@ -222,7 +207,7 @@ def run(cfg: Config) -> bool:
         try:
             for w in workers:  # each ends its trial as interrupted, then exits
                 if w.is_alive():
-                    os.kill(w.pid, signal.SIGTERM if isinstance(stop, stopping.Terminated) else signal.SIGINT)
+                    os.kill(w.pid, stopping.signum(stop))
             for w in workers:
                 if w.pid is not None:  # not one the stop came before it started
                     w.join()
@@ -233,9 +218,63 @@ def run(cfg: Config) -> bool:
         raise
 
 
+def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main_pid: int) -> None:
+    # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
+    # once (a second SIGINT would interrupt a worker while it records the first).
+    os.setpgrp()
+    # Only the main process sends it SIGINT (a Ctrl-C passed on), which must raise here even where the
+    # command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _interrupt_when_orphaned(main_pid)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
+    try:
+        with stopping.stops_raise():
+            stopping.let_stops_through()  # one that came while this process started is raised here
+            outcomes = study.work(cfg, parent_id, experiment_id, position)
+    except KeyboardInterrupt as stop:  # its trial is recorded as interrupted; no traceback
+        sys.exit(stopping.exit_code(stop))
+    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
+        print(f"error: worker {position}: {_lost_store(e)}", file=sys.stderr)
+        _end_runs_left_open()
+        sys.exit(1)
+    sys.exit(1 if any(o.state == states.FAILED for o in outcomes) else 0)
+
+
+def _interrupt_when_orphaned(main_pid: int) -> None:
+    """Linux: the worker gets SIGHUP when the main process dies (SIGKILL, a lost terminal), and ends its
+    trial as interrupted, saying so, instead of training on, orphaned, out of reach of the terminal's
+    Ctrl-C. Elsewhere it trains on, and the next command finds its trial."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    stopping.hang_up_as_orphaned()
+    prctl(1, signal.SIGHUP)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != main_pid:  # the main process died before the line above
+        os.kill(os.getpid(), signal.SIGHUP)
+
+
+def _wait_for(workers: list[mp.Process], cfg: Config, optuna_study, experiment_id: str) -> None:
+    """Waits for the workers; as each ends, one killed is named, and its trial marked, at once."""
+    running = {w.sentinel: (i, w) for i, w in enumerate(workers)}
+    while running:
+        stopping.raise_if_stopped()  # one this process dropped (see bench.stopping)
+        for sentinel in mp_connection.wait(list(running), timeout=1):
+            i, w = running.pop(sentinel)
+            w.join()
+            if w.exitcode < 0:
+                print(f"error: worker {i} (pid {w.pid}) was killed by {signal.Signals(-w.exitcode).name}",
+                      file=sys.stderr)
+            if w.exitcode != 0:  # killed, or stopped by a lost store: its trial may be left running
+                with study.study_lock(cfg):
+                    stale = study.fail_stale(optuna_study, experiment_id)
+                if stale:  # trained again by the next command
+                    print(f"its trial is marked killed; {RESUME_HINT}", file=sys.stderr)
+
+
 def summary(cfg: Config) -> pd.DataFrame:
     """One row per trial of the study: variant, state, validation ELBO and the scale it is on, samples/s
-    (the median epoch's, as in the report). A
+    (the median epoch's, as in the report), and its MLflow run's id (not printed: too wide). A
     trial whose ELBO is not a likelihood of the data has it under "objective", never beside the likelihoods
     (as in the report)."""
     rows = []
@@ -248,12 +287,26 @@ def summary(cfg: Config) -> pd.DataFrame:
                      "val ELBO": val if likelihood else math.nan, "on": t.user_attrs.get(study.SCALE) or "",
                      "objective": math.nan if likelihood else val,
                      "samples/s (median epoch)": t.user_attrs.get("samples_per_s"),
-                     "reason": t.user_attrs.get(study.REASON, "")[:60]})
+                     "reason": t.user_attrs.get(study.REASON, "")[:60], "run id": t.user_attrs.get(study.RUN_ID, "")})
     table = pd.DataFrame(rows)
     for empty, columns in (("objective", ["objective"]), ("val ELBO", ["val ELBO", "on"])):  # none has one
         if len(table) and table[empty].isna().all():
             table = table.drop(columns=columns)
     return table
+
+
+def _report(argv: list[str]) -> bool:
+    """Writes the study's report as `python -m bench.report` with the same arguments does; False, with the
+    reason on stderr, when it could not: the study's runs stand either way."""
+    try:
+        written = report.main(argv) == 0  # it names what failed (a full disk, a store it cannot read)
+    except Exception as e:  # noqa: BLE001  a report bug must not hide that every trial has ended
+        print(f"error: the report failed ({type(e).__name__}: {config.first_line(e)})", file=sys.stderr)
+        written = False
+    if not written:
+        print("the study's runs are kept; once the cause above is fixed, `python -m bench.report` with the same "
+              "arguments writes its report", file=sys.stderr)
+    return written
 
 
 class StudyNotEnded(RuntimeError):
@@ -286,79 +339,31 @@ def _arguments(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-def checked(argv: list[str]) -> Config:
-    """The config of these arguments, with every check that bad input can fail (ConfigError) done."""
-    cfg = config.load(argv)
-    preflight(cfg)
-    return cfg
-
-
-def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
-    """Runs a checked study, prints its summary and writes its report; returns the summary and whether
-    every trial ended and the report was written."""
-    print(config.to_yaml(cfg))
-    varied = sorted({"train.seed", *cfg.study.search_space, *(key for grid in cfg.study.grids for key in grid)})
-    print(f"# set per variant by study.seeds, grids and search_space (not the values above): {', '.join(varied)}\n")
-    try:
-        with stopping.stops_raise():
-            ok = run(cfg)
-            table = summary(cfg)
-    except BaseException:
-        _end_runs_left_open()
-        raise
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—") if len(table) else "no trials")
-    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
-                       f"{study.storage_url(cfg)}"))
-    if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
-        ok = _report(argv) and ok
-    return table, ok
-
-
-def _ending(stop: KeyboardInterrupt) -> None:
+def _ending() -> None:
     """The command (not `main` called from Python, which returns) ends on this stop: further ones are ignored."""
     if __name__ == "__main__":
         stopping.ignore_further_stops()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else _arguments(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip(), config.help_text(), sep="\n\n")
-        return 0
-    try:
-        cfg = checked(argv)
-    except ConfigError as e:
-        print(f"error: {config.redact(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as stop:  # before anything is written
-        _ending(stop)
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return stopping.exit_code(stop)
-    try:
-        _, ok = execute(cfg, argv)
-    except KeyboardInterrupt as stop:
-        _ending(stop)
-        said = "terminated (SIGTERM)" if isinstance(stop, stopping.Terminated) else "interrupted"
-        print(f"\n{said}: {LOST_TRACKING}", file=sys.stderr)
-        return stopping.exit_code(stop)
-    except (MlflowException, *study.STORAGE_ERRORS, OSError) as e:
-        print(f"error: {_lost_store(e)}", file=sys.stderr)
-        return 1
-    return 0 if ok else 1
+def _lost_store(error: Exception) -> str:
+    """What a lost tracking store or Optuna storage, or a file that could not be written (a full disk under
+    the artifacts), means for the user (the storage's error is Optuna's wrapper: the database's own is its
+    cause)."""
+    if isinstance(error, MlflowException):
+        return f"MLflow tracking failed ({config.first_line(error)}); {RESUME_HINT}"
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {config.redact(str(error))}; {RESUME_HINT}"
+    return f"{LOST_STORAGE} ({config.first_line(error.__cause__ or error)}); {RESUME_HINT}"
 
 
-def _report(argv: list[str]) -> bool:
-    """Writes the study's report as `python -m bench.report` with the same arguments does; False, with the
-    reason on stderr, when it could not: the study's runs stand either way."""
-    try:
-        written = report.main(argv) == 0  # it names what failed (a full disk, a store it cannot read)
-    except Exception as e:  # noqa: BLE001  a report bug must not hide that every trial has ended
-        print(f"error: the report failed ({type(e).__name__}: {config.first_line(e)})", file=sys.stderr)
-        written = False
-    if not written:
-        print("the study's runs are kept; once the cause above is fixed, `python -m bench.report` with the same "
-              "arguments writes its report", file=sys.stderr)
-    return written
+def _end_runs_left_open() -> None:
+    """After an error, the runs this process left open are ended FAILED: not FINISHED by MLflow's exit
+    handler (such a run has no state tag, and the next command trains its variant again), nor left on
+    MLflow's stack of active runs, where the next study in the same process (a notebook) would trip on
+    them. Each is taken off the stack even where the store is lost."""
+    while mlflow.active_run() is not None:
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.end_run("FAILED")
 
 
 if __name__ == "__main__":

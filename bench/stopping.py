@@ -25,26 +25,38 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
-class Terminated(KeyboardInterrupt):
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT). Each stop names its signal (the exit code, and what a worker is sent) and the
+    reason its trial records, in one place."""
+
+    signum = signal.SIGINT
+    reason = "interrupted by the user (SIGINT)"
+
+
+class Terminated(Interrupted):
     """SIGTERM (timeout, docker stop, a batch scheduler's end of job): the study stops as on Ctrl-C."""
 
+    signum = signal.SIGTERM
+    reason = "terminated (SIGTERM)"
 
-class Orphaned(KeyboardInterrupt):
+
+class Orphaned(Interrupted):
     """SIGHUP in a worker: the study's main process died (killed, or its terminal closed)."""
 
+    signum = signal.SIGHUP
+    reason = "interrupted: the study's main process died (killed, or its terminal closed)"
 
-# Each signal that stops a study, with what it raises (hang-ups: where signals have them)
-STOPS: dict[int, type[KeyboardInterrupt]] = {
-    signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated,
-    **({signal.SIGHUP: Orphaned} if hasattr(signal, "SIGHUP") else {})}
 
-_stopped: type[KeyboardInterrupt] | None = None  # the first stop that came, until the handlers' block ends
-_deferred: list[type[KeyboardInterrupt]] = []  # those that came inside ctrl_c_deferred, raised after it
-_depth = 0  # how many ctrl_c_deferred blocks the main thread is in
+# Each signal that stops a study, with what it raises
+STOPS: dict[int, type[Interrupted]] = {stop.signum: stop for stop in (Interrupted, Terminated, Orphaned)}
+
+_stopped: type[Interrupted] | None = None  # the first stop that came, until the handlers' block ends
+_deferred: list[type[Interrupted]] = []  # those that came inside stops_deferred, raised after it
+_depth = 0  # how many stops_deferred blocks the main thread is in (and stops_raise, as it puts handlers back)
 
 
 def _stop(signum: int, frame) -> None:
-    """The handler of each signal in STOPS: raises its stop, or, inside ctrl_c_deferred, defers it; either
+    """The handler of each signal in STOPS: raises its stop, or, inside stops_deferred, defers it; either
     way remembers it. (A counter, not handlers swapped in and out: a signal that another thread takes while
     the main one masks it still runs its handler in the main thread, between any two of the swaps.)"""
     global _stopped
@@ -82,19 +94,19 @@ def hang_up_as_orphaned() -> None:
     signal.signal(signal.SIGHUP, _stop)
 
 
+def signum(stop: KeyboardInterrupt) -> int:
+    """The signal behind a stop (SIGINT for a KeyboardInterrupt that Python's own handler raised)."""
+    return getattr(stop, "signum", signal.SIGINT)
+
+
 def reason(stop: KeyboardInterrupt) -> str:
     """What the trial it cut short records."""
-    if isinstance(stop, Terminated):
-        return "terminated (SIGTERM)"
-    if isinstance(stop, Orphaned):
-        return "interrupted: the study's main process died (killed, or its terminal closed)"
-    return "interrupted by the user (SIGINT)"
+    return getattr(stop, "reason", Interrupted.reason)
 
 
 def exit_code(stop: KeyboardInterrupt) -> int:
     """128 + the signal that stopped the process, as a shell reports it: 130 SIGINT, 143 SIGTERM, 129 SIGHUP."""
-    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else
-                  signal.SIGHUP if isinstance(stop, Orphaned) else signal.SIGINT)
+    return 128 + signum(stop)
 
 
 @contextlib.contextmanager
@@ -164,7 +176,7 @@ def raise_if_stopped() -> None:
 
 
 @contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
+def stops_deferred() -> Iterator[None]:
     """A stop inside (Ctrl-C, SIGTERM, a worker's SIGHUP) takes effect, raising as it would have, once the
     block is done: around the worker's storage writes. Without this, one that came while a finished trial
     was being recorded left its run and trial RUNNING, which the next command took for a dead worker's,

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from bench import config, states, stopping, tracking
 from bench import data as data_mod
 from bench.config import Config, ConfigError
-from bench.stopping import ctrl_c_deferred
+from bench.stopping import stops_deferred
 from bench.train import evaluation_divergence, final_metrics, median_epoch, resolve_device, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -309,14 +309,19 @@ def cut_short(study: optuna.Study, cfg: Config) -> list[str]:
             if variant in grid and t.state == TrialState.FAIL and t.user_attrs.get(STATUS) in states.CUT_SHORT]
 
 
-def not_ended(study: optuna.Study) -> list[str]:
-    """The trials that are still running (in another process, or with a live worker) or queued, one
-    line each."""
-    lines = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        where = f"running in {trial.user_attrs.get(OWNER, 'a worker')}" if trial.state == TrialState.RUNNING else "queued"
-        lines.append(f"trial {trial.number} {where}")
-    return lines
+def not_ended(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that are still running (in another process, or with a live worker) or queued."""
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def only_queued(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return all(t.state == TrialState.WAITING for t in trials)
+
+
+def where_now(trial: optuna.trial.FrozenTrial) -> str:
+    """One line on a trial that has not ended: running where, or queued."""
+    where = f"running in {trial.user_attrs.get(OWNER, 'a worker')}" if trial.state == TrialState.RUNNING else "queued"
+    return f"trial {trial.number} {where}"
 
 
 def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tuple[int, int, int]:
@@ -443,7 +448,7 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
     # trial is then ended as interrupted, not left RUNNING for the next command to take for a dead worker's.
     trial = None
     try:
-        with ctrl_c_deferred(), study_lock(cfg):
+        with stops_deferred(), study_lock(cfg):
             trial_id = study._pop_waiting_trial_id()
             if trial_id is not None:
                 trial = optuna.Trial(study, trial_id)
@@ -502,7 +507,6 @@ def trial_params(trial: optuna.Trial, cfg: Config) -> dict[str, Any]:
 class TrialOutcome:
     label: str  # the variant, e.g. "likelihood.name=bernoulli train.seed=0"
     state: str  # one of bench.states.FINISHED
-    reason: str  # why it is not complete ("" when it is)
 
 
 class _DataCache:
@@ -538,7 +542,7 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
     diverged: the next run trains the variant again) with status interrupted, and its MLflow run, if it has
     one yet, ended with its epochs so far. `cfg` is the trial's, `base` the study's."""
     reason = stopping.reason(stop)
-    with ctrl_c_deferred():  # a second Ctrl-C or SIGTERM must not leave the interruption half-recorded
+    with stops_deferred():  # a second Ctrl-C or SIGTERM must not leave the interruption half-recorded
         if epoch_log is not None:
             tracking.finish_child(None, cfg, {}, states.INTERRUPTED, reason, epoch_log)
         with study_lock(base):
@@ -547,12 +551,26 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, epoch_log: tracking.E
             _stored(lambda: study.tell(trial, state=TrialState.FAIL))
 
 
+class _Heartbeat:
+    """A trial's sign of life in the Optuna storage (HEARTBEAT), which tells other commands that its worker
+    lives: written at most every HEARTBEAT_S, as it is a storage write, not at every epoch of a fast run."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial, self.last = trial, -math.inf
+
+    def __call__(self, now: bool = False) -> None:
+        if now or time.time() - self.last >= HEARTBEAT_S:
+            with stops_deferred():
+                self.last = time.time()
+                self.trial.set_user_attr(HEARTBEAT, self.last)
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id: str, experiment_id: str,
               cache: _DataCache, position: int = 0) -> TrialOutcome:
     epoch_log: tracking.EpochLog | None = None
     cfg = base  # the trial's own once its params are known
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
-        with ctrl_c_deferred():  # storage writes: the trial's params
+        with stops_deferred():  # storage writes: the trial's params
             params = trial_params(trial, base)
         cfg = config.apply(base, params)
         label = variant_label(params)
@@ -565,7 +583,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
                 "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
-        with ctrl_c_deferred():  # storage writes (see ctrl_c_deferred); the run is ended below if one came
+        with stops_deferred():  # storage writes (see stops_deferred); the run is ended below if one came
             epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id,
                                                                f"{trial.number}: {label}", tags))
             trial.set_user_attr(RUN_ID, epoch_log.run_id)
@@ -577,7 +595,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             raise
         _interrupted(study, trial, epoch_log, cfg, base, stop)  # ends the run, once there is one
         raise stop from (None if stop is error else error)
-    last_beat = -math.inf
+    beat = _Heartbeat(trial)
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
     # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
@@ -586,16 +604,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     history: list[dict[str, float]] = []  # each epoch's metrics, also a pruned trial's
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        nonlocal last_beat
         history.append(metrics)
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
-        with ctrl_c_deferred():
-            if time.time() - last_beat >= HEARTBEAT_S:  # a storage write: not every epoch of a fast run
-                last_beat = time.time()
-                trial.set_user_attr(HEARTBEAT, last_beat)
-            if prunable and math.isfinite(metrics["val_elbo"]):
+        beat()
+        if prunable and math.isfinite(metrics["val_elbo"]):
+            with stops_deferred():  # a storage write
                 trial.report(metrics["val_elbo"], epoch)
         stopping.raise_if_stopped()
         if prunable and math.isfinite(metrics["val_elbo"]) and trial.should_prune():
@@ -606,23 +621,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     def on_iwae(done: int, total: int) -> None:
         """The test-set IWAE's progress, and signs of life through it: k = 5000 on the whole test split
         takes hours, and a trial silent for REMOTE_STALE_S would be marked killed by another machine."""
-        nonlocal last_beat, evaluating
+        nonlocal evaluating
         stopping.raise_if_stopped()
         if evaluating is None:  # in the epochs' place
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
                               position=position + 1)
         evaluating.update(done - evaluating.n)
-        if time.time() - last_beat >= HEARTBEAT_S:
-            with ctrl_c_deferred():
-                last_beat = time.time()
-                trial.set_user_attr(HEARTBEAT, last_beat)
+        beat()
 
     result = None
     try:
         result = train(cfg, data, on_epoch)
-        with ctrl_c_deferred():
-            last_beat = time.time()
-            trial.set_user_attr(HEARTBEAT, last_beat)
+        beat(now=True)  # the test-set evaluation starts: its first batch may take a while
         # a model whose parameters went NaN scores nothing: its "0 active units" would read as a result
         finite = all(bool(p.isfinite().all()) for p in result.model.parameters())
         epochs.close()
@@ -647,12 +657,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         epochs.close()
         if evaluating is not None:
             evaluating.close()
-    with ctrl_c_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
+    with stops_deferred():  # ~2 s of writes: a Ctrl-C must not leave the finished work half-recorded
         tracking.finish_child(result, cfg, final, state, reason, epoch_log)
         with study_lock(base):  # not while a command marks this trial killed
             speed = {"samples_per_s": median_epoch([epoch["samples_per_s"] for epoch in history])}
             _record(study, trial, state, reason, {**history[-1], **speed} if history else {})
-    return TrialOutcome(label, state, reason)
+    return TrialOutcome(label, state)
 
 
 def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:

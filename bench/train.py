@@ -31,7 +31,7 @@ from bench import config, states
 from bench import data as data_mod
 from bench.config import Config
 from bench.data import Data
-from bench.stopping import ctrl_c_deferred
+from bench.stopping import stops_deferred
 from models import likelihoods
 from models.estimators import ElboTerms, active_units, bits_per_dim, elbo_terms, gaussian_kl, iwae
 from models.likelihoods import Likelihood, Measure
@@ -212,7 +212,7 @@ def _on_every_openmp_thread(fn: Callable[[], object]) -> None:
     # a Ctrl-C or SIGTERM raising inside the callback would be printed and dropped by ctypes, the study
     # training on (seen: a SIGTERM at a trial's start, exit 0): it is raised once the call returns, also
     # outside a study
-    with ctrl_c_deferred():
+    with stops_deferred():
         gomp.GOMP_parallel(body, None, torch.get_num_threads(), 0)
 
 

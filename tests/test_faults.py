@@ -308,13 +308,13 @@ def test_a_stop_inside_a_deferred_block_comes_after_it_also_over_its_error(sent,
     stopping.hang_up_as_orphaned()
     try:
         with pytest.raises(stop), stopping.stops_raise():  # a stop, once come, is raised till the study ends
-            with pytest.raises(stop) as raised, stopping.ctrl_c_deferred():
+            with pytest.raises(stop) as raised, stopping.stops_deferred():
                 os.kill(os.getpid(), sent)
                 for _ in range(100):  # bytecodes, at which Python runs the handler: a deferring one
                     pass
                 raise ValueError("a write failed")  # e.g. a worker's storage write, inside the block
             assert type(raised.value) is stop and isinstance(raised.value.__context__, ValueError)
-            with stopping.ctrl_c_deferred():  # nothing deferred is left to raise after the next block
+            with stopping.stops_deferred():  # nothing deferred is left to raise after the next block
                 pass
         stopping.raise_if_stopped()  # nor once the study has ended
     finally:
@@ -395,7 +395,7 @@ def test_a_stop_that_python_drops_in_a_finalizer_still_stops_the_study(sent, cod
             assert run.main(args) == code
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert dropped == [stopping.Terminated if sent == signal.SIGTERM else KeyboardInterrupt]
+    assert dropped == [stopping.Terminated if sent == signal.SIGTERM else stopping.Interrupted]
     assert printed == []  # nor the traceback Python prints for it, which would say something went wrong
     trials, runs = _state(tmp_path, args)
     if when == "in an epoch":  # the second trial stopped at its next epoch, recorded as interrupted

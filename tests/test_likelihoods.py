@@ -585,3 +585,17 @@ def test_the_readmes_family_table_lists_every_registered_family_as_the_registry_
         outputs, bounded = rows[name][1], rows[name][3]
         assert outputs.startswith(str(family.n_params)), (name, outputs)
         assert bounded.startswith("yes" if likelihoods.get(name).bounded else "no"), (name, bounded)
+
+
+@pytest.mark.parametrize("loc, scale", [(0.5, 0.05), (0.02, 0.03), (1.1, 0.2)])  # interior, near 0, past 1
+def test_discretized_logistic_samples_follow_its_pmf(loc, scale):
+    """Its samples (inverse-CDF draws, rounded to the 8-bit grid) have the frequencies that log_prob gives."""
+    torch.manual_seed(0)
+    d = likelihoods.DiscretizedLogistic(torch.tensor(loc), torch.tensor(scale))
+    draws = d.sample((200_000,))
+    k = torch.arange(LEVELS, dtype=torch.float32) / (LEVELS - 1)
+    assert torch.equal(draws, (draws * (LEVELS - 1)).round() / (LEVELS - 1))  # on the grid
+    seen = torch.bincount((draws * (LEVELS - 1)).round().long(), minlength=LEVELS).double() / len(draws)
+    expected = d.log_prob(k).double().exp()
+    assert expected.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (seen - expected).abs().max().item() < 0.005  # ~4.5 binomial s.e. of the likeliest bin

@@ -41,6 +41,8 @@ def test_run_study_returns_the_summary_and_a_second_study_in_the_same_process_ru
     second = run.run_study([*args, "train.lr=0.002"])  # another config: another study
     assert list(first.state) == list(second.state) == ["complete"]
     assert mlflow.active_run() is None
+    model = tracking.load_model(second["run id"][0])  # as the README shows: the trained model of a row
+    assert isinstance(model, torch.nn.Module) and first["run id"][0] != second["run id"][0]
     # the store the studies were given is not left in the environment, where the next would take it
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert config.tracking_uri(config.load(["study=smoke"])) == "sqlite:///mlflow.db"
