@@ -72,6 +72,7 @@ from bench.report_tables import (
     trial_table,
     varied_here,
 )
+from models import likelihoods
 
 # Stages, one module each: select and load the study (report_data), its tables (report_tables), its plots
 # (report_plots), the blocks rendered (render); this module writes the prose around them and the files.
@@ -233,7 +234,9 @@ SUMMARY = (
     "reasons). samples/s is the training speed on the machine that ran the study, as in the throughput "
     "plot, and \"speed vs fastest\" the ratio of its mean to the block's fastest row's: read it with the "
     "intervals of samples/s (for what a step costs, see the speed benchmark). Blocks are never compared "
-    "with each other: their numbers are on different measures.")
+    "with each other: their numbers are on different measures. A uniform pmf over a pixel's values scores 1 "
+    "bit/dim on binarized pixels and 8 on 8-bit ones: a bound above that does not show that its model does "
+    "better than no model.")
 NOTHING_RANKED = "Nothing here is ranked: no row has a completed run with an IWAE NLL on a likelihood of the data."
 SEARCH_TRIALS = ("TPE maximises a trial's validation ELBO at its last epoch; a pruned trial's is at the epoch it was "
                  "stopped, so it is listed after the completed ones, not ranked with them. Diverged trials are "
@@ -265,6 +268,18 @@ def _lead(block: pd.DataFrame, keys: list[str]) -> str:
     return f"{lead}; the next, {_row_name(second, keys)}, is {distance} nats {verdict}."
 
 
+def _worse_than_uniform(block: pd.DataFrame, keys: list[str], scale: str) -> str:
+    """Names the block's rows that score more bits/dim than a uniform pmf over the pixel values ("" when none)."""
+    uniform = likelihoods.UNIFORM_BITS_PER_DIM.get(scale)
+    worse = block[block.test_bpd > uniform] if uniform else block.iloc[:0]
+    if worse.empty:
+        return ""
+    names = ", ".join(f"{_row_name(r, keys)} ({format_mean(r.test_bpd, r.test_bpd_ci)} bits/dim)" for _, r in worse.iterrows())
+    bounds = (" (dequantization bounds, which can overstate the 8-bit NLL: the bound is above, the model may not be)"
+              if (worse.measure != worse.scale).any() else "")
+    return f" Above the {uniform:g} bits/dim of a uniform pmf over the pixel values: {names}{bounds}."
+
+
 def _not_ranked(rows: pd.DataFrame, keys: list[str]) -> str:
     """Why a protocol's other rows have no rank: not a likelihood of the data, no completed run, or no IWAE
     NLL logged."""
@@ -289,7 +304,7 @@ def _summary_section(family: pd.DataFrame, ranking: pd.DataFrame, searched: list
         ranked = ranking[ranking.protocol == protocol]
         for (setting, scale), block in ranked.groupby(["setting", "scale"], sort=True):
             title = f"{protocol}: {scale}" + (f" ({setting})" if setting else "")
-            blocks += [("h3", title), ("p", _lead(block, keys)),
+            blocks += [("h3", title), ("p", _lead(block, keys) + _worse_than_uniform(block, keys, scale)),
                        ("table", (f"Ranking, {title} (nats per image)", display_ranking(block)))]
         if ranked.empty:
             blocks += [("h3", protocol), ("p", NOTHING_RANKED)]

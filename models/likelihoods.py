@@ -324,6 +324,12 @@ class Measure:
         return comparable_scale(self.name, self.comparable)
 
 
+# The two scales that likelihoods share, and the bits/dim of a uniform pmf over a pixel's values on each:
+# a model that scores more has learnt less than nothing about the pixels
+BINARIZED_PMF, EIGHT_BIT_PMF = "pmf of binarized pixels", "pmf of 8-bit pixels"
+UNIFORM_BITS_PER_DIM = {BINARIZED_PMF: 1.0, EIGHT_BIT_PMF: math.log2(LEVELS)}
+
+
 def comparable_scale(measure: str, comparable: bool) -> str:
     """The scale that numbers may be compared on: a dequantized density's lower bound is on the 8-bit
     pmf's scale ("pmf of 8-bit pixels (dequantized lower bound)" → "pmf of 8-bit pixels"); a measure that
@@ -388,7 +394,7 @@ class Likelihood:
         f = self.family
         if binarized:
             if f.support == BINARY:
-                return Measure("pmf of binarized pixels", True, 0.0)
+                return Measure(BINARIZED_PMF, True, 0.0)
             return Measure("density at binary values (not a likelihood of the data)", False, 0.0)
         if f.support == BINARY:
             return Measure("pmf of binary pixels at 8-bit values (not a likelihood of the data)", False, 0.0)
@@ -398,10 +404,10 @@ class Likelihood:
             return Measure("density with σ fitted to each image (σ-VAE objective, not a likelihood of the data)",
                            False, 0.0)
         if f.support == EIGHT_BIT:
-            return Measure("pmf of 8-bit pixels", True, 0.0)
+            return Measure(EIGHT_BIT_PMF, True, 0.0)
         if dequantized:
             # y = (k + u)/256: E_u log p(y) − D·log 256 ≤ log P(k) (Theis, van den Oord & Bethge 2016).
-            return Measure("pmf of 8-bit pixels (dequantized lower bound)", True, -math.log(LEVELS))
+            return Measure(f"{EIGHT_BIT_PMF} (dequantized lower bound)", True, -math.log(LEVELS))
         return Measure("density at raw 8-bit values (training objective only)", False, 0.0)
 
 

@@ -936,3 +936,19 @@ def test_a_searchs_values_are_shown_whole_and_its_plot_only_with_an_elbo_to_draw
     assert ("p", "No search trial has a finite validation ELBO to plot.") in blocks and not any(
         kind == "img" for kind, _ in blocks) and not (tmp_path / "search_history.png").exists()
     assert "No search trial has completed. Of 2 search trials: 2 diverged." in blocks[1][1]
+
+
+def test_the_summary_names_the_rows_worse_than_a_uniform_pmf():
+    """On the committed reference results: three densities on 8-bit pixels score above 8 bits/dim."""
+    ranking = pd.read_csv(Path(__file__).resolve().parents[1] / "reports/reference/likelihoods/tables.csv")
+    ranking = ranking[ranking.table == "0 ranking"]
+    eight_bit = ranking[ranking.scale == likelihoods.EIGHT_BIT_PMF]
+    said = report._worse_than_uniform(eight_bit, [], likelihoods.EIGHT_BIT_PMF)
+    worse = eight_bit[eight_bit.test_bpd > 8].family
+    assert sorted(worse) == ["gaussian", "gaussian_shared", "laplace"]
+    assert said.startswith(" Above the 8 bits/dim of a uniform pmf over the pixel values: ")
+    assert said.endswith("(dequantization bounds, which can overstate the 8-bit NLL: the bound is above, the model "
+                         "may not be).")  # these three are densities on dequantized pixels
+    assert all(name in said for name in worse) and "discretized_logistic" not in said
+    binary = ranking[ranking.scale == likelihoods.BINARIZED_PMF]
+    assert report._worse_than_uniform(binary, [], likelihoods.BINARIZED_PMF) == ""  # 0.22 bits/dim < 1
