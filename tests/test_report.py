@@ -502,6 +502,8 @@ def test_a_report_says_which_other_configs_report_it_replaces(done, tmp_path, ca
            "report_dir to keep both" in said
     assert report.main(args) == 0  # its own report again: nothing to say
     assert "replaces" not in capsys.readouterr().out
+    # read from the report's own intro, as written: not only from the stand-in above
+    assert report._study_reported_in(tmp_path / "rep") == report_data.load(done.args).selection.optuna_study
 
 
 def test_a_report_moves_its_files_in_under_a_lock_of_the_folder(done, tmp_path, monkeypatch):
