@@ -255,15 +255,15 @@ def load(argv: list[str]) -> StudyData:
     trials, note = load_trials(sel)
     c = sel.children
     runs = pd.DataFrame({
-        "run_id": c.run_id, "trial": pd.to_numeric(_tag(c, "trial_number", np.nan), errors="coerce"),
+        "run_id": c.run_id, "trial": pd.to_numeric(_tag(c, tracking.TRIAL_TAG, np.nan), errors="coerce"),
         "family": _tag(c, "family"), "protocol": _tag(c, "data_protocol"), "dataset": _tag(c, "dataset"),
         "data_source": _tag(c, "data_source"), "measure": _tag(c, "measure"),
-        "comparable": _tag(c, "comparable") == "True", "bounded": _tag(c, "bounded") == "True",
+        "comparable": _tag(c, tracking.COMPARABLE_TAG) == "True", "bounded": _tag(c, "bounded") == "True",
         "supremum": pd.to_numeric(_tag(c, "supremum_per_pixel", np.nan), errors="coerce"),
         "seed": pd.to_numeric(c.get("params.train.seed", pd.Series(np.nan, index=c.index)), errors="coerce"),
         "device": _tag(c, "device"), "torch_version": _tag(c, "torch_version"), "git_commit": _tag(c, "git_commit"),
-        "variant": _tag(c, "variant"), "start_time": c.start_time, "end_time": c.end_time,
-        "state": _tag(c, "state"), "reason": _tag(c, "reason"), "mlflow_status": c.status,
+        "variant": _tag(c, tracking.VARIANT_TAG), "start_time": c.start_time, "end_time": c.end_time,
+        "state": _tag(c, tracking.STATE_TAG), "reason": _tag(c, tracking.REASON_TAG), "mlflow_status": c.status,
     })
     # Optuna's status is the trial's final word (a killed worker's trial is failed there first).
     by_run = trials.dropna(subset=["run_id"]).set_index("run_id")

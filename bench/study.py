@@ -336,14 +336,14 @@ def enqueue_missing(study: optuna.Study, cfg: Config, experiment_id: str) -> tup
     trials = study.get_trials(deepcopy=False)
     named, numbers = {t.user_attrs.get(RUN_ID) for t in trials}, {t.number for t in trials}
     for run_id, tags in runs.items():  # the run of a trial the storage lost, left RUNNING by a killed worker
-        if "state" not in tags and run_id not in named and int(tags.get("trial_number", -1)) not in numbers:
+        if tracking.STATE_TAG not in tags and run_id not in named and int(tags.get(tracking.TRIAL_TAG, -1)) not in numbers:
             tracking.mark_run(run_id, "its trial is not in the Optuna storage (lost or replaced) and its process "
                                       "is gone; the variant is trained again")
-    retired_runs = {run_id for run_id, tags in runs.items() if tags.get("state") == states.DIVERGED
-                    and diverged_by_a_retired_rule(tags.get("reason", ""), tags.get("comparable") == "True")}
-    recorded = {tags.get("variant"): run_id for run_id, tags in runs.items()
-                if tags.get("state") in states.SETTLED and run_id not in retired_runs}
-    retired = {runs[run_id].get("variant") for run_id in retired_runs} | {
+    retired_runs = {run_id for run_id, tags in runs.items() if tags.get(tracking.STATE_TAG) == states.DIVERGED
+                    and diverged_by_a_retired_rule(tags.get(tracking.REASON_TAG, ""), tags.get(tracking.COMPARABLE_TAG) == "True")}
+    recorded = {tags.get(tracking.VARIANT_TAG): run_id for run_id, tags in runs.items()
+                if tags.get(tracking.STATE_TAG) in states.SETTLED and run_id not in retired_runs}
+    retired = {runs[run_id].get(tracking.VARIANT_TAG) for run_id in retired_runs} | {
         variant_label(json.loads(t.user_attrs[VARIANT])) for t in trials if t.state == TrialState.FAIL and _retired(t)}
 
     def counts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -383,8 +383,8 @@ def _add_recorded_trial(study: optuna.Study, cfg: Config, params: dict[str, Any]
         intermediate_values={step: v for step, v in epochs.items() if math.isfinite(v)},
         user_attrs={VARIANT: variant_key(params), STATUS: state, REASON: reason, RUN_ID: run_id, "val_elbo": val,
                     "samples_per_s": last.get("samples_per_s", math.nan),
-                    COMPARABLE: tags.get("comparable") == "True",
-                    SCALE: "" if tags.get("comparable") != "True" else tags.get(SCALE, "")}))
+                    COMPARABLE: tags.get(tracking.COMPARABLE_TAG) == "True",
+                    SCALE: "" if tags.get(tracking.COMPARABLE_TAG) != "True" else tags.get(SCALE, "")}))
 
 
 def _encode(value: Any) -> Any:
@@ -578,11 +578,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         lik = config.likelihood_of(cfg)
         measure = data.measure(lik)
         tags = {"family": lik.name, "bounded": lik.bounded, "supremum_per_pixel": lik.supremum_per_pixel,
-                "measure": measure.name, "comparable": measure.comparable, SCALE: measure.scale or
+                "measure": measure.name, tracking.COMPARABLE_TAG: measure.comparable, SCALE: measure.scale or
                 "none (not a likelihood of the data)", "dataset": cfg.data.name,
                 "data_protocol": data.protocol, "data_source": data.source, "device": str(cache.device),
                 "torch_version": torch.__version__, "git_commit": tracking.git_commit(),
-                "trial_number": trial.number, "optuna_study": study.study_name, "variant": label}
+                tracking.TRIAL_TAG: trial.number, tracking.OPTUNA_STUDY_TAG: study.study_name, tracking.VARIANT_TAG: label}
         with stops_deferred():  # storage writes (see stops_deferred); the run is ended below if one came
             epoch_log = tracking.EpochLog(tracking.start_child(cfg, parent_id, experiment_id,
                                                                f"{trial.number}: {label}", tags))

@@ -33,6 +33,10 @@ from bench.train import TrainResult, build, median_epoch
 from models.vae import VAE
 
 STUDY_TAG = "vaebench.optuna_study"  # on the parent run: the Optuna study it tracks
+# Tags of a trial's run that are read back (bench.study resumes a study from them; bench.report_data)
+OPTUNA_STUDY_TAG, TRIAL_TAG, VARIANT_TAG = "optuna_study", "trial_number", "variant"  # whose run it is
+STATE_TAG, REASON_TAG = "state", "reason"  # its outcome (bench.states) and why: the last write of a run
+COMPARABLE_TAG = "comparable"  # "True" when its ELBO is a likelihood of the data (bench.report, section 2)
 
 # A tracking server lost mid-study must end the command in seconds: MLflow's defaults (7 retries with
 # backoff factor 2, 120 s timeout) take some 4 minutes per request, and a run's pending batches kept a
@@ -360,7 +364,7 @@ def finish_child(result: TrainResult | None, cfg: Config, final: dict[str, float
                 figures.save_all(result, folder)
             torch.save(result.model.state_dict(), folder / "model_state_dict.pt")
             mlflow.log_artifacts(str(folder))
-    mlflow.set_tags({"state": state, "reason": reason[:5000]}, synchronous=True)
+    mlflow.set_tags({STATE_TAG: state, REASON_TAG: reason[:5000]}, synchronous=True)
     mlflow.end_run(states.MLFLOW_STATUS.get(state, "FAILED"))
 
 
@@ -385,12 +389,12 @@ def ended_run(run_id: str, mend: bool = False) -> tuple[str, str, dict[str, floa
     store, or was deleted: its trial is then trained again). A process killed between that tag and the
     run's end left it RUNNING: with `mend`, it is ended as the tag says."""
     run = _live_run(run_id)
-    if run is None or "state" not in run.data.tags:
+    if run is None or STATE_TAG not in run.data.tags:
         return None
     if mend and not _ended(run):
-        MlflowClient().set_terminated(run_id, states.MLFLOW_STATUS.get(run.data.tags["state"], "FAILED"))
+        MlflowClient().set_terminated(run_id, states.MLFLOW_STATUS.get(run.data.tags[STATE_TAG], "FAILED"))
     speed = {"samples_per_s": run_median_epoch(run_id, "samples_per_s")}
-    return run.data.tags["state"], run.data.tags.get("reason", ""), {**run.data.metrics, **speed}
+    return run.data.tags[STATE_TAG], run.data.tags.get(REASON_TAG, ""), {**run.data.metrics, **speed}
 
 
 def run_history(run_id: str, key: str) -> dict[int, float]:
@@ -406,7 +410,7 @@ def run_median_epoch(run_id: str, key: str) -> float:
 def study_runs(experiment_id: str, optuna_study: str) -> dict[str, dict[str, str]]:
     """Every live run of an Optuna study's trials, oldest first: run id -> its tags (variant, trial_number,
     state once recorded, comparable, comparable_scale, …)."""
-    found = mlflow.search_runs([experiment_id], filter_string=f"tags.optuna_study = '{optuna_study}'",
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.{OPTUNA_STUDY_TAG} = '{optuna_study}'",
                                order_by=["attributes.start_time ASC"], output_format="list")
     return {r.info.run_id: r.data.tags for r in found}
 
@@ -414,7 +418,7 @@ def study_runs(experiment_id: str, optuna_study: str) -> dict[str, dict[str, str
 def run_of_trial(experiment_id: str, optuna_study: str, trial_number: int) -> str | None:
     """The run of a trial whose worker died before it could name the run to Optuna."""
     found = MlflowClient().search_runs([experiment_id], max_results=1, filter_string=(
-        f"tags.optuna_study = '{optuna_study}' and tags.trial_number = '{trial_number}'"))
+        f"tags.{OPTUNA_STUDY_TAG} = '{optuna_study}' and tags.{TRIAL_TAG} = '{trial_number}'"))
     return found[0].info.run_id if found else None
 
 
@@ -424,8 +428,8 @@ def mark_run(run_id: str, reason: str) -> None:
     client = MlflowClient()
     if _live_run(run_id) is None or ended_run(run_id) is not None:
         return
-    client.set_tag(run_id, "state", states.KILLED)
-    client.set_tag(run_id, "reason", reason)
+    client.set_tag(run_id, STATE_TAG, states.KILLED)
+    client.set_tag(run_id, REASON_TAG, reason)
     client.set_terminated(run_id, "KILLED")
 
 
