@@ -518,7 +518,7 @@ def validate(cfg: Config) -> None:
         grid_scales.setdefault(_elbo_scale(variant), point)
         family = likelihoods.FAMILIES[variant.likelihood.name]
         unread = unread_likelihood_keys(variant.likelihood.name)
-        if variant.data.binarize != "none" or family.support == likelihoods.EIGHT_BIT:  # pixels as they are
+        if not reads_dequantize(variant.data, family):
             unread.append("data.dequantize")
         same = resolved.setdefault(repr(apply(variant, {key: UNREAD_DEFAULTS[key] for key in unread})), point)
         named = [key for key in unread if key in point]  # the unread keys this grid sets
@@ -559,12 +559,27 @@ def likelihood_of(cfg: Config) -> likelihoods.Likelihood:
     return likelihoods.get(cfg.likelihood.name, cfg.likelihood.scale, cfg.likelihood.min_scale)
 
 
+def binarized(data: DataConfig) -> bool:
+    return data.binarize != "none"
+
+
+def reads_dequantize(data: DataConfig, family: likelihoods.Family) -> bool:
+    """Whether data.dequantize applies to `family`'s pixels: a density's on 8-bit data (binarized pixels are
+    0/1 for every family; an 8-bit pmf sees k/255)."""
+    return not binarized(data) and family.support != likelihoods.EIGHT_BIT
+
+
+def measure_of(data: DataConfig, lik: likelihoods.Likelihood) -> likelihoods.Measure:
+    """What lik's log p(x|z) on this data protocol is a measure of: the one rule that bench.data's runs and
+    the study checks below share."""
+    return lik.measure(binarized(data), reads_dequantize(data, lik.family) and data.dequantize)
+
+
 def _elbo_scale(cfg: Config) -> str:
     """What a variant's ELBO may be compared on (`likelihoods.Measure.scale`); a training objective only
     with its own family's on the same measure."""
     lik = likelihood_of(cfg)
-    # bench.data.Data.measure, from the config: `Likelihood.measure` ignores dequantize where it does not apply
-    measure = lik.measure(binarized=cfg.data.binarize != "none", dequantized=cfg.data.dequantize)
+    measure = measure_of(cfg.data, lik)
     return measure.scale or f"{measure.name}, {lik.name}"
 
 

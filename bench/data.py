@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench import config
 from bench.config import ConfigError, DataConfig
-from models.likelihoods import EIGHT_BIT, LEVELS, Family, Likelihood, Measure
+from models.likelihoods import LEVELS, Family, Likelihood, Measure
 
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte",)
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -44,7 +45,7 @@ class Data:
 
     @property
     def binarized(self) -> bool:
-        return self.cfg.binarize != "none"
+        return config.binarized(self.cfg)
 
     @property
     def protocol(self) -> str:
@@ -58,11 +59,11 @@ class Data:
         return 1.0 if self.binarized else 1.0 / LEVELS
 
     def dequantized_for(self, family: Family) -> bool:
-        return not self.binarized and family.support != EIGHT_BIT and self.cfg.dequantize
+        return config.reads_dequantize(self.cfg, family) and self.cfg.dequantize
 
     def measure(self, lik: Likelihood) -> Measure:
         """What lik's log p(x|z) on this data is a measure of."""
-        return lik.measure(self.binarized, self.dequantized_for(lik.family))
+        return config.measure_of(self.cfg, lik)
 
     def transform(self, family: Family, train: bool) -> Callable[[Tensor], Tensor]:
         """uint8 batch (B, D) -> model input (B, D) float, on the batch's device."""

@@ -15,7 +15,8 @@ from bench import config
 from bench import data as data_mod
 from bench.config import ConfigError
 from bench.data import DataError
-from models.likelihoods import FAMILIES, LEVELS
+from models import likelihoods
+from models.likelihoods import EIGHT_BIT, FAMILIES, LEVELS
 
 from .conftest import SHARED_MNIST_RAW
 from .helpers import free_port
@@ -285,3 +286,24 @@ def test_the_test_images_draw_is_the_same_whatever_the_validation_split_or_limit
     if binarize == "static":  # the first training images, whatever the limit
         assert torch.equal(digits(binarize, "data.limit=50").train, whole.train[:50])
 
+
+
+
+@pytest.mark.parametrize("binarize", config.BINARIZE)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_data_dequantize_is_unread_exactly_where_it_changes_neither_pixels_nor_measure(name, binarize):
+    """The study checks take two grid points that differ only in a data.dequantize that
+    `config.reads_dequantize` calls unread for one variant: the pixels and the measure must then be the same."""
+    d = digits()
+    lik = likelihoods.get(name)
+    on, off = (config.DataConfig(binarize=binarize, dequantize=flag) for flag in (True, False))
+    reads = config.reads_dequantize(on, lik.family)
+    assert reads == (binarize == "none" and lik.family.support != EIGHT_BIT)
+    if not reads:
+        assert config.measure_of(on, lik) == config.measure_of(off, lik)
+    if binarize == "none":  # the binarizations draw pixels at random: their input is compared in test_*_binarization
+        k = d.val[:64]
+        with_on, with_off = (data_mod.Data(d.train, d.val, d.test, d.image_shape, cfg, d.source) for cfg in (on, off))
+        pixels = [data.transform(lik.family, train=False)(k) for data in (with_on, with_off)]
+        assert torch.equal(*pixels) == (not reads)
+        assert with_on.measure(lik) == config.measure_of(on, lik)
