@@ -30,10 +30,21 @@ def _interrupted_while_starting(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-# `python -m bench.run` (or bench.report; Python names the command "-m" while it imports the package): a
-# Ctrl-C in the seconds its imports take (torch, MLflow) ends it with one line, as one before the study
-# starts does, not with the traceback of a library's import. The command calls command_starts() first.
-if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+COMMANDS = ("bench.run", "bench.report")  # each calls command_starts() first
+
+
+def _starting_a_command() -> bool:
+    """Whether Python is importing this package for `python -m bench.run` or `bench.report` (it names the
+    command "-m" meanwhile), not for another module run with -m that imports bench (its own Ctrl-C stays)."""
+    args = sys.orig_argv
+    if sys.argv[:1] != ["-m"] or "-m" not in args[:-1]:
+        return False
+    return args[args.index("-m") + 1] in COMMANDS
+
+
+# A Ctrl-C in the seconds a command's imports take (torch, MLflow) ends it with one line, as one before the
+# study starts does, not with the traceback of a library's import.
+if _starting_a_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 

@@ -982,6 +982,23 @@ def test_ctrl_c_while_the_command_imports_exits_130_in_one_line(tmp_path):
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_another_module_run_with_dash_m_that_imports_bench_keeps_its_own_ctrl_c(tmp_path):
+    """Only `python -m bench.run`/`bench.report` get the one-line stop while importing: a user's package
+    that imports bench under `python -m` keeps Python's KeyboardInterrupt, which bench's stops build on."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("import bench\n")
+    (tmp_path / "mypkg" / "loop.py").write_text(
+        "import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    print('its own handler')\n")
+    with _sigint_handled():
+        proc = subprocess.Popen([sys.executable, "-m", "mypkg.loop"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "its own handler\n")
+
+
 @LINUX_PROC
 def test_ctrl_c_while_a_worker_starts_stops_it_without_a_traceback(tmp_path, monkeypatch):
     """A terminal's Ctrl-C reaches the whole process group, where a spawned worker stays while it imports
