@@ -173,7 +173,9 @@ def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
 
 STATISTICS = (
     "Each metric is the mean over the seeds of the row's completed trials ± the half-width of a 95 % "
-    "confidence interval, mean ± t(0.975, n−1)·s/√n (no interval when n = 1). Diverged, pruned and failed "
+    "confidence interval, mean ± t(0.975, n−1)·s/√n (no interval when n = 1; with few seeds it is wide, and "
+    "for a number that cannot be negative, such as the KL or an ESS, it may reach below 0: it bounds the "
+    "mean's uncertainty, not the values). Diverged, pruned and failed "
     "trials are counted (trials, divergence = diverged/trials) but do not enter the means; a trial cut short "
     "(failed, killed, interrupted) and then run again counts once, as its last attempt. Section 4 lists every "
     "attempt with its reason. ELBOs are higher-is-better; NLLs, bits/dim and KL lower-is-better. — marks a "
@@ -451,7 +453,7 @@ def build(data: StudyData, folder: Path) -> tuple[Blocks, dict[str, pd.DataFrame
     blocks: Blocks = [
         ("h1", f"vaebench report: {sel.name}"), ("p", description),
         *([("p", note)] if (note := unfinished_note(data)) else []),
-        ("p", f"Optuna study {sel.optuna_study}, {len(data.runs)} runs; generated {data.generated}. {STATISTICS}"),
+        ("p", f"Optuna study {sel.optuna_study}, {config.counted(len(data.runs), 'run')}; generated {data.generated}. {STATISTICS}"),
         ("p", _trained(setting, data.runs)), *_summary_section(family, ranking, searched),
         *_families_section(family), *_measure_section(measure), *_factors_section(by_factor, searched, folder),
         *_search_section(search, folder),

@@ -94,6 +94,8 @@ def test_study_runs_shrunk(name, tmp_path, monkeypatch):
     # every trial ended for good, and its run keeps the state
     assert {t.user_attrs["status"] for t in trials} <= {"complete", "diverged"}
     assert set(children["tags.state"]) <= {"complete", "diverged"}
+    intro = f"Optuna study {study.study_name(config.load(args))}, {config.counted(STUDIES[name], 'run')}; generated"
+    assert intro in (tmp_path / "reports" / name / "report.md").read_text(encoding="utf-8")  # "1 run" (manifold)
     # only an unbounded family can run away: every bounded one completes
     bounded = children[children["tags.bounded"] == "True"]
     assert len(bounded) and (bounded["tags.state"] == "complete").all(), bounded[["tags.family", "tags.reason"]]
