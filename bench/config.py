@@ -285,8 +285,10 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         if OmegaConf.is_list(current):
             current = OmegaConf.to_container(current)
             if "is not a ListConfig" in str(e):  # e.g. study.seeds=0,1,2; OmegaConf's words name its AnyNode
-                raise ConfigError(f"{where}: {key} is a list, written in brackets: "
-                                  f"{key}={json.dumps(current).replace(' ', '')}") from None
+                value = OmegaConf.select(OmegaConf.create(other), key) if isinstance(other, (dict, DictConfig)) else None
+                as_list = f"[{value}]" if value is not None else json.dumps(current).replace(" ", "")
+                written = f"{key}={as_list}" if where.startswith("override") else f"{key}: {as_list}"
+                raise ConfigError(f"{where}: {key} is a list, written in brackets: {written}") from None
         expected = f"{key} expects {_article(type(current).__name__)} like {current!r}: " \
             if key and current is not None else ""
         raise ConfigError(f"{where}: {expected}{str(e).splitlines()[0]}") from None
@@ -362,7 +364,9 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
         for key in keys:
             if key in varied:
                 raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
-                                  f"({', '.join(sorted(varied))}); change study.grids in the study file instead")
+                                  f"({', '.join(sorted(varied))}); replace the grids instead, in the study file or with a "
+                                  "study.grids=[...] override (it replaces all of them), e.g. "
+                                  "'study.grids=[{data.binarize: [none], likelihood.name: [gaussian, laplace]}]'")
             if key == "train.seed":  # grid variants run once per seed; search trials use the first
                 raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
                                   f"({config.study.seeds}); set study.seeds=[...] instead")

@@ -60,6 +60,7 @@ FILES = {
     "search_int.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.epochs: {kind: int, low: 1.5, high: 3}\n",
     "search_list_key.yaml": "study:\n  n_trials: 2\n  search_space:\n    model.hidden: {kind: int, low: 32, high: 64}\n",
     "search_bare_range.yaml": "study:\n  n_trials: 2\n  search_space:\n    train.lr: [0.0001, 0.01]\n",
+    "bare_seeds.yaml": "study:\n  seeds: 3\n",
 }
 BINARY_FILES = {"latin1.yaml": b"data:\n  root: \xff\xfe\n"}
 PLAIN = "study={tmp}/in/plain.yaml"
@@ -75,7 +76,9 @@ CASES = [
     ("wrong type", ["study=smoke", "train.epochs=abc"], ["'abc'", "train.epochs expects an int"]),
     ("wrong type in YAML", ["study={tmp}/in/yaml_type.yaml"], ["'many'", "train.epochs expects an int"]),
     ("list without brackets", ["study=smoke", "study.seeds=0,1,2"],
-     ["override 'study.seeds=0,1,2': study.seeds is a list, written in brackets: study.seeds=[0]"]),
+     ["override 'study.seeds=0,1,2': study.seeds is a list, written in brackets: study.seeds=[0,1,2]"]),
+    ("list without brackets in a study file", ["study={tmp}/in/bare_seeds.yaml"],
+     ["bare_seeds.yaml: study.seeds is a list, written in brackets: study.seeds: [3]"]),
     ("mapping for a list", ["study=smoke", "model.hidden={{a: 1}}"],
      ["override 'model.hidden={a: 1}'", "a value of the wrong shape", "see --help"]),
     ("grid over where results go", ["study={tmp}/in/grid_placement.yaml"],
@@ -123,7 +126,8 @@ CASES = [
     ("infinite scale", ["study=smoke", "likelihood.scale=inf"],
      ["likelihood.scale=inf is invalid", "a finite number > 0"]),
     ("key the grids vary", ["study=smoke", "likelihood.name=gaussian"],
-     ["override 'likelihood.name=gaussian'", "varied by the study's grids", "change study.grids in the study file"]),
+     ["override 'likelihood.name=gaussian'", "varied by the study's grids", "replace the grids instead",
+      "'study.grids=[{data.binarize: [none], likelihood.name: [gaussian, laplace]}]'"]),
     ("seed of a study's variants", ["study=smoke", "train.seed=5"],
      ["'train.seed=5'", "train.seed comes from study.seeds ([0])", "set study.seeds=[...] instead"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
