@@ -49,7 +49,7 @@ caption { caption-side: top; text-align: left; font-style: italic; padding-botto
 th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; background: #fff; }
 thead th { background: #eef; } tbody th { font-weight: normal; } tr:nth-child(even) > * { background: #f8f8f8; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody th:first-child { position: sticky; left: 0; }
+tbody th[scope="row"] { position: sticky; left: 0; z-index: 1; }  /* the cells before it scroll under it */
 .scroll { overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0; }
 """

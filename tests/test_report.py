@@ -314,16 +314,31 @@ class _Images(HTMLParser):
             self.attrs = dict(attrs)
 
 
+# Scrolls each table wider than the window to its right end: is its rows' header (the family) still in view?
+_ROW_HEADERS_PROBE = """
+const wide = [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + 10);
+document.body.setAttribute('data-row-headers', wide.map(d => {
+  d.scrollLeft = d.scrollWidth;
+  const box = d.getBoundingClientRect(), th = d.querySelector('tbody th[scope=row]').getBoundingClientRect();
+  return th.left >= box.left - 1 && th.right <= box.right + 1;
+}).join(','));
+"""
+
+
 def test_html_report_renders_in_headless_chromium(done, tmp_path):
-    # A copy with a probe script that records, after load, whether the browser decoded every image.
+    # A copy with a probe script that records, after load, whether the browser decoded every image, and
+    # whether a wide table's row headers stay in view as it scrolls (at the probe's 800 px window)
     probe = tmp_path / "probe.html"
     probe.write_text((done.folder / "report.html").read_text(encoding="utf-8").replace(
-        "</body>", "<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
-                   "[...document.images].map(i => i.complete && i.naturalWidth > 0).join(',')))</script></body>"),
+        "</body>", "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+                   "[...document.images].map(i => i.complete && i.naturalWidth > 0).join(','));"
+                   f"{_ROW_HEADERS_PROBE}}})</script></body>"),
         encoding="utf-8")
-    dom = _browse(probe, tmp_path, "--dump-dom")
+    dom = _browse(probe, tmp_path, "--dump-dom", "--window-size=800,600")
     page = _Images()
     page.feed(dom)
+    in_view = page.attrs["data-row-headers"].split(",")
+    assert len(in_view) >= 3 and set(in_view) == {"true"}, in_view
     assert page.tables >= 6 and "discretized_logistic" in dom and "Provenance" in dom
     assert len(page.srcs) >= 3
     assert page.attrs["data-images"] == ",".join(["true"] * len(page.srcs))  # no broken image
