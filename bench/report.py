@@ -276,10 +276,14 @@ def _worse_than_uniform(block: pd.DataFrame, keys: list[str], scale: str) -> str
     worse = block[block.test_bpd > uniform] if uniform else block.iloc[:0]
     if worse.empty:
         return ""
-    names = ", ".join(f"{_row_name(r, keys)} ({format_mean(r.test_bpd, r.test_bpd_ci)} bits/dim)" for _, r in worse.iterrows())
-    bounds = (" (dequantization bounds, which can overstate the 8-bit NLL: the bound is above, the model may not be)"
+    def named(r) -> str:  # a dequantized density's bound is not the 8-bit pmf itself, which its measure tells
+        bound = ", a dequantization bound" if r.measure != r.scale else ""
+        return f"{_row_name(r, keys)} ({format_mean(r.test_bpd, r.test_bpd_ci)} bits/dim{bound})"
+
+    bounds = (" A dequantization bound can overstate the 8-bit NLL: the bound is above, the model may not be."
               if (worse.measure != worse.scale).any() else "")
-    return f" Above the {uniform:g} bits/dim of a uniform pmf over the pixel values: {names}{bounds}."
+    return (f" Mean bits/dim above the {uniform:g} of a uniform pmf over the pixel values: "
+            f"{', '.join(named(r) for _, r in worse.iterrows())}.{bounds}")
 
 
 def _not_ranked(rows: pd.DataFrame, keys: list[str]) -> str:
