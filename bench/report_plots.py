@@ -47,12 +47,17 @@ MARKERS = "osD^vP*Xh"
 LEGEND_SIZE = 9  # points: at most 2 panels a row, shown about as wide as drawn, a legend stays readable
 
 
+UNKNOWN_FAMILY = ("#BBBBBB", "+")  # a family this vaebench's registry lacks (runs of another version)
+
+
 def _color(family: str) -> str:
-    return PALETTE[family_order(family) % len(PALETTE)]
+    order = family_order(family)
+    return PALETTE[order] if order < len(PALETTE) else UNKNOWN_FAMILY[0]
 
 
 def _marker(family: str) -> str:
-    return MARKERS[family_order(family) % len(MARKERS)]
+    order = family_order(family)
+    return MARKERS[order] if order < len(MARKERS) else UNKNOWN_FAMILY[1]
 
 
 def _figure(n_panels: int, width: float = 5.0, height: float = 3.6, most_per_row: int = 4):

@@ -746,13 +746,14 @@ def test_the_curves_legends_are_below_their_panels_inside_the_figure_and_apart(t
 
 def test_each_family_is_drawn_in_a_colour_and_a_marker_of_its_own(tmp_path, monkeypatch):
     """Colour alone does not tell families apart in grey scale or with a colour-vision deficiency."""
-    runs = pd.DataFrame({"run_id": likelihoods.NAMES, "family": likelihoods.NAMES, "protocol": "8bit-dequantized",
+    families = [*likelihoods.NAMES, "a_family_of_another_version"]  # runs of a family since renamed
+    runs = pd.DataFrame({"run_id": families, "family": families, "protocol": "8bit-dequantized",
                          "comparable": True, "bounded": True, "state": "complete"})
-    curves = pd.DataFrame({"run_id": likelihoods.NAMES, "epoch": 1, "val_elbo": -1.0})
+    curves = pd.DataFrame({"run_id": families, "epoch": 1, "val_elbo": -1.0})
     drawn = []
     monkeypatch.setattr(report_plots, "_save", lambda fig, path: drawn.extend(fig.axes[0].lines) or path)
     report_plots.plot_curves(runs, curves, [], tmp_path / "c.png")
-    assert len(drawn) == len(likelihoods.NAMES) == len({line.get_marker() for line in drawn})
+    assert len(drawn) == len(families) == len({line.get_marker() for line in drawn})
     assert len({line.get_color() for line in drawn}) == len(drawn)
 
 
