@@ -38,6 +38,8 @@ import optuna
 import sqlalchemy
 import torch
 from optuna.trial import TrialState
+from tqdm import autonotebook
+from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 
 from bench import config, states, stopping, tracking
@@ -509,6 +511,16 @@ class TrialOutcome:
     state: str  # one of bench.states.FINISHED
 
 
+def bars_shown() -> bool:
+    """Progress bars on a terminal or in a notebook; in a log file (nohup, a scheduler's job log) each of
+    their updates would be a line of escape codes, so there a trial gets a line as it starts and ends."""
+    return autonotebook.tqdm is not tqdm_std.tqdm or sys.stderr.isatty()  # tqdm.auto's choice of a notebook
+
+
+def _log_line(position: int, text: str) -> None:
+    print(f"worker {position}: {text}", file=sys.stderr, flush=True)
+
+
 class _DataCache:
     """Each distinct data config is read once per worker."""
 
@@ -596,7 +608,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         _interrupted(study, trial, epoch_log, cfg, base, stop)  # ends the run, once there is one
         raise stop from (None if stop is error else error)
     beat = _Heartbeat(trial)
-    epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1)
+    shown = bars_shown()
+    if not shown:
+        _log_line(position, f"trial {trial.number} {label}: training {config.counted(cfg.train.epochs, 'epoch')}")
+    epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1,
+                  disable=not shown)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
     # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
     prunable = base.study.pruner == "median" or _is_search(trial)
@@ -625,7 +641,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         stopping.raise_if_stopped()
         if evaluating is None:  # in the epochs' place
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
-                              position=position + 1)
+                              position=position + 1, disable=not shown)
         evaluating.update(done - evaluating.n)
         beat()
 
@@ -691,7 +707,9 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     cache = _DataCache(device)
     outcomes: list[TrialOutcome] = []
     total = len(variants(cfg)) + cfg.study.n_trials  # n_trials is 0 without a search space
-    with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True) as bar:
+    shown = bars_shown()
+    with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True,
+              disable=not shown) as bar:
         while True:
             trial = None
             stopping.raise_if_stopped()  # one dropped while the last trial was recorded
@@ -706,3 +724,5 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
             outcomes.append(outcome)
             bar.set_postfix_str(f"{outcome.label}: {outcome.state}")
             bar.update()
+            if not shown:
+                _log_line(position, f"trial {trial.number} {outcome.label}: {outcome.state}")

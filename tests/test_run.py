@@ -3,9 +3,11 @@ tmp_path."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -565,3 +567,25 @@ def test_a_search_trial_cut_short_is_not_reported_as_a_variant_left_untrained(tm
         optuna_study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
             study.VARIANT: study.variant_key(variant), study.STATUS: status}))
     assert study.cut_short(optuna_study, cfg) == ["trial 0 interrupted"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log file"])
+def test_progress_bars_on_a_terminal_and_a_line_per_trial_in_a_log_file(terminal, tmp_path, monkeypatch):
+    """In a log file (nohup, a scheduler's job log) each bar update would be a line of escape codes."""
+    monkeypatch.chdir(tmp_path)
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert run.main(["study=smoke", *shrink_args(tmp_path)]) == 0
+    text = err.getvalue()
+    lines = re.findall(r"^worker 0: trial (\d) (.+): (training \d+ epochs?|complete)$", text, re.MULTILINE)
+    if terminal:
+        assert "epoch/s" in text and "trial/s" in text and not lines
+    else:
+        assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
+        trials = [(n, what) for n, _, what in lines]
+        assert trials == [(n, what) for n in "0123" for what in ("training 1 epoch", "complete")], text
