@@ -34,12 +34,15 @@ COMMANDS = ("bench.run", "bench.report")  # each calls command_starts() first
 
 
 def _starting_a_command() -> bool:
-    """Whether Python is importing this package for `python -m bench.run` or `bench.report` (it names the
-    command "-m" meanwhile), not for another module run with -m that imports bench (its own Ctrl-C stays)."""
-    args = sys.orig_argv
-    if sys.argv[:1] != ["-m"] or "-m" not in args[:-1]:
-        return False
-    return args[args.index("-m") + 1] in COMMANDS
+    """Whether Python is importing this package to run bench.run or bench.report with -m (however its flags
+    are spelt: `-m bench.run`, `-mbench.run`, `-um bench.run`), not for another module run with -m that
+    imports bench (its own Ctrl-C stays): runpy's frame, which names the module, is below this import."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_run_module_as_main" and frame.f_globals.get("__name__") == "runpy":
+            return frame.f_locals.get("mod_name") in COMMANDS
+        frame = frame.f_back
+    return False
 
 
 # A Ctrl-C in the seconds a command's imports take (torch, MLflow) ends it with one line, as one before the

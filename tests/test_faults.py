@@ -968,12 +968,13 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="re
 
 
 @LINUX_PROC
-def test_ctrl_c_while_the_command_imports_exits_130_in_one_line(tmp_path):
+@pytest.mark.parametrize("command", [["-m", "bench.run"], ["-mbench.run"], ["-um", "bench.run"]])  # as Python reads
+def test_ctrl_c_while_the_command_imports_exits_130_in_one_line(command, tmp_path):
     """A Ctrl-C in the seconds the command imports torch and MLflow: one line, not an import's traceback."""
     args = seed_study_args(tmp_path)
     before = sorted(tmp_path.rglob("*"))
     with _sigint_handled():
-        proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, *command, *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
     wait_until_it_imports_torch(proc.pid)
     proc.send_signal(signal.SIGINT)
