@@ -265,6 +265,16 @@ def study_path(study: str) -> Path:
     return path
 
 
+def _grids_with(grids: list[dict[str, list[Any]]], key: str, value: Any) -> str:
+    """study.grids=[...] as one writes it on the command line, with `key` set to `value` in every grid."""
+    def flow(v: Any) -> str:  # YAML's flow style, as the override reads it
+        return json.dumps(v).replace('"', "") if isinstance(v, (list, dict)) else str(v)
+
+    written = ["{" + ", ".join(f"{k}: [{flow(value) if k == key else ', '.join(flow(v) for v in values)}]"
+                               for k, values in grid.items()) + "}" for grid in grids]
+    return f"study.grids=[{', '.join(written)}]"
+
+
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
     """OmegaConf.merge, with its errors turned into a ConfigError; an unknown key lists the valid ones."""
     try:
@@ -285,9 +295,11 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         if OmegaConf.is_list(current):
             current = OmegaConf.to_container(current)
             if "is not a ListConfig" in str(e):  # e.g. study.seeds=0,1,2; OmegaConf's words name its AnyNode
-                value = OmegaConf.select(OmegaConf.create(other), key) if isinstance(other, (dict, DictConfig)) else None
-                as_list = f"[{value}]" if value is not None else json.dumps(current).replace(" ", "")
-                written = f"{key}={as_list}" if where.startswith("override") else f"{key}: {as_list}"
+                given = OmegaConf.select(OmegaConf.create(other), key) if isinstance(other, (dict, DictConfig)) else None
+                items = [item for item in re.split(r"[,\s]+", str(given or "")) if item]  # "0,1,2", "64 128"
+                as_list = f"[{','.join(items)}]" if items else json.dumps(current).replace(" ", "")
+                section, leaf = key.rsplit(".", 1)
+                written = f"{key}={as_list}" if where.startswith("override") else f"{leaf}: {as_list} (under {section}:)"
                 raise ConfigError(f"{where}: {key} is a list, written in brackets: {written}") from None
         expected = f"{key} expects {_article(type(current).__name__)} like {current!r}: " \
             if key and current is not None else ""
@@ -363,10 +375,11 @@ def load(args: list[str] | None = None, study: str | None = None) -> Config:
     for arg, keys in given.items():
         for key in keys:
             if key in varied:
+                wanted = OmegaConf.select(OmegaConf.structured(config), key)
                 raise ConfigError(f"override {arg!r}: {key} is varied by the study's grids "
-                                  f"({', '.join(sorted(varied))}); replace the grids instead, in the study file or with a "
-                                  "study.grids=[...] override (it replaces all of them), e.g. "
-                                  "'study.grids=[{data.binarize: [none], likelihood.name: [gaussian, laplace]}]'")
+                                  f"({', '.join(sorted(varied))}); replace the grids instead, in the study file or with "
+                                  "a study.grids=[...] override (it replaces all of them), e.g. the study's with "
+                                  f"{key} set: '{_grids_with(config.study.grids, key, wanted)}'")
             if key == "train.seed":  # grid variants run once per seed; search trials use the first
                 raise ConfigError(f"override {arg!r}: every variant's train.seed comes from study.seeds "
                                   f"({config.study.seeds}); set study.seeds=[...] instead")

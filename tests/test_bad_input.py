@@ -3,6 +3,7 @@ exits with code 2, and writes nothing (no MLflow store, no Optuna study, no repo
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -78,7 +79,9 @@ CASES = [
     ("list without brackets", ["study=smoke", "study.seeds=0,1,2"],
      ["override 'study.seeds=0,1,2': study.seeds is a list, written in brackets: study.seeds=[0,1,2]"]),
     ("list without brackets in a study file", ["study={tmp}/in/bare_seeds.yaml"],
-     ["bare_seeds.yaml: study.seeds is a list, written in brackets: study.seeds: [3]"]),
+     ["bare_seeds.yaml: study.seeds is a list, written in brackets: seeds: [3] (under study:)"]),
+    ("list without brackets or commas", ["study=smoke", "model.hidden=64 128"],
+     ["model.hidden is a list, written in brackets: model.hidden=[64,128]"]),
     ("mapping for a list", ["study=smoke", "model.hidden={{a: 1}}"],
      ["override 'model.hidden={a: 1}'", "a value of the wrong shape", "see --help"]),
     ("grid over where results go", ["study={tmp}/in/grid_placement.yaml"],
@@ -127,7 +130,8 @@ CASES = [
      ["likelihood.scale=inf is invalid", "a finite number > 0"]),
     ("key the grids vary", ["study=smoke", "likelihood.name=gaussian"],
      ["override 'likelihood.name=gaussian'", "varied by the study's grids", "replace the grids instead",
-      "'study.grids=[{data.binarize: [none], likelihood.name: [gaussian, laplace]}]'"]),
+      ("'study.grids=[{data.binarize: [static], likelihood.name: [gaussian]}, {data.binarize: [none], "
+       "likelihood.name: [gaussian]}]'")]),
     ("seed of a study's variants", ["study=smoke", "train.seed=5"],
      ["'train.seed=5'", "train.seed comes from study.seeds ([0])", "set study.seeds=[...] instead"]),
     ("no seeds", ["study=smoke", "study.seeds=[]"], ["study.seeds=[] is invalid", "non-empty list"]),
@@ -444,3 +448,20 @@ def test_an_override_that_leaves_the_search_space_as_it_is_is_taken(tmp_path):
     (tmp_path / "search.yaml").write_text(FILES["search_lr.yaml"])
     same = "study.search_space={train.lr: {low: 0.0001, high: 0.01, log: true}}"
     assert config.load([f"study={tmp_path / 'search.yaml'}", same]) == config.load([f"study={tmp_path / 'search.yaml'}"])
+
+
+
+@pytest.mark.parametrize("study_name, override", [("latent", "model.latent_dim=10"), ("aevb", "likelihood.name=bernoulli"),
+                                                  ("smoke", "likelihood.name=laplace")])
+def test_the_grids_a_refused_override_suggests_are_the_studys_with_that_value(study_name, override):
+    """Following the suggestion keeps the study's other grid keys (a fixed example dropped latent's grid)."""
+    grid_keys = {key for grid in config.load([f"study={study_name}"]).study.grids for key in grid}
+    with pytest.raises(config.ConfigError) as refused:
+        config.load([f"study={study_name}", override])
+    suggested = re.search(r"'(study\.grids=.+)'$", str(refused.value)).group(1)
+    cfg = config.load([f"study={study_name}", suggested])
+    config.validate(cfg)
+    key, value = override.split("=")
+    points = config.grid_points(cfg)
+    assert {str(p[key]) for p in points} == {value}
+    assert {k for p in points for k in p} == grid_keys
