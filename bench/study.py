@@ -512,13 +512,35 @@ class TrialOutcome:
 
 
 def bars_shown() -> bool:
-    """Progress bars on a terminal or in a notebook; in a log file (nohup, a scheduler's job log) each of
-    their updates would be a line of escape codes, so there a trial gets a line as it starts and ends."""
-    return autonotebook.tqdm is not tqdm_std.tqdm or sys.stderr.isatty()  # tqdm.auto's choice of a notebook
+    """Progress bars on a terminal or in a notebook with ipywidgets (tqdm.auto's choice); in a log file (nohup,
+    a scheduler's job log) each of their updates would be a line of escape codes, and on a terminal of no
+    width (`docker run -t` without one) tqdm draws nothing: there a trial's progress is lines (_ProgressLines)."""
+    if autonotebook.tqdm is not tqdm_std.tqdm:
+        return True
+    try:
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):  # no file descriptor: a stream of Python's own
+        return False
 
 
-def _log_line(position: int, text: str) -> None:
-    print(f"worker {position}: {text}", file=sys.stderr, flush=True)
+class _ProgressLines:
+    """A trial's progress where no bar is shown: a line as it starts, at most one a minute while it trains
+    or evaluates, and one as it ends, with its last validation value and how long it took."""
+    EVERY_S = 60
+
+    def __init__(self, shown: bool, position: int, number: int, label: str):
+        self.shown, self.prefix = shown, f"worker {position}: trial {number} {label}"
+        self.started = self.last = time.monotonic()
+
+    def say(self, text: str, now: bool = False) -> None:
+        t = time.monotonic()
+        if not self.shown and (now or t - self.last >= self.EVERY_S):
+            print(f"{self.prefix}: {text}", file=sys.stderr, flush=True)
+            self.last = t
+
+    def took(self) -> str:
+        s = time.monotonic() - self.started
+        return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 class _DataCache:
@@ -609,8 +631,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         raise stop from (None if stop is error else error)
     beat = _Heartbeat(trial)
     shown = bars_shown()
-    if not shown:
-        _log_line(position, f"trial {trial.number} {label}: training {config.counted(cfg.train.epochs, 'epoch')}")
+    lines = _ProgressLines(shown, position, trial.number, label)
+    lines.say(f"training {config.counted(cfg.train.epochs, 'epoch')}", now=True)
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1,
                   disable=not shown)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
@@ -623,6 +645,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         history.append(metrics)
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
+        lines.say(f"epoch {epoch}/{cfg.train.epochs}, val {value_name} {metrics['val_elbo']:.2f}")
         epoch_log(epoch, metrics)
         beat()
         if prunable and math.isfinite(metrics["val_elbo"]):
@@ -642,7 +665,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         if evaluating is None:  # in the epochs' place
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
                               position=position + 1, disable=not shown)
+            lines.say(f"test IWAE-{cfg.eval.iwae_k} on {config.counted(total, 'image')}", now=True)
         evaluating.update(done - evaluating.n)
+        lines.say(f"test IWAE-{cfg.eval.iwae_k}: {done}/{total} images")
         beat()
 
     result = None
@@ -678,6 +703,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         with study_lock(base):  # not while a command marks this trial killed
             speed = {"samples_per_s": median_epoch([epoch["samples_per_s"] for epoch in history])}
             _record(study, trial, state, reason, {**history[-1], **speed} if history else {})
+    last = f", val {value_name} {history[-1]['val_elbo']:.2f}" if history else ""
+    lines.say(f"{state}{last}, after {lines.took()}", now=True)
     return TrialOutcome(label, state)
 
 
@@ -707,9 +734,8 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
     cache = _DataCache(device)
     outcomes: list[TrialOutcome] = []
     total = len(variants(cfg)) + cfg.study.n_trials  # n_trials is 0 without a search space
-    shown = bars_shown()
     with tqdm(total=total, desc=f"worker {position}", position=position, unit="trial", leave=True,
-              disable=not shown) as bar:
+              disable=not bars_shown()) as bar:
         while True:
             trial = None
             stopping.raise_if_stopped()  # one dropped while the last trial was recorded
@@ -724,5 +750,3 @@ def work(cfg: Config, parent_id: str, experiment_id: str, position: int = 0) -> 
             outcomes.append(outcome)
             bar.set_postfix_str(f"{outcome.label}: {outcome.state}")
             bar.update()
-            if not shown:
-                _log_line(position, f"trial {trial.number} {outcome.label}: {outcome.state}")

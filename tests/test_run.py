@@ -3,11 +3,15 @@ tmp_path."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
+import pty
 import re
 import shutil
+import struct
 import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -569,23 +573,39 @@ def test_a_search_trial_cut_short_is_not_reported_as_a_variant_left_untrained(tm
     assert study.cut_short(optuna_study, cfg) == ["trial 0 interrupted"]
 
 
+
 class _Terminal(io.StringIO):
+    """What is written, as a string; a pseudo-terminal of `columns` behind it, which tqdm asks for its width."""
+
+    def __init__(self, columns: int):
+        super().__init__()
+        self.pty = pty.openpty()
+        fcntl.ioctl(self.pty[1], termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
     def isatty(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self.pty[1]
 
-@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log file"])
-def test_progress_bars_on_a_terminal_and_a_line_per_trial_in_a_log_file(terminal, tmp_path, monkeypatch):
-    """In a log file (nohup, a scheduler's job log) each bar update would be a line of escape codes."""
+
+@pytest.mark.parametrize("stderr", ["terminal", "log file", "terminal of no width"])
+def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, monkeypatch):
+    """In a log file (nohup, a scheduler's job log) each bar update would be a line of escape codes; on a
+    terminal of no width (`docker run -t` without one) tqdm draws nothing."""
     monkeypatch.chdir(tmp_path)
-    err = _Terminal() if terminal else io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    assert run.main(["study=smoke", *shrink_args(tmp_path)]) == 0
-    text = err.getvalue()
-    lines = re.findall(r"^worker 0: trial (\d) (.+): (training \d+ epochs?|complete)$", text, re.MULTILINE)
-    if terminal:
+    err = {"terminal": lambda: _Terminal(100), "log file": io.StringIO, "terminal of no width": lambda: _Terminal(0)}
+    monkeypatch.setattr(sys, "stderr", err[stderr]())
+    monkeypatch.setattr(study._ProgressLines, "EVERY_S", 0)  # a line every epoch and IWAE batch, not a minute
+    assert run.main(["study=smoke", *shrink_args(tmp_path), "train.epochs=2"]) == 0
+    text = sys.stderr.getvalue()
+    lines = re.findall(r"^worker 0: trial (\d) [^:]+: (.+)$", text, re.MULTILINE)
+    if stderr == "terminal":
         assert "epoch/s" in text and "trial/s" in text and not lines
-    else:
-        assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
-        trials = [(n, what) for n, _, what in lines]
-        assert trials == [(n, what) for n in "0123" for what in ("training 1 epoch", "complete")], text
+        return
+    assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
+    for n in "0123":
+        said = [what for number, what in lines if number == n]
+        assert said[:3] == ["training 2 epochs", "epoch 1/2, val ELBO " + said[1].split()[-1], said[2]], said
+        assert re.fullmatch(r"epoch 2/2, val ELBO -[\d.]+", said[2]) and said[3].startswith("test IWAE-8 on ")
+        assert re.fullmatch(r"complete, val ELBO -[\d.]+, after \d+ s", said[-1]), said
