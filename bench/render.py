@@ -49,7 +49,7 @@ caption { caption-side: top; text-align: left; font-style: italic; padding-botto
 th, td { border: 1px solid #ccc; padding: 2px 6px; white-space: nowrap; text-align: left; background: #fff; }
 thead th { background: #eef; } tbody th { font-weight: normal; } tr:nth-child(even) > * { background: #f8f8f8; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody th[scope="row"] { position: sticky; left: 0; z-index: 1; }  /* the cells before it scroll under it */
+th[scope="row"], th.rowhead { position: sticky; left: 0; z-index: 1; box-shadow: inset -1px 0 #999; }
 .scroll { overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #ddd; } figure { margin: 1em 0; }
 """
@@ -69,15 +69,17 @@ def _html_table(caption: str, df) -> str:
     e = html.escape
     row_header = list(df.columns).index("family") if "family" in df.columns else 0
     numeric = [_is_numeric(df.iloc[:, i]) for i in range(df.shape[1])]
-    num = ' class="num"'
+
+    def classes(i: int, header: bool) -> str:  # the row header's column header stays in view with it
+        names = ["num"] * numeric[i] + ["rowhead"] * (header and i == row_header)
+        return f' class="{" ".join(names)}"' if names else ""
 
     def cell(i: int, value) -> str:
         text = NONE if value is None or str(value) in ("nan", "None") else str(value)
-        attrs = (' scope="row"' if i == row_header else "") + (num if numeric[i] else "")
-        tag = "th" if i == row_header else "td"
-        return f"<{tag}{attrs}>{e(text)}</{tag}>"
+        tag, scope = ("th", ' scope="row"') if i == row_header else ("td", "")
+        return f"<{tag}{scope}{classes(i, False)}>{e(text)}</{tag}>"
 
-    head = "".join(f'<th scope="col"{num if numeric[i] else ""}>{e(str(c))}</th>' for i, c in enumerate(df.columns))
+    head = "".join(f'<th scope="col"{classes(i, True)}>{e(str(c))}</th>' for i, c in enumerate(df.columns))
     body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>"
                    for row in df.itertuples(index=False))
     return (f"<div class=\"scroll\"><table><caption>{e(caption)}</caption><thead><tr>{head}</tr></thead>"

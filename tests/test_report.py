@@ -314,13 +314,18 @@ class _Images(HTMLParser):
             self.attrs = dict(attrs)
 
 
-# Scrolls each table wider than the window to its right end: is its rows' header (the family) still in view?
+# Scrolls each table wider than the window to its right end: are its rows' header (the family) and that
+# column's header still in view, and is the cell the browser draws at the header's place that header?
 _ROW_HEADERS_PROBE = """
 const wide = [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + 10);
 document.body.setAttribute('data-row-headers', wide.map(d => {
+  const head = d.querySelector('thead th.rowhead');
+  d.scrollIntoView({block: 'center'});
   d.scrollLeft = d.scrollWidth;
-  const box = d.getBoundingClientRect(), th = d.querySelector('tbody th[scope=row]').getBoundingClientRect();
-  return th.left >= box.left - 1 && th.right <= box.right + 1;
+  const box = d.getBoundingClientRect();
+  const seen = [d.querySelector('tbody th[scope=row]'), head].map(c => c.getBoundingClientRect());
+  const top = document.elementFromPoint(seen[1].left + 3, seen[1].top + 3);
+  return seen.every(r => r.left >= box.left - 1 && r.right <= box.right + 1) && top === head;
 }).join(','));
 """
 
