@@ -174,8 +174,8 @@ def _protocols(runs: pd.DataFrame) -> pd.DataFrame:
 STATISTICS = (
     "Each metric is the mean over the seeds of the row's completed trials ± the half-width of a 95 % "
     "confidence interval, mean ± t(0.975, n−1)·s/√n (no interval when n = 1; with few seeds it is wide, and "
-    "for a number that cannot be negative, such as the KL or an ESS, it may reach below 0: it bounds the "
-    "mean's uncertainty, not the values). Diverged, pruned and failed "
+    "for a number with a floor, such as the KL (0) or an ESS (1), it may reach below that floor: it bounds "
+    "the mean's uncertainty, not the values). Diverged, pruned and failed "
     "trials are counted (trials, divergence = diverged/trials) but do not enter the means; a trial cut short "
     "(failed, killed, interrupted) and then run again counts once, as its last attempt. Section 4 lists every "
     "attempt with its reason. ELBOs are higher-is-better; NLLs, bits/dim and KL lower-is-better. — marks a "
