@@ -134,36 +134,37 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
 def run(cfg: Config) -> bool:
     """Runs the study; returns False when a trial failed for a reason other than divergence, a worker
     died, or trials of the study have not ended (running in other processes, or still queued)."""
-    # Two commands started at once: the stores created once (two processes creating one SQLite file crash
-    # MLflow and Optuna), each variant enqueued once, one parent run.
-    with study.study_lock(cfg):
-        # A stop while MLflow or Optuna makes its schema in a new SQLite file (seconds) would leave the file
-        # half made, refused by every later command in the folder: it waits for the stores to be made.
-        new_file = any(path is not None and not path.exists() for path in
-                       (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
-        with stopping.stops_deferred() if new_file else contextlib.nullcontext():
-            experiment_id = tracking.setup(cfg)
-            optuna_study = study.open_study(cfg, create=not cfg.study.worker)
-        if not cfg.study.worker:
-            stale = study.fail_stale(optuna_study, experiment_id)
-            queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
-            to_run = [config.counted(queued, "variant")] if queued or not cfg.study.search_space else []
-            if cfg.study.search_space:
-                to_run.append(config.counted(study.search_trials_left(optuna_study, cfg), "search trial"))
-            print(f"study {optuna_study.study_name}: {' and '.join(to_run)} to run"
-                  + (f" ({again} ended as diverged by a rule this vaebench no longer applies: a learned scale "
-                     "that dipped on dequantized pixels)" if again else "")
-                  + (f", {taken} taken from their finished MLflow runs" if taken else "")
-                  + (f", {config.counted(stale, 'stale trial')} of dead workers marked failed" if stale else ""))
-        # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time
-        idle = (not cfg.study.worker and not study.not_ended(optuna_study)
-                and not study.search_trials_left(optuna_study, cfg))
-        parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg, resume=not idle)
-    if idle:  # one just made, left RUNNING by a killed command, or FAILED by workers that died after the last trial
-        tracking.end_parent(parent_id, "FINISHED", unless_already=True)
-        return True
-    ok, workers = True, []
+    ok, workers, parent_id, idle = True, [], None, False
     try:
+        # Two commands started at once: the stores created once (two processes creating one SQLite file crash
+        # MLflow and Optuna), each variant enqueued once, one parent run.
+        with study.study_lock(cfg):
+            # A stop while MLflow or Optuna makes its schema in a new SQLite file (seconds) would leave the file
+            # half made, refused by every later command in the folder: it waits for the stores to be made.
+            new_file = any(path is not None and not path.exists() for path in
+                           (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
+            with stopping.stops_deferred() if new_file else contextlib.nullcontext():
+                experiment_id = tracking.setup(cfg)
+                optuna_study = study.open_study(cfg, create=not cfg.study.worker)
+            if not cfg.study.worker:
+                stale = study.fail_stale(optuna_study, experiment_id)
+                queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
+                to_run = [config.counted(queued, "variant")] if queued or not cfg.study.search_space else []
+                if cfg.study.search_space:
+                    to_run.append(config.counted(study.search_trials_left(optuna_study, cfg), "search trial"))
+                print(f"study {optuna_study.study_name}: {' and '.join(to_run)} to run"
+                      + (f" ({again} ended as diverged by a rule this vaebench no longer applies: a learned scale "
+                         "that dipped on dequantized pixels)" if again else "")
+                      + (f", {taken} taken from their finished MLflow runs" if taken else "")
+                      + (f", {config.counted(stale, 'stale trial')} of dead workers marked failed" if stale else ""))
+            # nothing queued, running or left to search: the parent run is not reopened, so keeps its end time
+            idle = (not cfg.study.worker and not study.not_ended(optuna_study)
+                    and not study.search_trials_left(optuna_study, cfg))
+            with stopping.stops_deferred():  # a stop while it is made or reopened is raised once parent_id is set
+                parent_id = tracking.parent_run(experiment_id, optuna_study.study_name, cfg, resume=not idle)
+        if idle:  # one just made, left RUNNING by a killed command, or FAILED by workers that died after the last trial
+            tracking.end_parent(parent_id, "FINISHED", unless_already=True)
+            return True
         if cfg.study.n_workers == 1:
             ok = not any(o.state == states.FAILED for o in study.work(cfg, parent_id, experiment_id))
         else:
@@ -211,7 +212,8 @@ def run(cfg: Config) -> bool:
             for w in workers:
                 if w.pid is not None:  # not one the stop came before it started
                     w.join()
-            tracking.end_parent(parent_id, "KILLED")
+            if parent_id is not None:  # none yet: a stop before the study's parent run was made or found
+                tracking.end_parent(parent_id, "FINISHED" if idle else "KILLED", unless_already=idle)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -927,6 +927,32 @@ def test_ctrl_c_while_a_new_store_is_made_waits_for_it(call, tmp_path, monkeypat
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and len(runs) == 3
 
 
+def test_ctrl_c_while_the_studys_parent_run_is_made_ends_it_killed(tmp_path, monkeypatch, capsys):
+    """The parent run is made before any trial (its config logged as an artifact): a stop then left it
+    RUNNING in the MLflow UI until the next command."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real = MlflowClient.log_artifact
+
+    def interrupted(self, *a, **kw):  # SIGINT while the parent run's config is uploaded
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_artifact", interrupted)
+        assert run.main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    cfg = config.load(args)
+    mlflow.set_tracking_uri(config.tracking_uri(cfg))
+    parents = mlflow.search_runs(experiment_names=[cfg.study.name])
+    assert list(parents.status) == ["KILLED"]
+    assert run.main(args) == 0  # the same command finds it again
+    trials, runs = _state(tmp_path, args)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and len(runs) == 3
+
+
 def test_a_half_made_tracking_store_is_named_as_mlflows_with_what_to_do(tmp_path, monkeypatch, capsys):
     """One cut short before the fix above, or by a SIGKILL: the error names MLflow's store, not Optuna's
     storage, and says it can be deleted when it holds no runs."""
