@@ -26,6 +26,7 @@ _check_models_package()
 
 
 def _interrupted_while_starting(signum: int, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while half-imported torch shuts down
     sys.stderr.write("\ninterrupted: nothing was written\n")
     raise SystemExit(128 + signum)
 

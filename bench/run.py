@@ -224,8 +224,12 @@ def _worker(cfg: Config, parent_id: str, experiment_id: str, position: int, main
     # Out of the terminal's process group: a Ctrl-C reaches the main process only, which passes it on
     # once (a second SIGINT would interrupt a worker while it records the first).
     os.setpgrp()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # the command started as a shell script's `cmd &`
+        # A Ctrl-C at the terminal while this process started (in its process group, the stops held) was
+        # not for it: Linux keeps a held signal pending though ignored; let through now, it is dropped.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     # Only the main process sends it SIGINT (a Ctrl-C passed on), which must raise here even where the
-    # command started with SIGINT ignored (a shell script's `cmd &`), as spawned workers inherit.
+    # command started with SIGINT ignored, as spawned workers inherit.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _interrupt_when_orphaned(main_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.study.n_workers))
