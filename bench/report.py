@@ -276,6 +276,7 @@ def _worse_than_uniform(block: pd.DataFrame, keys: list[str], scale: str) -> str
     worse = block[block.test_bpd > uniform] if uniform else block.iloc[:0]
     if worse.empty:
         return ""
+
     def named(r) -> str:  # a dequantized density's bound is not the 8-bit pmf itself, which its measure tells
         bound = ", a dequantization bound" if r.measure != r.scale else ""
         return f"{_row_name(r, keys)} ({format_mean(r.test_bpd, r.test_bpd_ci)} bits/dim{bound})"

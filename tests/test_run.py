@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import io
 import math
+import os
 import pty
 import re
 import shutil
@@ -588,14 +589,21 @@ class _Terminal(io.StringIO):
     def fileno(self) -> int:
         return self.pty[1]
 
+    def close(self) -> None:
+        for fd in self.pty:
+            os.close(fd)
+        super().close()
+
 
 @pytest.mark.parametrize("stderr", ["terminal", "log file", "terminal of no width"])
-def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, monkeypatch):
+def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, monkeypatch, request):
     """In a log file (nohup, a scheduler's job log) each bar update would be a line of escape codes; on a
     terminal of no width (`docker run -t` without one) tqdm draws nothing."""
     monkeypatch.chdir(tmp_path)
     err = {"terminal": lambda: _Terminal(100), "log file": io.StringIO, "terminal of no width": lambda: _Terminal(0)}
-    monkeypatch.setattr(sys, "stderr", err[stderr]())
+    stream = err[stderr]()
+    request.addfinalizer(stream.close)
+    monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.setattr(study._ProgressLines, "EVERY_S", 0)  # a line every epoch and IWAE batch, not a minute
     assert run.main(["study=smoke", *shrink_args(tmp_path), "train.epochs=2"]) == 0
     text = sys.stderr.getvalue()
