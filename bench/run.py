@@ -26,6 +26,7 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,10 +123,13 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
     except BaseException:
         _end_runs_left_open()
         raise
-    print(table.drop(columns="run id").to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
+    print(_printed(table).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
           if len(table) else "no trials")
-    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}); Optuna: "
-                       f"{study.storage_url(cfg)}"))
+    url = tracking.experiment_url(cfg)
+    relative = any(path is not None and not path.is_absolute() for path in
+                   (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
+    print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}{', ' + url if url else ''}); "
+                        f"Optuna: {study.storage_url(cfg)}" + (f" (in {Path.cwd()})" if relative else "")))
     if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
         ok = _report(argv) and ok
     return table, ok
@@ -149,7 +153,9 @@ def run(cfg: Config) -> bool:
             if not cfg.study.worker:
                 stale = study.fail_stale(optuna_study, experiment_id)
                 queued, taken, again = study.enqueue_missing(optuna_study, cfg, experiment_id)
-                to_run = [config.counted(queued, "variant")] if queued or not cfg.study.search_space else []
+                of_all = len(study.variants(cfg))
+                to_run = ([f"{queued} of the {of_all} variants" if 0 < queued < of_all else config.counted(queued, "variant")]
+                          if queued or not cfg.study.search_space else [])
                 if cfg.study.search_space:
                     to_run.append(config.counted(study.search_trials_left(optuna_study, cfg), "search trial"))
                 print(f"study {optuna_study.study_name}: {' and '.join(to_run)} to run"
@@ -282,23 +288,40 @@ def summary(cfg: Config) -> pd.DataFrame:
     """One row per trial of the study: variant, state, validation ELBO and the scale it is on, samples/s
     (the median epoch's, as in the report), and its MLflow run's id (not printed: too wide). A
     trial whose ELBO is not a likelihood of the data has it under "objective", never beside the likelihoods
-    (as in the report)."""
-    rows = []
-    for t in study.open_study(cfg, create=False).get_trials(deepcopy=False):
+    (as in the report). An attempt cut short has the trial that trained its variant again under "trained
+    again by"."""
+    rows, last_attempt = [], {}
+    for t in study.open_study(cfg, create=False).get_trials(deepcopy=False):  # in trial order
         if study.VARIANT not in t.user_attrs:
             continue
+        variant = study.variant_label(json.loads(t.user_attrs[study.VARIANT]))
+        if not study.is_search(t):  # a search may draw one point twice: two trials, not two attempts
+            last_attempt[variant] = t.number
         val, likelihood = t.user_attrs.get("val_elbo"), t.user_attrs.get(study.COMPARABLE, True)
-        rows.append({"trial": t.number, "variant": study.variant_label(json.loads(t.user_attrs[study.VARIANT])),
+        rows.append({"trial": t.number, "variant": variant,
                      "state": t.user_attrs.get(study.STATUS, t.state.name.lower()),
                      "val ELBO": val if likelihood else math.nan, "on": t.user_attrs.get(study.SCALE) or "",
                      "objective": math.nan if likelihood else val,
                      "samples/s (median epoch)": t.user_attrs.get("samples_per_s"),
-                     "reason": t.user_attrs.get(study.REASON, "")[:60], "run id": t.user_attrs.get(study.RUN_ID, "")})
-    table = pd.DataFrame(rows)
+                     "reason": t.user_attrs.get(study.REASON, ""),
+                     "run id": t.user_attrs.get(study.RUN_ID, "")})
+    for row in rows:  # an attempt cut short and trained again counts once, as in the report
+        again = last_attempt.get(row["variant"], row["trial"])
+        row["trained again by"] = again if again != row["trial"] else None
+    table = pd.DataFrame(rows).astype({"trained again by": "Int64"}) if rows else pd.DataFrame()
     for empty, columns in (("objective", ["objective"]), ("val ELBO", ["val ELBO", "on"])):  # none has one
         if len(table) and table[empty].isna().all():
             table = table.drop(columns=columns)
     return table
+
+
+def _printed(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary as the console shows it: no run ids and reasons cut at a word (too wide), and an attempt
+    cut short as, e.g., "interrupted → 7", the trial that trained its variant again."""
+    again = table["trained again by"]
+    state = table.state.where(again.isna(), table.state + " → " + again.astype(str))
+    reason = table.reason.map(lambda text: textwrap.shorten(text, 60, placeholder=" …"))
+    return table.assign(state=state, reason=reason).drop(columns=["run id", "trained again by"])
 
 
 def _report(argv: list[str]) -> bool:
@@ -374,4 +397,10 @@ def _end_runs_left_open() -> None:
 
 if __name__ == "__main__":
     bench.command_starts()
+    # In a log file (nohup, a scheduler's job log) the study's header and its "N variants to run" come as
+    # they are printed, before the trials' progress lines (stderr), not when the command ends, or never
+    # (a killed job); MLflow's two "View run" lines per run on a tracking server give way to the summary's
+    # one link to the experiment.
+    sys.stdout.reconfigure(line_buffering=True)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     sys.exit(main())

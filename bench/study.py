@@ -29,6 +29,7 @@ import random
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +146,13 @@ class _TrialsOfOneKind:
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
         return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-                if _is_search(t) == self._search]
+                if is_search(t) == self._search]
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list:
         return self._get_trials(deepcopy=deepcopy, states=states)
 
 
-def _is_search(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
+def is_search(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
     return trial.user_attrs.get(KIND) == "search"
 
 
@@ -162,7 +163,7 @@ class _AmongItsKind(optuna.samplers.BaseSampler, optuna.pruners.BasePruner):
         self.inner = inner
 
     def _view(self, study: optuna.Study, trial) -> _TrialsOfOneKind:
-        return _TrialsOfOneKind(study, _is_search(trial))
+        return _TrialsOfOneKind(study, is_search(trial))
 
     def infer_relative_search_space(self, study, trial):
         return self.inner.infer_relative_search_space(self._view(study, trial), trial)
@@ -211,7 +212,7 @@ def diverged_by_a_retired_rule(reason: str, comparable: bool) -> bool:
 
 def _retired(trial: optuna.trial.FrozenTrial) -> bool:
     """A grid variant's trial diverged by a retired rule (see diverged_by_a_retired_rule)."""
-    return (trial.user_attrs.get(STATUS) == states.DIVERGED and not _is_search(trial)
+    return (trial.user_attrs.get(STATUS) == states.DIVERGED and not is_search(trial)
             and diverged_by_a_retired_rule(trial.user_attrs.get(REASON, ""), trial.user_attrs.get(COMPARABLE, False)))
 
 
@@ -472,7 +473,7 @@ def _claim(study: optuna.Study, cfg: Config) -> optuna.Trial | None:
 
 def search_trials_left(study: optuna.Study, cfg: Config) -> int:
     searched = [t for t in study.get_trials(deepcopy=False)
-                if _is_search(t) and _claimed_or_settled(t)]
+                if is_search(t) and _claimed_or_settled(t)]
     return max(0, cfg.study.n_trials - len(searched))
 
 
@@ -523,9 +524,14 @@ def bars_shown() -> bool:
         return False
 
 
+TRAINED_AGAIN = "trained again when the command is re-run"
+
+
 class _ProgressLines:
-    """A trial's progress where no bar is shown: a line as it starts, at most one a minute while it trains
-    or evaluates, and one as it ends, with its last validation value and how long it took."""
+    """A trial's progress where no bar is shown: a line as it starts, with how many variants are queued
+    after it, at most one a minute while it trains or evaluates, and one as it ends, with why it diverged or
+    was pruned, its last validation value and how long it took. Each line starts with the time of day: a
+    log read later, or one that has gone quiet, tells when."""
     EVERY_S = 60
 
     def __init__(self, shown: bool, position: int, number: int, label: str):
@@ -535,7 +541,7 @@ class _ProgressLines:
     def say(self, text: str, now: bool = False) -> None:
         t = time.monotonic()
         if not self.shown and (now or t - self.last >= self.EVERY_S):
-            print(f"{self.prefix}: {text}", file=sys.stderr, flush=True)
+            print(f"{time.strftime('%H:%M:%S')} {self.prefix}: {text}", file=sys.stderr, flush=True)
             self.last = t
 
     def took(self) -> str:
@@ -603,11 +609,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
               cache: _DataCache, position: int = 0) -> TrialOutcome:
     epoch_log: tracking.EpochLog | None = None
     cfg = base  # the trial's own once its params are known
+    lines: _ProgressLines | None = None
     try:  # loading the data can take seconds: a Ctrl-C here is an interruption too, not a dead worker
         with stops_deferred():  # storage writes: the trial's params
             params = trial_params(trial, base)
         cfg = config.apply(base, params)
         label = variant_label(params)
+        shown = bars_shown()
+        lines = _ProgressLines(shown, position, trial.number, label)
+        if not shown:  # a storage read
+            lines.say(f"training {config.counted(cfg.train.epochs, 'epoch')} ({_left(study, base)})", now=True)
         data = cache.get(cfg)
         lik = config.likelihood_of(cfg)
         measure = data.measure(lik)
@@ -628,16 +639,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         if stop is None:
             raise
         _interrupted(study, trial, epoch_log, cfg, base, stop)  # ends the run, once there is one
+        if lines is not None:
+            lines.say(f"cut short before its first epoch ({stopping.reason(stop)}); {TRAINED_AGAIN}", now=True)
         raise stop from (None if stop is error else error)
     beat = _Heartbeat(trial)
-    shown = bars_shown()
-    lines = _ProgressLines(shown, position, trial.number, label)
-    lines.say(f"training {config.counted(cfg.train.epochs, 'epoch')}", now=True)
     epochs = tqdm(total=cfg.train.epochs, desc=label, unit="epoch", leave=False, position=position + 1,
                   disable=not shown)
     value_name = "ELBO" if measure.comparable else "objective (not a likelihood)"
     # under `auto`, only search trials are pruned and compared: grid variants (on any data) must all finish
-    prunable = base.study.pruner == "median" or _is_search(trial)
+    prunable = base.study.pruner == "median" or is_search(trial)
 
     history: list[dict[str, float]] = []  # each epoch's metrics, also a pruned trial's
 
@@ -665,10 +675,17 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         if evaluating is None:  # in the epochs' place
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
                               position=position + 1, disable=not shown)
-            lines.say(f"test IWAE-{cfg.eval.iwae_k} on {config.counted(total, 'image')}", now=True)
+            lines.say(f"test IWAE-{cfg.eval.iwae_k} on {config.counted(total, 'image')}"
+                      + (" (of the model as it diverged)" if result.status == states.DIVERGED else ""), now=True)
         evaluating.update(done - evaluating.n)
         lines.say(f"test IWAE-{cfg.eval.iwae_k}: {done}/{total} images")
         beat()
+
+    def cut_short(stop: KeyboardInterrupt) -> None:
+        _interrupted(study, trial, epoch_log, cfg, base, stop)
+        where = ("the test evaluation" if evaluating is not None
+                 else f"epoch {min(len(history) + 1, cfg.train.epochs)}/{cfg.train.epochs}")
+        lines.say(f"cut short in {where} ({stopping.reason(stop)}); {TRAINED_AGAIN}", now=True)
 
     result = None
     try:
@@ -685,15 +702,17 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
     except optuna.TrialPruned as e:
         state, reason, final = states.PRUNED, str(e), {}
     except KeyboardInterrupt as stop:
-        _interrupted(study, trial, epoch_log, cfg, base, stop)
+        cut_short(stop)
         raise
     except STORAGE_ERRORS:  # not the variant's failure: the next command trains it again
         raise
     except Exception as e:  # the study goes on (but for a stop); the run and trial keep the reason
         if (stop := stopping.stopped_by(e)) is not None:
-            _interrupted(study, trial, epoch_log, cfg, base, stop)
+            cut_short(stop)
             raise stop from e
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
+        # the reason is one line in MLflow and the summary; where it was raised, for a bug report, is here
+        tqdm.write(f"worker {position}: trial {trial.number} {label} failed:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
         epochs.close()
         if evaluating is not None:
@@ -703,9 +722,22 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         with study_lock(base):  # not while a command marks this trial killed
             speed = {"samples_per_s": median_epoch([epoch["samples_per_s"] for epoch in history])}
             _record(study, trial, state, reason, {**history[-1], **speed} if history else {})
+    ended = state
+    if state == states.DIVERGED:
+        ended += (f" in epoch {len(history)}/{cfg.train.epochs}" if result.status == states.DIVERGED
+                  else " in the test evaluation")
+    ended += f" ({reason})" if reason else ""
     last = f", val {value_name} {history[-1]['val_elbo']:.2f}" if history else ""
-    lines.say(f"{state}{last}, after {lines.took()}", now=True)
+    lines.say(f"{ended}{last}, after {lines.took()}", now=True)
     return TrialOutcome(label, state)
+
+
+def _left(study: optuna.Study, cfg: Config) -> str:
+    """What is left of the study besides the trials now running, as a log's reader asks: how far along."""
+    left = [config.counted(len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), "more variant")]
+    if cfg.study.search_space:
+        left.append(config.counted(search_trials_left(study, cfg), "search trial"))
+    return f"{' and '.join(left)} to start"
 
 
 def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:

@@ -202,6 +202,15 @@ def setup(cfg: Config) -> str:
         raise MlflowException(f"its database could not be read or set up ({config.first_line(e)}){hint}") from e
 
 
+def experiment_url(cfg: Config) -> str:
+    """The study's experiment in a tracking server's UI ("" for a store without one: a database, a folder)."""
+    uri = config.tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    experiment = mlflow.get_experiment_by_name(cfg.study.name)
+    return f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}" if experiment else ""
+
+
 def use_store(uri: str) -> None:
     """Points MLflow's client at `uri`, leaving the environment as it was: MLflow's own call also sets
     $MLFLOW_TRACKING_URI, which a later study in the same process (a notebook's next cell) would take for

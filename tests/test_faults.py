@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,23 +98,33 @@ SIGINT_IGNORED = pytest.param(signal.SIG_IGN, id="SIGINT ignored")  # as a shell
     # timeout, docker stop, a scheduler; also where the command started with SIGINT ignored
     pytest.param(signal.SIGTERM, signal.default_int_handler, 143, "terminated (SIGTERM)", id="SIGTERM"),
     pytest.param(signal.SIGTERM, signal.SIG_IGN, 143, "terminated (SIGTERM)", id="SIGTERM, SIGINT ignored")])
-def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(sent, sigint, code, said, tmp_path, monkeypatch):
+def test_ctrl_c_stops_cleanly_then_the_same_command_resumes(sent, sigint, code, said, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = seed_study_args(tmp_path)
-    proc = start_and_catch_second_trial(args, tmp_path, sigint=sigint)
+    # a job's log (stdout and stderr to one file), where Python buffers stdout unless told otherwise
+    job_env = {k: v for k, v in ONE_THREAD_ENV.items() if k != "PYTHONUNBUFFERED"}
+    proc = start_and_catch_second_trial(args, tmp_path, env=job_env, sigint=sigint)
     proc.send_signal(sent)
     assert proc.wait(timeout=120) == code, (tmp_path / "run.log").read_text()[-4000:]  # once (CI): 0, the signal lost
     log = (tmp_path / "run.log").read_text()
     assert f"{said}: finished trials are kept; re-run the same command to resume" in log and "Traceback" not in log
     before, runs = _state(tmp_path, args)
     assert before[1].state == TrialState.FAIL and before[1].user_attrs["status"] == "interrupted"
-    assert before[1].user_attrs["reason"] == ("terminated (SIGTERM)" if sent == signal.SIGTERM
-                                              else "interrupted by the user (SIGINT)")
+    reason = "terminated (SIGTERM)" if sent == signal.SIGTERM else "interrupted by the user (SIGINT)"
+    assert before[1].user_attrs["reason"] == reason
+    # the log says what runs, as it runs (the header before the first trial), and what the stop cut short
+    assert re.search(r"^study \S+: 3 variants to run$", log, re.MULTILINE).start() < log.index("worker 0: trial 0 "), log
+    cut = rf"cut short (in epoch \d+/60|before its first epoch) \({re.escape(reason)}\); trained again when the command"
+    assert re.search(rf"^\d\d:\d\d:\d\d worker 0: trial 1 name=bernoulli seed=1: {cut} is re-run$", log, re.MULTILINE), log
     child = runs.loc[before[1].user_attrs["mlflow_run_id"]]
     assert child["status"] == "KILLED" and child["tags.state"] == "interrupted"
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
 
+    capsys.readouterr()
     assert run.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^study \S+: 2 of the 3 variants to run$", out, re.MULTILINE), out
+    assert re.search(r"^ +1 +name=bernoulli seed=1 +interrupted → 3 ", out, re.MULTILINE), out  # the summary: trained again as trial 3
     _assert_resumed(tmp_path, args, before, gone="KILLED")
     # the report counts each variant once, as its last attempt, and still lists the interrupted one
     data = report_data.load(args)

@@ -108,6 +108,9 @@ def test_after_a_lost_store_the_same_process_resumes_the_study(in_tmp, monkeypat
     assert mlflow.active_run() is None
     table = run.run_study(args)
     assert sorted(table.state) == ["complete"] * len(SEEDS) + ["killed"]
+    killed = table[table.state == "killed"]  # and the trial that trained its variant again
+    assert killed["trained again by"].item() == table.trial.max()
+    assert table["trained again by"].isna().sum() == len(SEEDS)
     assert sorted(table[table.state == "complete"].variant) == [f"name=bernoulli seed={s}" for s in SEEDS]
 
 

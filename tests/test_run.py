@@ -291,7 +291,7 @@ def test_a_variant_that_diverged_by_the_retired_scale_collapse_rule_is_trained_a
         (tmp_path / "optuna.db").unlink()
     capsys.readouterr()
     assert run.main(args) == 0
-    assert ("1 variant to run (1 ended as diverged by a rule this vaebench no longer applies: a learned scale that "
+    assert ("1 of the 2 variants to run (1 ended as diverged by a rule this vaebench no longer applies: a learned scale that "
             "dipped on dequantized pixels)" + (", 1 taken from their finished MLflow runs" if storage == "lost" else "")
             ) in capsys.readouterr().out
     trials = _optuna(tmp_path, args).get_trials()
@@ -607,13 +607,42 @@ def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, m
     monkeypatch.setattr(study._ProgressLines, "EVERY_S", 0)  # a line every epoch and IWAE batch, not a minute
     assert run.main(["study=smoke", *shrink_args(tmp_path), "train.epochs=2"]) == 0
     text = sys.stderr.getvalue()
-    lines = re.findall(r"^worker 0: trial (\d) [^:]+: (.+)$", text, re.MULTILINE)
+    lines = re.findall(r"^\d\d:\d\d:\d\d worker 0: trial (\d) [^:]+: (.+)$", text, re.MULTILINE)
     if stderr == "terminal":
         assert "epoch/s" in text and "trial/s" in text and not lines
         return
     assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
-    for n in "0123":
+    for n, queued in zip("0123", ["3 more variants", "2 more variants", "1 more variant", "0 more variants"]):
         said = [what for number, what in lines if number == n]
-        assert said[:3] == ["training 2 epochs", "epoch 1/2, val ELBO " + said[1].split()[-1], said[2]], said
+        assert said[:3] == [f"training 2 epochs ({queued} to start)", "epoch 1/2, val ELBO " + said[1].split()[-1],
+                            said[2]], said
         assert re.fullmatch(r"epoch 2/2, val ELBO -[\d.]+", said[2]) and said[3].startswith("test IWAE-8 on ")
         assert re.fullmatch(r"complete, val ELBO -[\d.]+, after \d+ s", said[-1]), said
+
+
+def test_a_log_says_why_a_trial_diverged_or_failed(tmp_path, monkeypatch, capsys):
+    """Where the progress is lines (a job's log), a trial's last line gives the reason and, for a divergence,
+    the epoch; a trial that failed leaves its traceback, which its one-line reason in MLflow lacks."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ends.yaml"  # gaussian_learned's σ (near 1 at the start) is below 2 in epoch 1
+    path.write_text("study:\n  grids:\n    - likelihood.name: [bernoulli, gaussian_learned]\n"
+                    "data:\n  binarize: static\ntrain:\n  scale_collapse: 2.0\n")
+    real_train = study.train
+
+    def bernoulli_fails(cfg, *args):
+        if cfg.likelihood.name == "bernoulli":
+            raise RuntimeError("a bug in a likelihood")
+        return real_train(cfg, *args)
+
+    monkeypatch.setattr(study, "train", bernoulli_fails)
+    assert run.main([f"study={path}", *shrink_args(tmp_path), "train.epochs=2"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"^\d\d:\d\d:\d\d worker 0: trial 0 name=bernoulli seed=0: failed \(RuntimeError: a bug in a "
+                     r"likelihood\), after \d+ s$", err, re.MULTILINE), err
+    assert re.search(r"trial 0 name=bernoulli seed=0 failed:\nTraceback \(most recent call last\):\n(.+\n)+"
+                     r"RuntimeError: a bug in a likelihood\n", err), err
+    assert re.search(r"trial 1 name=gaussian_learned seed=0: test IWAE-8 on 20 images \(of the model as it diverged\)$",
+                     err, re.MULTILINE), err
+    assert re.search(r"trial 1 name=gaussian_learned seed=0: diverged in epoch 1/2 \(learned scale collapsed to "
+                     r"\S+ < \S+ \(train\.scale_collapse=2 .+\), val objective \(not a likelihood\) -?[\d.]+, after \d+ s$",
+                     err, re.MULTILINE), err

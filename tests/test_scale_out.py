@@ -90,12 +90,14 @@ def test_four_workers_on_postgresql(postgres, tmp_path, monkeypatch, capfd):
 
 
 @pytest.mark.postgres
-def test_tracking_server_backed_by_postgresql(postgres, server_backend, tmp_path, monkeypatch):
+def test_tracking_server_backed_by_postgresql(postgres, server_backend, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with mlflow_server(server_backend, tmp_path / "served", tmp_path / "server.log") as url:
         args = [*SMOKE[:1], *shrink_args(tmp_path), *SMOKE[1:], f"tracking.uri={url}",
                 f"study.storage={postgres.database('optuna_server')}"]
         assert run.main(args) == 0
+        experiment = mlflow.get_experiment_by_name("smoke").experiment_id
+        assert f"MLflow: {url} (experiment 'smoke', {url}/#/experiments/{experiment}); Optuna: " in capsys.readouterr().out
         children = _assert_every_variant_once(args)
         run_id = children["run_id"].iloc[0]
         served = {a.path for a in MlflowClient().list_artifacts(run_id)}
@@ -116,7 +118,9 @@ def test_tracking_server_lost_mid_study_loses_no_finished_work(server_backend, t
         proc = start_and_catch_second_trial(args, tmp_path, env)
     # the hang guard: with MLflow's own retry settings this took 13 minutes (see the next test)
     assert proc.wait(timeout=300) == 1, (tmp_path / "run.log").read_text()
-    assert "MLflow tracking failed" in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    # nor MLflow's two "View run" lines for trial 0's run: the command's summary links the experiment once
+    assert "MLflow tracking failed" in log and "View run" not in log and "View experiment" not in log, log
     cfg = config.load(args)
     trials = optuna.load_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg)).get_trials()
     assert trials[0].state == TrialState.COMPLETE
