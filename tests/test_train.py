@@ -169,6 +169,77 @@ def test_final_metrics_put_the_iwae_estimates_on_the_runs_measure(short_runs, mo
     assert out["test_bpd"] == pytest.approx(out["test_iwae_nll"] / (d * math.log(2)), rel=1e-12)
 
 
+def test_the_test_elbo_and_reconstruction_are_on_the_runs_measure(short_runs):
+    """A density on dequantized pixels: its test ELBO beside the 8-bit pmfs' only with −D·log 256."""
+    cfg, result = short_runs("gaussian")
+    out = train.final_metrics(result, cfg)
+    on_density = train.evaluate(result.model, result.data.test, result.data.transform(
+        result.model.likelihood.family, train=False), seed=cfg.data.seed)
+    offset = result.data.dim * math.log(256)
+    assert out["test_elbo"] == pytest.approx(on_density["elbo"] - offset, rel=1e-6)
+    assert out["test_recon"] == pytest.approx(on_density["recon"] - offset, rel=1e-6)
+
+
+def test_the_anomaly_rates_are_of_the_inputs_they_name(short_runs):
+    """Detection: noise images above the alarm (the training KLs' 99th percentile); false alarms: test
+    images above it. Recomputed from the same seeded draws as final_metrics."""
+    cfg, result = short_runs("gaussian")
+    model, data, seed = result.model, result.data, cfg.data.seed
+    out = train.final_metrics(result, cfg)
+    eval_tf, train_tf = (data.transform(model.likelihood.family, train=t) for t in (False, True))
+    with torch.no_grad(), torch.random.fork_rng():
+        x_test = torch.cat(list(train.eval_inputs(data.test, eval_tf, train._Streams(data.test.device, seed))))
+        torch.manual_seed(seed + 2)
+        noise = eval_tf(torch.randint(0, 256, data.test.shape, dtype=torch.uint8))
+        torch.manual_seed(seed + 3)
+        alarm = gaussian_kl(*model.encode(train_tf(data.train))).quantile(0.99)
+        flagged_noise = (gaussian_kl(*model.encode(noise)) > alarm).float().mean().item()
+        flagged_test = (gaussian_kl(*model.encode(x_test)) > alarm).float().mean().item()
+    assert out["anomaly_detection_rate"] == pytest.approx(flagged_noise)
+    assert out["anomaly_false_alarm_rate"] == pytest.approx(flagged_test)
+
+
+def test_final_metrics_count_the_active_units_by_their_posterior_means(short_runs, monkeypatch):
+    """Units 0 and 1 have a mean that follows the image, the others a constant one; every log-variance
+    varies: 2 active units (Burda et al. 2016, section 5.2)."""
+    cfg, result = short_runs("gaussian")
+    z = cfg.model.latent_dim
+    varies = torch.tensor([1.0, 1.0] + [0.0] * (z - 2))
+    monkeypatch.setattr(result.model, "encode", lambda x: (x[:, 28:28 + z] * varies, 10 * x[:, 28:28 + z] - 5))
+    assert train.final_metrics(result, cfg)["active_units"] == 2
+
+
+def _recon_one_kl_zero(x):
+    return ElboTerms(torch.ones(x.shape[:-1]), torch.zeros(x.shape[:-1]), None)
+
+
+def test_the_epoch_mean_counts_the_short_last_batch():
+    """200 images in batches of 128: a mean over 256 (two full batches) or 128 would not be 1."""
+    cfg = make_cfg("likelihood.name=bernoulli", "data.binarize=static", "train.batch_size=128")
+    x = torch.zeros(200, 64, dtype=torch.uint8)
+    metrics = train.train_epoch(train.build(cfg, 64), _recon_one_kl_zero, x, lambda k: k.float(), cfg)
+    assert metrics["train_recon"] == 1.0 and metrics["train_elbo"] == 1.0
+
+
+def test_an_evaluation_over_several_batches_is_the_splits_mean(monkeypatch):
+    """Batches of 100, 100 and 50 images: the mean over the 250, not over a batch, nor of the batches' means."""
+    cfg = make_cfg("likelihood.name=bernoulli", "data.binarize=static")
+    x = (torch.arange(250 * 64) % 2).view(250, 64).to(torch.uint8)
+    x[:, 0] = torch.arange(250) % 2  # images of different sums
+    monkeypatch.setattr(train, "EVAL_BATCH", 100)
+    monkeypatch.setattr(train, "elbo_terms", lambda model, x: ElboTerms(x.sum(1), torch.zeros(len(x)), None))
+    out = train.evaluate(train.build(cfg, 64), x, lambda k: k.float(), seed=0)
+    assert out["recon"] == pytest.approx(x.float().sum(1).mean().item(), rel=1e-6)
+
+
+def test_each_stacked_variant_keeps_its_own_largest_log_p():
+    """The divergence check of each variant reads its own images' largest log p(x|z)."""
+    recon = torch.tensor([[-5.0, -7.0], [-1.0, -2.0]])  # (N = 2 variants, B = 2 images)
+    rows, _ = train.run_steps(lambda x: ElboTerms(recon, torch.zeros_like(recon), None), [torch.zeros(2, 2, 3)],
+                              lambda b: b)
+    assert [row[2] for row in rows] == [-5.0, -1.0]
+
+
 @pytest.mark.parametrize("name", ["bernoulli-dynamic", "gaussian"])  # dequantization noise: gaussian
 def test_the_iwae_batching_changes_only_the_iwae_samples(short_runs, name):
     # every other draw has a seed of its own: the same noise images, dequantization and training
