@@ -529,9 +529,9 @@ TRAINED_AGAIN = "trained again when the command is re-run"
 
 class _ProgressLines:
     """A trial's progress where no bar is shown: a line as it starts, with how many variants are queued
-    after it, at most one a minute while it trains or evaluates, and one as it ends, with why it diverged or
-    was pruned, its last validation value and how long it took. Each line starts with the time of day: a
-    log read later, or one that has gone quiet, tells when."""
+    after it, at most one a minute while it trains or evaluates, and one as it ends, with why it diverged,
+    was pruned, failed or was cut short, its last validation value and how long it took. Each line starts
+    with the time of day: a log read later, or one that has gone quiet, tells when."""
     EVERY_S = 60
 
     def __init__(self, shown: bool, position: int, number: int, label: str):
