@@ -126,13 +126,18 @@ def execute(cfg: Config, argv: list[str]) -> tuple[pd.DataFrame, bool]:
     print(_printed(table).to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="—")
           if len(table) else "no trials")
     url = tracking.experiment_url(cfg)
-    relative = any(path is not None and not path.is_absolute() for path in
-                   (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
+    relative = any(not path.is_absolute() for path in _sqlite_files(cfg))
     print(config.redact(f"MLflow: {config.tracking_uri(cfg)} (experiment {cfg.study.name!r}{', ' + url if url else ''}); "
                         f"Optuna: {study.storage_url(cfg)}" + (f" (in {Path.cwd()})" if relative else "")))
     if cfg.report and not cfg.study.worker:  # failed trials too: the report lists them with their reasons
         ok = _report(argv) and ok
     return table, ok
+
+
+def _sqlite_files(cfg: Config) -> list[Path]:
+    """The SQLite files of the tracking store and the Optuna storage (none for a server or a database)."""
+    paths = (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg)))
+    return [path for path in paths if path is not None]
 
 
 def run(cfg: Config) -> bool:
@@ -145,8 +150,7 @@ def run(cfg: Config) -> bool:
         with study.study_lock(cfg):
             # A stop while MLflow or Optuna makes its schema in a new SQLite file (seconds) would leave the file
             # half made, refused by every later command in the folder: it waits for the stores to be made.
-            new_file = any(path is not None and not path.exists() for path in
-                           (tracking.sqlite_path(config.tracking_uri(cfg)), tracking.sqlite_path(study.storage_url(cfg))))
+            new_file = any(not path.exists() for path in _sqlite_files(cfg))
             with stopping.stops_deferred() if new_file else contextlib.nullcontext():
                 experiment_id = tracking.setup(cfg)
                 optuna_study = study.open_study(cfg, create=not cfg.study.worker)

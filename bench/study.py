@@ -712,7 +712,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             raise stop from e
         state, reason, final = states.FAILED, f"{type(e).__name__}: {e}", {}
         # the reason is one line in MLflow and the summary; where it was raised, for a bug report, is here
-        tqdm.write(f"worker {position}: trial {trial.number} {label} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        tqdm.write(f"{lines.prefix} failed:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
         epochs.close()
         if evaluating is not None:
