@@ -545,8 +545,19 @@ class _ProgressLines:
             self.last = t
 
     def took(self) -> str:
-        s = time.monotonic() - self.started
-        return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+        return _duration(time.monotonic() - self.started)
+
+    @staticmethod
+    def left(done: int, total: int, since: float) -> str:
+        """The time left for `total - done` more at the rate of the `done` since `since`, as a bar shows it:
+        e.g. of a 60-epoch trial in a job's log, so that its reader knows when to look again."""
+        if not 0 < done < total:
+            return ""
+        return f"about {_duration(max(1.0, (time.monotonic() - since) / done * (total - done)))} left"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 class _DataCache:
@@ -655,7 +666,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
         history.append(metrics)
         epochs.update()
         epochs.set_postfix_str(f"val {value_name} {metrics['val_elbo']:.2f}")
-        lines.say(f"epoch {epoch}/{cfg.train.epochs}, val {value_name} {metrics['val_elbo']:.2f}")
+        left = lines.left(epoch, cfg.train.epochs, training_since)
+        lines.say(f"epoch {epoch}/{cfg.train.epochs}, val {value_name} {metrics['val_elbo']:.2f}"
+                  + (f", {left} of training" if left else ""))
         epoch_log(epoch, metrics)
         beat()
         if prunable and math.isfinite(metrics["val_elbo"]):
@@ -666,19 +679,22 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
             raise optuna.TrialPruned(f"validation ELBO {metrics['val_elbo']:.2f} below the median at epoch {epoch}")
 
     evaluating: tqdm | None = None
+    evaluation_since, evaluated_before = 0.0, 0  # the rate is timed from the first batch's end
 
     def on_iwae(done: int, total: int) -> None:
         """The test-set IWAE's progress, and signs of life through it: k = 5000 on the whole test split
         takes hours, and a trial silent for REMOTE_STALE_S would be marked killed by another machine."""
-        nonlocal evaluating
+        nonlocal evaluating, evaluation_since, evaluated_before
         stopping.raise_if_stopped()
         if evaluating is None:  # in the epochs' place
+            evaluation_since, evaluated_before = time.monotonic(), done
             evaluating = tqdm(total=total, desc=f"{label}: test IWAE-{cfg.eval.iwae_k}", unit="image", leave=False,
                               position=position + 1, disable=not shown)
             lines.say(f"test IWAE-{cfg.eval.iwae_k} on {config.counted(total, 'image')}"
                       + (" (of the model as it diverged)" if result.status == states.DIVERGED else ""), now=True)
         evaluating.update(done - evaluating.n)
-        lines.say(f"test IWAE-{cfg.eval.iwae_k}: {done}/{total} images")
+        left = lines.left(done - evaluated_before, total - evaluated_before, evaluation_since)
+        lines.say(f"test IWAE-{cfg.eval.iwae_k}: {done}/{total} images" + (f", {left}" if left else ""))
         beat()
 
     def cut_short(stop: KeyboardInterrupt) -> None:
@@ -689,6 +705,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
 
     result = None
     try:
+        training_since = time.monotonic()
         result = train(cfg, data, on_epoch)
         beat(now=True)  # the test-set evaluation starts: its first batch may take a while
         # a model whose parameters went NaN scores nothing: its "0 active units" would read as a result

@@ -615,10 +615,20 @@ def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, m
     assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
     for n, queued in zip("0123", ["3 more variants", "2 more variants", "1 more variant", "0 more variants"]):
         said = [what for number, what in lines if number == n]
-        assert said[:3] == [f"training 2 epochs ({queued} to start)", "epoch 1/2, val ELBO " + said[1].split()[-1],
-                            said[2]], said
+        assert said[0] == f"training 2 epochs ({queued} to start)", said
+        assert re.fullmatch(r"epoch 1/2, val ELBO -[\d.]+, about \d+ s left of training", said[1]), said
         assert re.fullmatch(r"epoch 2/2, val ELBO -[\d.]+", said[2]) and said[3].startswith("test IWAE-8 on ")
         assert re.fullmatch(r"complete, val ELBO -[\d.]+, after \d+ s", said[-1]), said
+
+
+@pytest.mark.parametrize("done, total, seconds, said", [
+    (1, 4, 10, "about 30 s left"), (3, 63, 12, "about 4 min left"), (1, 61, 120, "about 2.0 h left"),
+    (10, 11, 0.5, "about 1 s left"), (0, 4, 10, ""), (4, 4, 10, ""),  # nothing timed yet; nothing left
+])
+def test_a_log_says_how_long_a_trial_has_left(done, total, seconds, said, monkeypatch):
+    """At the rate so far, as a progress bar shows it: a log's reader knows when to look again."""
+    monkeypatch.setattr(study.time, "monotonic", lambda: 1000.0 + seconds)
+    assert study._ProgressLines.left(done, total, since=1000.0) == said
 
 
 def test_a_log_says_why_a_trial_diverged_or_failed(tmp_path, monkeypatch, capsys):
