@@ -750,11 +750,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: Config, parent_id:
 
 
 def _left(study: optuna.Study, cfg: Config) -> str:
-    """What is left of the study besides the trials now running, as a log's reader asks: how far along."""
+    """What is left of the study besides the trials now running, and how long its complete trials took,
+    as a log's reader asks: how far along, and when will it end."""
     left = [config.counted(len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))), "more variant")]
     if cfg.study.search_space:
         left.append(config.counted(search_trials_left(study, cfg), "search trial"))
-    return f"{' and '.join(left)} to start"
+    took = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.duration]  # 0 for a run's outcome recorded as a trial afterwards (_add_recorded_trial)
+    each = f"; its complete trials took {_duration(sum(took) / len(took))} on average" if took else ""
+    return f"{' and '.join(left)} to start{each}"
 
 
 def _record(study: optuna.Study, trial: optuna.Trial, state: str, reason: str, last: dict[str, float]) -> None:

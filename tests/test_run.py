@@ -615,7 +615,8 @@ def test_progress_bars_on_a_terminal_and_lines_in_a_log_file(stderr, tmp_path, m
     assert "epoch/s" not in text and "\x1b" not in text and "\r" not in text
     for n, queued in zip("0123", ["3 more variants", "2 more variants", "1 more variant", "0 more variants"]):
         said = [what for number, what in lines if number == n]
-        assert said[0] == f"training 2 epochs ({queued} to start)", said
+        took = "" if n == "0" else r"; its complete trials took \d+ s on average"
+        assert re.fullmatch(rf"training 2 epochs \({queued} to start{took}\)", said[0]), said
         assert re.fullmatch(r"epoch 1/2, val ELBO -[\d.]+, about \d+ s left of training", said[1]), said
         assert re.fullmatch(r"epoch 2/2, val ELBO -[\d.]+", said[2]) and said[3].startswith("test IWAE-8 on ")
         assert re.fullmatch(r"complete, val ELBO -[\d.]+, after \d+ s", said[-1]), said
@@ -629,6 +630,14 @@ def test_a_log_says_how_long_a_trial_has_left(done, total, seconds, said, monkey
     """At the rate so far, as a progress bar shows it: a log's reader knows when to look again."""
     monkeypatch.setattr(study.time, "monotonic", lambda: 1000.0 + seconds)
     assert study._ProgressLines.left(done, total, since=1000.0) == said
+
+
+def test_the_mean_time_of_a_trial_leaves_out_runs_recorded_as_trials_afterwards():
+    """A run's outcome recorded as a trial after it ended (the Optuna store was lost) took no time there."""
+    optuna_study = optuna.create_study(direction="maximize")
+    optuna_study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=-90.0))
+    optuna_study.enqueue_trial({})
+    assert study._left(optuna_study, config.load([])) == "1 more variant to start"
 
 
 def test_a_log_says_why_a_trial_diverged_or_failed(tmp_path, monkeypatch, capsys):
