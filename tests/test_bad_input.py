@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench import config, run, tracking
+from bench import config, run, study, tracking
 from tests.conftest import shrink_args
 from tests.helpers import free_port
 
@@ -174,6 +174,9 @@ CASES = [
      ["key='train.epochz' is invalid", "a dotted config key: one of data.name", "train.epochs"]),
     ("non-list grid value", ["study={tmp}/in/grid_value.yaml"],
      ["study.grids[0].train.beta=1.0 is invalid", "non-empty list of values"]),
+    ("empty grid value", ["study=smoke", ("study.grids=[{{likelihood.name: [bernoulli], data.binarize: [static]}}, "
+                                          "{{likelihood.name: [gaussian], data.binarize: []}}]")],  # drops the grid
+     ["study.grids[1].data.binarize=[] is invalid", "non-empty list of values"]),
     ("search range reversed", ["study={tmp}/in/search.yaml"], ["low=0.1, high=0.001", "low < high"]),
     ("binary pmf on 8-bit data", [PLAIN, "likelihood.name=bernoulli", "data.binarize=none"],
      ["data.binarize='none' is invalid", "threshold, static or dynamic", "continuous_bernoulli"]),
@@ -368,6 +371,24 @@ def test_an_address_from_the_environment_is_named_as_such(tmp_path, monkeypatch,
     args = [a for a in _args(["study=smoke"], tmp_path) if not a.startswith("tracking.uri=")]
     _assert_refused(args, [f"$MLFLOW_TRACKING_URI='file://{tmp_path}/mlruns'", "does not track new runs"],
                     tmp_path, monkeypatch, capsys, shrunk=False)
+
+
+def test_data_missing_for_one_grid_variant_is_refused_before_any_trains(tmp_path, monkeypatch, capsys):
+    """Not after the digits variants have trained: each variant's data is read before the study starts."""
+    args = ["study=smoke", "study.grids=[{data.name: [digits, mnist]}]", "data.binarize=static",
+            "data.download=false", f"data.root={tmp_path}/in", "study.seeds=[0]", "train.device=cpu"]
+    _assert_refused(args, ["files missing and data.download=false", "train-images-idx3-ubyte.gz"], tmp_path,
+                    monkeypatch, capsys, shrunk=False)
+
+
+def test_an_explicit_tracking_uri_wins_over_the_environment(tmp_path, monkeypatch):
+    """A team's $MLFLOW_TRACKING_URI in the shell must not take the runs (and the Optuna store beside
+    them) of a user who named another store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/team.db")
+    cfg = config.load(["study=smoke", f"tracking.uri=sqlite:///{tmp_path}/mine.db"])
+    assert config.tracking_uri(cfg) == f"sqlite:///{tmp_path}/mine.db"
+    assert study.storage_url(cfg) == f"sqlite:///{tmp_path}/optuna.db"
+    assert config.tracking_uri(config.load(["study=smoke"])) == f"sqlite:///{tmp_path}/team.db"
 
 
 @pytest.mark.parametrize("a, b, same", [

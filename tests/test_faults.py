@@ -222,10 +222,11 @@ def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(tmp_pa
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
 
 
-def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_interrupted(tmp_path, monkeypatch,
-                                                                                         capsys):
-    # a joining worker stopped by SIGTERM records its trial interrupted: not trained by anyone, so the
-    # study's command must not say all is done (it exited 0, its parent run FINISHED)
+@pytest.mark.parametrize("state, reason", [("interrupted", "terminated (SIGTERM)"), ("failed", "RuntimeError: a bug")])
+def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_cut_short(state, reason, tmp_path,
+                                                                                       monkeypatch, capsys):
+    # a joining worker stopped by SIGTERM records its trial interrupted (or it failed): not trained by anyone,
+    # so the study's command must not say all is done (it exited 0, its parent run FINISHED)
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
     real_work = study.work
@@ -233,17 +234,36 @@ def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_int
     def work_beside_a_stopped_joiner(cfg, parent_id, experiment_id, position=0):
         optuna_study = study.open_study(cfg, create=False)
         joined = study._claim(optuna_study, cfg)
-        study._record(optuna_study, joined, "interrupted", "terminated (SIGTERM)", {})
+        study._record(optuna_study, joined, state, reason, {})
         return real_work(cfg, parent_id, experiment_id, position)
 
     monkeypatch.setattr(study, "work", work_beside_a_stopped_joiner)
     assert run.main(args) == 1
-    assert "error: 1 trials were cut short in other processes (trial 0 interrupted); finished trials are kept" \
+    assert f"error: 1 trials were cut short in other processes (trial 0 {state}); finished trials are kept" \
         in capsys.readouterr().err
+    cfg = config.load(args)
+    mlflow.set_tracking_uri(config.tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.study.name])
+    assert list(runs[runs["tags.mlflow.parentRunId"].isna()].status) == ["FAILED"]
     monkeypatch.setattr(study, "work", real_work)
     assert run.main(args) == 0  # the next command trains it
     trials, _ = _state(tmp_path, args)
     assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+
+
+def test_a_dead_workers_trial_finds_its_own_run(tmp_path):
+    """A worker killed before it named its run to Optuna: the trial's run is found by its study and trial
+    number; another trial's (or another study's) run would get this trial's outcome, or a live run marked killed."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = mlflow.create_experiment("s")
+    made = {}
+    for optuna_study, number in (("s-1", 0), ("s-1", 1), ("s-2", 1), ("s-1", 2)):
+        with mlflow.start_run(experiment_id=experiment_id) as r:
+            mlflow.set_tags({tracking.OPTUNA_STUDY_TAG: optuna_study, tracking.TRIAL_TAG: number})
+        made[optuna_study, number] = r.info.run_id
+    for key in (("s-1", 1), ("s-2", 1), ("s-1", 0)):
+        assert tracking.run_of_trial(experiment_id, *key) == made[key]
+    assert tracking.run_of_trial(experiment_id, "s-1", 3) is None
 
 
 @pytest.mark.parametrize("fault", ["weights", "test metric"])

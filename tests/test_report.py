@@ -473,6 +473,23 @@ def test_study_selected_by_experiment_or_run(done):
     assert report_data.select([f"run={child}", uri]).parent.run_id == done.parent  # a child selects its parent
 
 
+def test_each_config_of_a_study_reports_its_own_runs_and_the_experiment_its_latest(done, tmp_path, monkeypatch):
+    """A user who changes one setting and runs the study again: the two configs' runs share the experiment,
+    and a report pooling them would mix two configs' means without a word."""
+    for name in ("mlflow.db", "optuna.db"):
+        shutil.copy(done.tmp / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    again = [f"study={done.tmp / 'rep.yaml'}", *shrink_args(tmp_path), "study.seeds=[0]",
+             "study.grids=[{likelihood.name: [bernoulli], data.binarize: [static]}]"]
+    assert run.main(again) == 0
+    uri = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    latest = report_data.select(["experiment=rep", uri])
+    assert latest.optuna_study == study.study_name(config.load(again)) != study.study_name(config.load(done.args))
+    assert len(latest.children) == 1
+    first = report_data.select([f"run={done.parent}", uri])
+    assert sorted(first.children.run_id) == sorted(done.children.run_id)
+
+
 @pytest.mark.parametrize("selection, needle", [
     ("study=nope", "valid choices: aevb, beta"),
     ("experiment=nope", "valid choices: rep"),

@@ -412,6 +412,8 @@ def test_a_pruned_trial_keeps_its_last_validation_elbo(tmp_path, monkeypatch, ca
     logged = MlflowClient().get_metric_history(run_id, "val_elbo")
     assert [m.step for m in logged] == [1] and trial.user_attrs["val_elbo"] == pytest.approx(logged[0].value)
     assert re.search(rf" pruned +{logged[0].value:.2f} ", capsys.readouterr().out)  # the command's summary
+    run_ = MlflowClient().get_run(run_id)  # in the MLflow UI, not a run that went the distance
+    assert (run_.info.status, run_.data.tags["state"]) == ("KILLED", "pruned")
 
 
 def test_search_space_runs_tpe_trials(tmp_path, monkeypatch, capsys):
@@ -575,6 +577,36 @@ def test_a_search_trial_cut_short_is_not_reported_as_a_variant_left_untrained(tm
     assert study.cut_short(optuna_study, cfg) == ["trial 0 interrupted"]
 
 
+def test_a_point_a_search_draws_twice_is_two_trials_not_an_attempt_trained_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "search.yaml"
+    path.write_text("study:\n  n_trials: 2\n  grids: []\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
+    cfg = config.load([f"study={path}", *shrink_args(tmp_path)])
+    optuna_study = optuna.create_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg))
+    for state, status, value in ((TrialState.FAIL, "killed", None), (TrialState.COMPLETE, "complete", -90.0)):
+        optuna_study.add_trial(optuna.trial.create_trial(  # the same point twice, as TPE may draw it
+            state=state, value=value, user_attrs={study.KIND: "search", study.STATUS: status,
+                                                  study.VARIANT: study.variant_key({"train.lr": 0.001})}))
+    table = run.summary(cfg)
+    assert list(table.state) == ["killed", "complete"] and table["trained again by"].isna().all()
+
+
+def test_search_trials_cut_short_are_drawn_again(tmp_path):
+    """After a Ctrl-C, a resumed search still trains study.n_trials trials that ended; one counted as
+    done would let the command exit 0 with fewer than asked."""
+    path = tmp_path / "search.yaml"
+    path.write_text("study:\n  n_trials: 4\n  grids: []\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
+    cfg = config.load([f"study={path}"])
+    optuna_study = optuna.create_study(direction="maximize")
+    ended = [(TrialState.COMPLETE, "complete"), (TrialState.FAIL, "diverged"), (TrialState.FAIL, "interrupted"),
+             (TrialState.FAIL, "killed"), (TrialState.FAIL, "failed")]
+    for state, status in ended:
+        optuna_study.add_trial(optuna.trial.create_trial(
+            state=state, value=-90.0 if state == TrialState.COMPLETE else None,
+            user_attrs={study.KIND: "search", study.STATUS: status}))
+    assert study.search_trials_left(optuna_study, cfg) == 2  # 4 less the complete and the diverged one
+
+
 
 class _Terminal(io.StringIO):
     """What is written, as a string; a pseudo-terminal of `columns` behind it, which tqdm asks for its width."""
@@ -657,6 +689,7 @@ def test_a_log_says_why_a_trial_diverged_or_failed(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(study, "train", bernoulli_fails)
     assert run.main([f"study={path}", *shrink_args(tmp_path), "train.epochs=2"]) == 1
     err = capsys.readouterr().err
+    assert "in other processes" not in err  # its own trial failed, not a joining worker's
     assert re.search(r"^\d\d:\d\d:\d\d worker 0: trial 0 name=bernoulli seed=0: failed \(RuntimeError: a bug in a "
                      r"likelihood\), after \d+ s$", err, re.MULTILINE), err
     assert re.search(r"trial 0 name=bernoulli seed=0 failed:\nTraceback \(most recent call last\):\n(.+\n)+"
