@@ -47,6 +47,14 @@ def _state(tmp_path: Path, args: list[str]) -> tuple[list[optuna.trial.FrozenTri
     return trials, runs[runs["tags.mlflow.parentRunId"].notna()].set_index("run_id")
 
 
+def _parent_status(args: list[str]) -> str:
+    cfg = config.load(args)
+    mlflow.set_tracking_uri(config.tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.study.name])
+    (status,) = runs[runs["tags.mlflow.parentRunId"].isna()].status
+    return status
+
+
 def _kill_in_the_second_trial(args: list[str], tmp_path: Path) -> None:
     """The study's command, SIGKILLed while its second trial trains (its run RUNNING, as the process left it)."""
     proc = start_and_catch_second_trial(args, tmp_path)
@@ -195,11 +203,17 @@ def test_sigterm_stops_the_workers_of_a_command_started_with_sigint_ignored(tmp_
         ("interrupted", "terminated (SIGTERM)")
 
 
-def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kind", ["grid", "search"])
+def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(kind, tmp_path, monkeypatch, capsys):
     # A `study.worker=true` command on this machine claimed a trial, then was killed: the study's own
-    # command, at its end, says so and marks the trial killed, rather than "not ended" for the user to wait on
+    # command, at its end, says so and marks the trial killed, rather than "not ended" for the user to wait
+    # on, and does not exit 0 (for a search trial too, which no grid variant's last attempt names)
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    if kind == "search":
+        (tmp_path / "search.yaml").write_text("study:\n  n_trials: 2\n  search_space:\n    train.lr: "
+                                              "{low: 1.0e-4, high: 1.0e-2, log: true}\ndata:\n  binarize: static\n")
+        args = [f"study={tmp_path / 'search.yaml'}", *shrink_args(tmp_path), "eval.figures=false"]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     real_work = study.work
@@ -216,10 +230,38 @@ def test_the_studys_command_marks_the_trial_of_a_joining_worker_that_died(tmp_pa
     assert "have not ended" not in err
     trials, _ = _state(tmp_path, args)
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["status"] == "killed"
+    assert _parent_status(args) == "FAILED"
     monkeypatch.setattr(study, "work", real_work)
     assert run.main(args) == 0
     trials, _ = _state(tmp_path, args)
-    assert sorted(t.params["train.seed"] for t in trials if t.state == TrialState.COMPLETE) == SEEDS
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if kind == "grid":
+        assert sorted(t.params["train.seed"] for t in complete) == SEEDS
+    else:
+        assert len(complete) == 2 and all(study.is_search(t) for t in complete)
+
+
+def test_a_report_made_while_a_trial_trains_shows_it_running(tmp_path, monkeypatch):
+    """`bench.report` during a study: a healthy worker's trial is running, not killed, and counts in no
+    family's trials until it ends."""
+    monkeypatch.chdir(tmp_path)
+    args = [*seed_study_args(tmp_path), "train.epochs=1"]
+    real_train, seen = study.train, []
+
+    def train_and_report(*a, **k):
+        if len(seen) == 1:  # the second trial, as it trains
+            data = report_data.load(args)
+            seen.append((report_tables.trial_table(data).set_index("trial").state.to_dict(),
+                         report_data.unfinished_note(data), report_tables.family_table(data.runs)))
+        seen.append(None)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(study, "train", train_and_report)
+    assert run.main(args) == 0
+    states_then, note, families = seen[1]
+    assert states_then == {0: "complete", 1: "running", 2: "waiting"}
+    assert note.startswith("Not finished: 1 running"), note
+    assert families.n_trials.sum() == families.n_complete.sum() == 1
 
 
 @pytest.mark.parametrize("state, reason", [("interrupted", "terminated (SIGTERM)"), ("failed", "RuntimeError: a bug")])
@@ -241,10 +283,7 @@ def test_the_studys_command_does_not_exit_0_when_a_joining_workers_trial_was_cut
     assert run.main(args) == 1
     assert f"error: 1 trials were cut short in other processes (trial 0 {state}); finished trials are kept" \
         in capsys.readouterr().err
-    cfg = config.load(args)
-    mlflow.set_tracking_uri(config.tracking_uri(cfg))
-    runs = mlflow.search_runs(experiment_names=[cfg.study.name])
-    assert list(runs[runs["tags.mlflow.parentRunId"].isna()].status) == ["FAILED"]
+    assert _parent_status(args) == "FAILED"
     monkeypatch.setattr(study, "work", real_work)
     assert run.main(args) == 0  # the next command trains it
     trials, _ = _state(tmp_path, args)

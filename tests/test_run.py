@@ -577,6 +577,19 @@ def test_a_search_trial_cut_short_is_not_reported_as_a_variant_left_untrained(tm
     assert study.cut_short(optuna_study, cfg) == ["trial 0 interrupted"]
 
 
+def test_artifacts_go_beside_the_sqlite_store_not_into_the_current_folder(tmp_path, monkeypatch):
+    """The experiment's artifact folder is fixed when it is made: in the folder the command ran from, the
+    models would be lost with it, or left behind when the study's folder is moved."""
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ["study=smoke", *shrink_args(store), "study.grids=[{likelihood.name: [bernoulli]}]", "data.binarize=static"]
+    assert run.main(args) == 0
+    assert list(elsewhere.iterdir()) == []
+    (child,) = _runs(store, "smoke").dropna(subset=["tags.trial_number"]).run_id
+    assert any((store / "mlartifacts").rglob(f"{child}/artifacts/*"))
+
+
 def test_a_point_a_search_draws_twice_is_two_trials_not_an_attempt_trained_again(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "search.yaml"
