@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from bench import config, report, report_data, report_plots, report_tables, run, study
+from bench import config, render, report, report_data, report_plots, report_tables, run, study
 from models import likelihoods
 from tests.conftest import shrink_args
 
@@ -250,6 +250,12 @@ def test_varied_params_become_factor_tables_and_plots(done, tmp_path):
         mp.setattr(report_plots, "_save", keep_panels)
         report.write(data, tmp_path)
     assert _is_png((tmp_path / "factor_train_beta.png").read_bytes())
+    # the training objectives' panel holds those rows alone, never a likelihood beside them
+    objectives = {label.split()[0] for label in panels[report_plots.OBJECTIVE]}
+    assert objectives == set(table.family[~table.comparable.astype(bool)]) and "bernoulli" not in objectives
+    # LaTeX captions are escaped, as the cells are: a bare _ (train_beta, eval.iwae_k) stops the compile
+    captions = re.findall(r"\\caption\{(.*)\}", (tmp_path / "tables.tex").read_text(encoding="utf-8"))
+    assert captions and not [c for c in captions if re.search(r"(?<!\\)[_&%#]", c)], captions
     # a likelihood panel holds one protocol's measure: the Bernoulli's binarized pmf and the 8-bit
     # families never share an axis
     likelihood_panels = {t: labels for t, labels in panels.items() if t.startswith(("test ELBO (nats)", "IWAE NLL (nats)"))}
@@ -519,12 +525,13 @@ def test_a_report_replaces_the_figures_of_the_report_before_and_keeps_other_file
     has not (a 2-d latent's manifold) would stay beside it, as if it were this study's."""
     folder = tmp_path / "reports" / "rep"
     folder.mkdir(parents=True)
-    for name in ("manifold.png", "factor_model_latent_dim.png", "notes.txt", "report.html"):
+    mine = ("notes.txt", "report.md.orig", "val_elbo.png~")  # not a report's: the user's (an editor's backups)
+    for name in ("manifold.png", "factor_model_latent_dim.png", "report.html", *mine):
         (folder / name).write_text("from before")
     assert report.main([*done.args, f"report_dir={tmp_path / 'reports'}"]) == 0
     names = {p.name for p in folder.iterdir()}
     assert "manifold.png" not in names and "factor_model_latent_dim.png" not in names  # this report has neither
-    assert (folder / "notes.txt").read_text() == "from before"  # not a report's: the user's
+    assert all((folder / name).read_text() == "from before" for name in mine)
     assert (folder / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert {"report.md", "report.html", "tables.tex", "tables.csv", "val_elbo.png"} <= names
 
@@ -904,15 +911,39 @@ def test_rows_that_cannot_be_ranked_say_why(done):
     assert "not a likelihood of the data: laplace" in text and "diverged in every trial: bernoulli (0/2 complete)" in text
 
 
+def test_a_caption_and_cells_cannot_break_a_markdown_row_or_the_latex_compile():
+    text = "against model.latent_dim: 5% & #1 | x"
+    blocks = [("table", (text, pd.DataFrame({"reason": [text], "n": ["2"]})))]
+    (row,) = [line for line in render.render_markdown(blocks).splitlines() if line.startswith("| against")]
+    assert row.count(" | ") == 1, row  # the | inside the cell is escaped: two cells
+    tex = render.render_latex(blocks)
+    (caption,) = re.findall(r"\\caption\{(.*)\}", tex)
+    assert caption == r"against model.latent\_dim: 5\% \& \#1 | x"
+    assert r"latent\_dim: 5\% \& \#1" in tex.split("caption", 1)[1].split("\n", 1)[1]  # the cell too
+
+
+@pytest.mark.parametrize("rank, behind, ci, verdict", [
+    (2, 3.0, 2.5, "yes"), (2, 1.0, 2.5, report_tables.NOT_TOLD_APART),  # the interval excludes 0, or spans it
+    (3, 1.0, math.nan, report_tables.NO_INTERVAL), (1, 0.0, math.nan, report_tables.NONE)])
+def test_a_row_is_clearly_behind_only_where_its_interval_excludes_0(rank, behind, ci, verdict):
+    row = pd.Series({"rank": rank, "behind": behind, "behind_ci": ci})
+    assert report_tables.behind_text(row)[1] == verdict
+
+
 def test_a_search_ranks_each_familys_configuration_best_on_validation(done):
     data = report_data.load(done.args)
     data.runs["params.study.search_space.train.lr.kind"] = "float"  # as MLflow has a search_space
-    data.runs["params.train.lr"] = np.where(data.runs["params.train.seed"] == "0", "0.001", "0.003")
+    first = data.runs["params.train.seed"] == "0"
+    data.runs["params.train.lr"] = np.where(first, "0.001", "0.003")
+    # the best on validation is the worse on the test set: a choice made on the test set would take the other
+    data.runs["val_elbo"] = np.where(first, data.runs.val_elbo + 100, data.runs.val_elbo)
+    data.runs[report_tables.RANK_BY] = np.where(first, data.runs[report_tables.RANK_BY] + 100,
+                                                data.runs[report_tables.RANK_BY])
     family = report_tables.family_table(data.runs)
     ranking = report_tables.ranking_table(data.runs, family)
     for name, chosen in ranking.set_index("family").iterrows():
         rows = family[(family.family == name) & (family.protocol == chosen.protocol)]
-        assert chosen.val_elbo == rows.val_elbo.max()  # never picked on the test set
+        assert chosen.val_elbo == rows.val_elbo.max() and str(chosen["train.lr"]) == "0.001"  # not on the test set
     assert ranking.groupby(["protocol", "family"]).size().eq(1).all()
     assert report.SEARCHED.format(keys="train.lr") in _summary(data)
 
