@@ -8,10 +8,17 @@ import math
 import pytest
 import torch
 
+import bench.stacked
 from bench import config, states
 from bench.config import ConfigError
 from bench.data import load
-from bench.stacked import build_stacked, check_stackable, train_stacked
+from bench.stacked import (
+    build_stacked,
+    check_stackable,
+    make_stacked_step,
+    train_epoch_stacked,
+    train_stacked,
+)
 from bench.train import TrainResult, build, evaluate
 from models import likelihoods
 from models.estimators import gaussian_kl
@@ -112,6 +119,31 @@ def test_stackable_configs_differ_only_in_seed_beta_lr():
     check_stackable([base, config.apply(base, {"train.seed": 1, "train.beta": 0.5, "train.lr": 3e-4})])
     with pytest.raises(ConfigError, match="model.latent_dim"):
         check_stackable([base, config.apply(base, {"model.latent_dim": 2})])
+    with pytest.raises(ConfigError, match="train.batch_size"):  # in any variant, not only the second
+        check_stackable([base, base, config.apply(base, {"train.batch_size": 64})])
+
+
+def test_the_stacked_step_is_each_variants_adam_step_on_its_own_beta_objective(tiny_cfg, monkeypatch):
+    """Two variants alike but for β (and lr): each moves as a separate model's Adam step on its own
+    objective; with another variant's β it would move as that one."""
+    cfgs = [config.apply(tiny_cfg, {"train.beta": beta, "train.lr": lr}) for beta, lr in ((1.0, 1e-3), (4.0, 3e-3))]
+    data = load(tiny_cfg.data)
+    stacked = build_stacked(cfgs, data)
+    separate = copy.deepcopy(stacked.variants)
+    x = torch.bernoulli(torch.rand(1, 16, data.dim)).expand(2, -1, -1)  # (2, B, D): one batch for both
+    eps = torch.randn(2, 1, 16, tiny_cfg.model.latent_dim)
+    monkeypatch.setattr(bench.stacked, "stacked_elbo_terms", lambda model, x, n: stacked_elbo_terms(model, x, n, eps))
+    step = make_stacked_step(stacked, cfgs)
+    for _ in range(2):
+        step(x)
+    for i, (cfg, model) in enumerate(zip(cfgs, separate)):
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        for _ in range(2):
+            opt.zero_grad()
+            _separate_loss(model, x[i], eps[i], cfg.train.beta).backward()
+            opt.step()
+        for p, q in zip(model.parameters(), stacked.variants[i].parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
 
 
 def test_stacked_variants_start_where_separate_runs_start(tiny_cfg):
@@ -130,14 +162,35 @@ def test_train_stacked_gives_each_variant_its_result_and_lr(tiny_cfg):
     starts = build_stacked(cfgs, load(tiny_cfg.data)).variants
     results = train_stacked(cfgs)
     assert len(results) == 3 and all(isinstance(r, TrainResult) for r in results)
-    for r in results:
+    for r, cfg in zip(results, cfgs):
         (metrics,) = r.history
         assert {"train_elbo", "train_objective", "val_elbo", "samples_per_s", "ms_per_step"} <= set(metrics)
         assert all(math.isfinite(metrics[k]) for k in ("train_elbo", "train_objective", "val_elbo"))
+        objective = metrics["train_recon"] - cfg.train.beta * metrics["train_kl"]  # its own β
+        assert metrics["train_objective"] == pytest.approx(objective, rel=1e-5)
     # Adam moves each weight by about lr per step: the lr-3e-3 variant travels ~30x further than 1e-4.
     moved = [sum((p - q).norm() ** 2 for p, q in zip(r.model.parameters(), s.parameters())) ** 0.5
              for r, s in zip(results, starts)]
     assert moved[1] > 10 * moved[0] and moved[2] > 3 * moved[0]
+
+
+def test_each_stacked_variant_trains_in_its_own_shuffle(tiny_cfg):
+    """One shuffle for all would make the variants' seeds share their batches: their spread less than
+    separate runs' (the README says each keeps its own)."""
+    cfgs = [config.apply(tiny_cfg, {"train.seed": s}) for s in (0, 1)]
+    data = load(tiny_cfg.data)
+    stacked = build_stacked(cfgs, data)
+    real, batches = make_stacked_step(stacked, cfgs), []
+
+    def step(x):
+        batches.append(x.clone())  # (N, B, D)
+        return real(x)
+
+    train_epoch_stacked(stacked, step, data.train, data.transform(stacked.likelihood.family, train=True), cfgs)
+    assert not torch.equal(batches[0][0], batches[0][1])
+    # each variant's epoch is the training set in its own order: the same images, each once
+    one, other = (torch.unique(torch.cat([b[i] for b in batches]), dim=0, return_counts=True) for i in range(2))
+    assert torch.equal(one[0], other[0]) and torch.equal(one[1], other[1]) and one[1].sum() == len(data.train)
 
 
 def test_a_diverged_variant_keeps_its_model_at_divergence_and_the_others_train_on(shrink):
