@@ -911,6 +911,23 @@ def test_rows_that_cannot_be_ranked_say_why(done):
     assert "not a likelihood of the data: laplace" in text and "diverged in every trial: bernoulli (0/2 complete)" in text
 
 
+def test_a_search_history_draws_the_best_so_far_and_the_trials_not_completed_apart(tmp_path, monkeypatch):
+    drawn = {}
+
+    def keep(fig, path):
+        (ax,) = fig.axes
+        drawn.update({line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines})
+        return path
+
+    monkeypatch.setattr(report_plots, "_save", keep)
+    table = pd.DataFrame({"trial": [0, 1, 2, 3, 4], "val_elbo": [-90.0, -95.0, -80.0, -70.0, -85.0],
+                          "state": ["complete", "complete", "complete", "pruned", "complete"]})
+    report_plots.plot_search_history(table, tmp_path / "search_history.png")
+    assert drawn["completed trial"] == ([0, 1, 2, 4], [-90.0, -95.0, -80.0, -85.0])
+    assert drawn["best so far"][1] == [-90.0, -90.0, -80.0, -80.0]  # the highest ELBO yet, a pruned one's not
+    assert drawn["not completed (at its last epoch)"] == ([3], [-70.0])
+
+
 def test_a_caption_and_cells_cannot_break_a_markdown_row_or_the_latex_compile():
     text = "against model.latent_dim: 5% & #1 | x"
     blocks = [("table", (text, pd.DataFrame({"reason": [text], "n": ["2"]})))]

@@ -400,6 +400,21 @@ def test_figures_without_a_2d_latent_have_no_manifold(short_runs, tmp_path):
         _assert_png_not_blank(p)
 
 
+def test_the_reconstructions_are_the_decoder_means_at_the_posterior_means(short_runs, tmp_path):
+    """The grid's bottom row, image by image: decoded from z = E_q[z] (not a draw, nor log σ²)."""
+    _, result = short_runs("gaussian")
+    path = figures.reconstruction_grid(result, tmp_path / "reconstructions.png")
+    model, data, (h, w) = result.model, result.data, result.data.image_shape
+    with torch.no_grad():
+        x = data.transform(model.likelihood.family, train=False)(data.test[:8])
+        expected = model.mean_image(model.encode(x)[0]).clamp(0, 1).reshape(8, h, w).numpy()
+    with Image.open(path) as img:
+        grid = np.asarray(img.convert("L"), dtype=np.float64) / 255  # cells of h x w, 1 pixel apart
+    for i in range(8):
+        cell = grid[h + 2 : 2 * h + 2, 1 + i * (w + 1) : 1 + i * (w + 1) + w]
+        assert np.abs(cell - expected[i]).max() <= 1 / 255, i
+
+
 def test_a_cpu_training_step_flushes_subnormal_floats():
     """Training drives float32 values below 1.2e-38, where x86 arithmetic is ~100× slower; on a CPU the
     step reads and writes them as 0 (bench.train.flush_subnormals)."""
