@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from bench import config, render, report, report_data, report_plots, report_tables, run, study
+from bench import config, render, report, report_data, report_plots, report_tables, run, states, study
 from models import likelihoods
 from tests.conftest import shrink_args
 
@@ -937,6 +937,15 @@ def test_a_caption_and_cells_cannot_break_a_markdown_row_or_the_latex_compile():
     (caption,) = re.findall(r"\\caption\{(.*)\}", tex)
     assert caption == r"against model.latent\_dim: 5\% \& \#1 | x"
     assert r"latent\_dim: 5\% \& \#1" in tex.split("caption", 1)[1].split("\n", 1)[1]  # the cell too
+
+
+def test_a_rows_reconstructions_come_from_a_completed_run_before_a_lower_seed_that_diverged(done):
+    runs = report_data.load(done.args).runs
+    bernoulli = runs.family == "bernoulli"
+    runs.loc[bernoulli & (runs.seed == runs.seed.min()), "state"] = states.DIVERGED
+    row = report_tables.family_table(runs).set_index(["protocol", "family"]).loc[("binarized-static", "bernoulli")]
+    completed = runs[bernoulli & (runs.state == states.COMPLETE)]
+    assert (row.example_run, row.example_state) == (completed.run_id.item(), states.COMPLETE)
 
 
 @pytest.mark.parametrize("rank, behind, ci, verdict", [
