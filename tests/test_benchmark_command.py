@@ -106,6 +106,8 @@ def test_the_stacked_target_is_decided_by_the_interval_of_its_per_round_step_rat
     assert d["stacked_16_step_rate_vs_single_interval"][:2] == pytest.approx([0.45, 0.53])
     assert d["target_stacked"].startswith("not resolved")  # median 0.495, but the interval spans 0.5
     assert "(96 % interval of the median 0.45 to 0.53; target ≥ 0.5: not resolved" in markdown(spread)
+    # its row: the median round's 1/0.49 ms for 16 × 128 images; 16 variants at 0.49 of one's step rate
+    assert "| 16 | 2.04 (1.67) | 1,003,520 (1,228,800) | 1.00 (1.00) | 0.49 | 7.92× |" in markdown(spread)
     assert stacked([0.51 + 0.01 * i for i in range(12)])["ratios"]["cuda"]["target_stacked"] == "met"
     assert stacked([0.30 + 0.01 * i for i in range(12)])["ratios"]["cuda"]["target_stacked"] == "not met"
 
