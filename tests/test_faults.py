@@ -246,19 +246,19 @@ def test_a_report_made_while_a_trial_trains_shows_it_running(tmp_path, monkeypat
     family's trials until it ends."""
     monkeypatch.chdir(tmp_path)
     args = [*seed_study_args(tmp_path), "train.epochs=1"]
-    real_train, seen = study.train, []
+    real_train, trained, seen = study.train, [], []
 
     def train_and_report(*a, **k):
-        if len(seen) == 1:  # the second trial, as it trains
+        trained.append(a)
+        if len(trained) == 2:  # the second trial, as it trains
             data = report_data.load(args)
             seen.append((report_tables.trial_table(data).set_index("trial").state.to_dict(),
                          report_data.unfinished_note(data), report_tables.family_table(data.runs)))
-        seen.append(None)
         return real_train(*a, **k)
 
     monkeypatch.setattr(study, "train", train_and_report)
     assert run.main(args) == 0
-    states_then, note, families = seen[1]
+    ((states_then, note, families),) = seen
     assert states_then == {0: "complete", 1: "running", 2: "waiting"}
     assert note.startswith("Not finished: 1 running"), note
     assert families.n_trials.sum() == families.n_complete.sum() == 1

@@ -590,11 +590,17 @@ def test_artifacts_go_beside_the_sqlite_store_not_into_the_current_folder(tmp_pa
     assert any((store / "mlartifacts").rglob(f"{child}/artifacts/*"))
 
 
+def _lr_search(tmp_path: Path, n_trials: int) -> Path:
+    """A study that only searches the learning rate."""
+    path = tmp_path / "search.yaml"
+    path.write_text(f"study:\n  n_trials: {n_trials}\n  grids: []\n  search_space:\n"
+                    "    train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
+    return path
+
+
 def test_a_point_a_search_draws_twice_is_two_trials_not_an_attempt_trained_again(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = tmp_path / "search.yaml"
-    path.write_text("study:\n  n_trials: 2\n  grids: []\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
-    cfg = config.load([f"study={path}", *shrink_args(tmp_path)])
+    cfg = config.load([f"study={_lr_search(tmp_path, n_trials=2)}", *shrink_args(tmp_path)])
     optuna_study = optuna.create_study(study_name=study.study_name(cfg), storage=study.storage_url(cfg))
     for state, status, value in ((TrialState.FAIL, "killed", None), (TrialState.COMPLETE, "complete", -90.0)):
         optuna_study.add_trial(optuna.trial.create_trial(  # the same point twice, as TPE may draw it
@@ -607,9 +613,7 @@ def test_a_point_a_search_draws_twice_is_two_trials_not_an_attempt_trained_again
 def test_search_trials_cut_short_are_drawn_again(tmp_path):
     """After a Ctrl-C, a resumed search still trains study.n_trials trials that ended; one counted as
     done would let the command exit 0 with fewer than asked."""
-    path = tmp_path / "search.yaml"
-    path.write_text("study:\n  n_trials: 4\n  grids: []\n  search_space:\n    train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
-    cfg = config.load([f"study={path}"])
+    cfg = config.load([f"study={_lr_search(tmp_path, n_trials=4)}"])
     optuna_study = optuna.create_study(direction="maximize")
     ended = [(TrialState.COMPLETE, "complete"), (TrialState.FAIL, "diverged"), (TrialState.FAIL, "interrupted"),
              (TrialState.FAIL, "killed"), (TrialState.FAIL, "failed")]
