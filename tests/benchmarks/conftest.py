@@ -133,6 +133,11 @@ def summarize(benchmarks: list[dict], command: str, load_at_start: float | None 
                 for part in ("likelihood", "adam"):  # the same rounds' part inside the step over the part alone
                     d["in_step_ms"][f"{part}_over_alone"] = statistics.median(
                         i / a for i, a in zip(in_step[part], parts[part]))
+        if {"log_sigmoid", "torch_log_sigmoid"} <= ours["paired"].keys():  # our log σ against torch's, same rounds
+            mine, torch_s = (ours["paired"][k]["rounds"] for k in ("log_sigmoid", "torch_log_sigmoid"))
+            d["log_sigmoid_ms"] = {"ours": statistics.median(mine), "torch": statistics.median(torch_s)}
+            d["torch_log_sigmoid_over_ours_median"] = statistics.median(t / m for t, m in zip(torch_s, mine))
+            d["torch_log_sigmoid_over_ours_interval"] = median_interval([t / m for t, m in zip(torch_s, mine)])
         if probe := ours.get("core_to_core_ns_per_line"):  # test_speed.core_to_core_round, in the same rounds
             d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)],
                                              "rounds": probe}
@@ -313,6 +318,13 @@ def markdown(summary: dict) -> str:
                          f"its time alone), Adam {q['adam']:.2f} ms ({q['adam_over_alone']:.2f}× alone), and "
                          f"{q['rest']:.2f} ms for the rest (the reparameterisation, KL, data transform, and the Python between "
                          "these parts)")
+        if "log_sigmoid_ms" in d:
+            g = d["log_sigmoid_ms"]
+            spread = _interval(d, "torch_log_sigmoid_over_ours").removesuffix("; ")
+            lines.append("- log σ of one batch's decoder logits (128 × 784, no gradient, as the Bernoulli's log p(x|z) "
+                         f"takes it; medians of the same rounds): our formula (`models.likelihoods.log_sigmoid`) "
+                         f"{g['ours']:.3f} ms, torch's `F.logsigmoid` {g['torch']:.3f} ms: torch's takes "
+                         f"**{d['torch_log_sigmoid_over_ours_median']:.2f}×** our time" + (f" ({spread})" if spread else ""))
         if "core_to_core_ns_per_line" in d:
             c = d["core_to_core_ns_per_line"]
             lines.append(f"- cache lines between cores (what the step does with every parameter: both threads' products "

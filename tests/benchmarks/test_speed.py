@@ -14,7 +14,9 @@
   train.backward=autograd (CPU, GPU), train.compile=true (CPU), train.cuda_graph=false (GPU);
 - stacked: N variants trained at once (models/stacked.py), N = 1, 4, 16, and 64 on a GPU;
 - parts (CPU, bernoulli, L = 1): two parts of our step timed alone at its shapes, Adam's update and
-  log p(x|z) with its gradient, which with the floor say where the step's time goes; and a copy of our
+  log p(x|z) with its gradient, which with the floor say where the step's time goes; log σ of the
+  decoder's logits, by our formula (models.likelihoods.log_sigmoid) and by torch's F.logsigmoid, whose
+  speed depends on the CPU (the reason the formula exists); and a copy of our
   round with its parts timed where they run, inside the step (in_step); and what the machine charges
   for a cache line written on one thread's core, read on another's and written again (core_to_core),
   which our step does with every parameter, every step.
@@ -301,8 +303,10 @@ def ours_round(cfg: config.Config, data: data_mod.Data) -> Round:
 def parts_rounds(cfg: config.Config, data: data_mod.Data) -> dict[str, Round]:
     """Two parts of our (manual) step, STEPS times each at its shapes: Adam's update of every parameter
     (ManualGradient's FlatAdam), and log p(x|z) with the loss's gradient at the decoder output
-    (`log_px_and_grad`). On a CPU only: on a GPU our step is one graph replay and these would be timed
-    op by op."""
+    (`log_px_and_grad`); and log σ of the decoder's (L·B, D) logits as the Bernoulli's log p(x|z) takes it
+    (no grad: its gradient is the closed-form score), by `likelihoods.log_sigmoid` and by torch's
+    F.logsigmoid. On a CPU only: on a GPU our step is one graph replay and these would be timed op by op,
+    and log_sigmoid is F.logsigmoid there."""
     torch.manual_seed(0)
     model = build(cfg, data.dim).to(cfg.train.device)
     manual = ManualGradient(model, lr=cfg.train.lr)
@@ -318,7 +322,17 @@ def parts_rounds(cfg: config.Config, data: data_mod.Data) -> dict[str, Round]:
         for _ in range(STEPS):
             log_px_and_grad(model, raw, x, manual.grads)
 
-    return {"adam": adam, "likelihood": likelihood}
+    def log_sigmoid_by(fn: Callable[[Tensor], Tensor]) -> Round:
+        logits = raw[..., 0, :].reshape(-1, model.data_dim)  # (L·B, D)
+
+        def run() -> None:
+            with torch.no_grad():
+                for _ in range(STEPS):
+                    fn(logits)
+        return run
+
+    return {"adam": adam, "likelihood": likelihood, "log_sigmoid": log_sigmoid_by(likelihoods.log_sigmoid),
+            "torch_log_sigmoid": log_sigmoid_by(F.logsigmoid)}
 
 
 IN_STEP_PARTS = {"mlp": (manual_grad, ("_forward", "_backward")),  # the 11 products, ReLUs and bias sums
