@@ -40,9 +40,9 @@ class _LogSigmoid(torch.autograd.Function):
     rounded: the correction gives back what rounding u lost (within 2 ulp of the exact log σ,
     tests/test_likelihoods.py). F.logsigmoid's speed depends on the CPU: for one 128×784 batch on 2
     cores, 0.5 ms on the AMD EPYC VM (about a tenth of a Bernoulli training step) against 0.18 ms here;
-    0.069 ms on an AVX-512 Xeon against 0.090 ms here (the benchmark's log σ line). Its gradient is σ(−x), also at x = 0, where the
-    formula has a kink, under vmap too (`generate_vmap_rule`). It has no forward mode (jvp), which
-    torch.compile cannot trace: a jvp through it raises."""
+    on the Intel Xeon VM, torch's is the faster (the benchmark's log σ line). Its gradient is σ(−x), also at
+    x = 0, where the formula has a kink, under vmap too (`generate_vmap_rule`). It has no forward mode
+    (jvp), which torch.compile cannot trace: a jvp through it raises."""
 
     generate_vmap_rule = True
 
