@@ -136,8 +136,9 @@ def summarize(benchmarks: list[dict], command: str, load_at_start: float | None 
         if {"log_sigmoid", "torch_log_sigmoid"} <= ours["paired"].keys():  # our log σ against torch's, same rounds
             mine, torch_s = (ours["paired"][k]["rounds"] for k in ("log_sigmoid", "torch_log_sigmoid"))
             d["log_sigmoid_ms"] = {"ours": statistics.median(mine), "torch": statistics.median(torch_s)}
-            d["torch_log_sigmoid_over_ours_median"] = statistics.median(t / m for t, m in zip(torch_s, mine))
-            d["torch_log_sigmoid_over_ours_interval"] = median_interval([t / m for t, m in zip(torch_s, mine)])
+            torch_over_ours = [t / m for t, m in zip(torch_s, mine)]
+            d["torch_log_sigmoid_over_ours_median"] = statistics.median(torch_over_ours)
+            d["torch_log_sigmoid_over_ours_interval"] = median_interval(torch_over_ours)
         if probe := ours.get("core_to_core_ns_per_line"):  # test_speed.core_to_core_round, in the same rounds
             d["core_to_core_ns_per_line"] = {"median": statistics.median(probe), "range": [min(probe), max(probe)],
                                              "rounds": probe}
