@@ -147,25 +147,17 @@ def test_our_log_sigmoid_is_timed_against_torchs_in_the_same_rounds():
     times both on the headline test's rounds, and the ratio is taken round by round."""
     from tests.benchmarks.conftest import markdown, summarize
 
-    def rounds(ms):
-        return {"rounds": list(ms), "median": sorted(ms)[6], "best": min(ms)}
-
     ours_ms = [0.2] * 12
     torch_ms = [0.2 * r for r in (0.7, 0.75, 0.8, 0.82, 0.84, 0.85, 0.85, 0.88, 0.9, 0.95, 1.0, 1.1)]
-    step = [20e-3 * 2.5] * 12
-    info = {"kind": "ours", "device": "cpu", "family": "bernoulli", "n_samples": 1, "n_params": 1, "batch": 128,
-            "steps": 20, "variants": 1, "paired": {"floor": rounds([1.3] * 12), "log_sigmoid": rounds(ours_ms),
-                                                    "torch_log_sigmoid": rounds(torch_ms)}}
-    summary = summarize([{"name": "ours", "extra_info": info,
-                          "stats": {"median": step[6], "min": min(step), "rounds": 12, "data": step}}], "cmd")
+    summary = summarize([_ours("bernoulli", 1, [2.5] * 12, floor=[1.3] * 12, log_sigmoid=ours_ms,
+                               torch_log_sigmoid=torch_ms)], "cmd")
     d = summary["ratios"]["cpu"]
     assert d["torch_log_sigmoid_over_ours_median"] == pytest.approx(0.85)
     assert d["torch_log_sigmoid_over_ours_interval"][:2] == pytest.approx([0.8, 0.95])  # 3rd of 12 from each end
     assert ("our formula (`models.likelihoods.log_sigmoid`) 0.200 ms, torch's `F.logsigmoid` 0.170 ms: torch's "
             "takes **0.85×** our time (96 % interval of the median 0.80 to 0.95)") in markdown(summary)
-    del info["paired"]["torch_log_sigmoid"]  # a run from before this line
-    assert "F.logsigmoid" not in markdown(summarize([{"name": "ours", "extra_info": info, "stats": {
-        "median": step[6], "min": min(step), "rounds": 12, "data": step}}], "cmd"))
+    before_this_line = _ours("bernoulli", 1, [2.5] * 12, floor=[1.3] * 12, log_sigmoid=ours_ms)
+    assert "F.logsigmoid" not in markdown(summarize([before_this_line], "cmd"))
 
 
 def test_the_log_sigmoid_rounds_run_our_formula_and_torchs_on_the_decoders_logits(monkeypatch):
