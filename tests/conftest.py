@@ -19,6 +19,10 @@ from bench.config import Config
 
 SHARED_MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
 
+# train.compile's tests: the config refuses it before torch 2.12, which the project otherwise supports
+NEEDS_COMPILE = pytest.mark.skipif(not config.compile_supported(),
+                                   reason=f"train.compile needs torch 2.12 or newer, not {torch.__version__}")
+
 
 @pytest.fixture(autouse=True)
 def one_thread(request):

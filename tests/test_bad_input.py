@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import optuna
@@ -15,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bench import config, run, study, tracking
-from tests.conftest import shrink_args
+from tests.conftest import NEEDS_COMPILE, shrink_args
 from tests.helpers import free_port
 
 # Study files the cases below point at, written into <tmp>/in/.
@@ -289,7 +288,8 @@ def test_compile_without_a_cpp_compiler_is_refused(tmp_path, monkeypatch, capsys
                     tmp_path, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize(("cxx", "device", "gpu"), [("env no-such-c++", "cpu", False),  # runs `env`, as inductor does
+@pytest.mark.parametrize(("cxx", "device", "gpu"), [pytest.param("env no-such-c++", "cpu", False,  # runs `env`, as inductor does
+                                                                 marks=NEEDS_COMPILE),
                                                     ("no-such-c++", "auto", True),  # a GPU compiles nothing
                                                     ("no-such-c++", "cuda", True)])
 def test_compile_checks_only_the_compiler_inductor_would_run(cxx, device, gpu, monkeypatch):
@@ -453,14 +453,20 @@ def test_windows_is_refused_with_what_to_use_instead():
 
 
 def test_compile_with_a_torch_older_than_2_12_is_refused(tmp_path, monkeypatch, capsys):
-    # torch 2.4 to 2.11 run everything else; the compiled gradient sets dynamo options they do not have
-    from torch import _dynamo
-
-    monkeypatch.setattr(_dynamo, "config", types.SimpleNamespace(recompile_limit=8))  # no trace_autograd_ops
+    # torch 2.4 to 2.11 run everything else; 2.11 has the dynamo options the compiled gradient sets, but
+    # breaks its graph at autograd.grad (torch 2.11.0+cu130)
     monkeypatch.setattr(torch, "__version__", "2.11.0")
     _assert_refused(["study=smoke", "train.compile=true"], ["train.compile=True is invalid",
                     "false with torch 2.11.0: the compiled gradient needs torch 2.12 or newer"],
                     tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("version", "supported"), [("2.4.1", False), ("2.11.0+cu130", False), ("2.12.0", True),
+                                                    ("2.12.0a0+git1f2e3d4", True), ("2.14.1+cpu", True),
+                                                    ("3.0.0", True), ("10.1", True)])
+def test_compile_is_supported_from_torch_2_12(version, supported):
+    # by release number: a 2.12 pre-release is a 2.12, and 10.1 is not older than 2.12
+    assert config.compile_supported(version) is supported
 
 
 def test_an_override_that_leaves_the_search_space_as_it_is_is_taken(tmp_path):

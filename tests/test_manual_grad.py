@@ -15,6 +15,7 @@ from models import likelihoods, manual_grad
 from models.estimators import elbo_terms
 from models.manual_grad import ManualGradient
 from models.vae import VAE
+from tests.conftest import NEEDS_COMPILE
 
 B, D, Z = 6, 12, 3
 
@@ -131,6 +132,7 @@ def test_a_step_without_a_learning_rate_is_refused():
         manual.step(_inputs("bernoulli"), 1, 1.0)
 
 
+@NEEDS_COMPILE
 @pytest.mark.parametrize("family", likelihoods.NAMES)
 def test_a_compiled_gradient_trains_what_the_eager_one_trains(family):
     """train.compile: steps through torch.compile end where eager steps end (up to rounding), and a batch
@@ -153,6 +155,7 @@ def test_a_compiled_gradient_trains_what_the_eager_one_trains(family):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@NEEDS_COMPILE
 def test_train_compile_trains_through_the_compiled_gradient(monkeypatch):
     """train.compile=true: the runner's steps on a CPU go through the compiled gradient (the full batches;
     digits: 1199 training images, batches of 64) and train what eager steps train."""

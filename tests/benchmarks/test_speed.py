@@ -54,6 +54,7 @@ from bench.stacked import build_stacked, make_stacked_step, train_epoch_stacked
 from bench.train import build, make_step, train_epoch
 from models import likelihoods, manual_grad
 from models.manual_grad import ManualGradient, log_px_and_grad
+from tests.conftest import NEEDS_COMPILE
 
 BATCH, DATA_DIM, HIDDEN, LATENT = 128, 784, 400, 20
 STEPS = 20  # training steps per timed round
@@ -441,7 +442,7 @@ def test_step(benchmark, mnist, torchvision_root, family, n_samples, device):
 # --- what each default buys ---------------------------------------------------------------------------
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-SETTINGS = [("cpu", "train.backward", "autograd"), ("cpu", "train.compile", True),
+SETTINGS = [("cpu", "train.backward", "autograd"), pytest.param("cpu", "train.compile", True, marks=NEEDS_COMPILE),
             pytest.param("cuda", "train.backward", "autograd", marks=CUDA),
             pytest.param("cuda", "train.cuda_graph", False, marks=CUDA)]
 
