@@ -34,15 +34,6 @@ DATASETS = ("mnist", "fashion_mnist", "digits", "mnist_t10k")
 BINARIZE = ("none", "threshold", "static", "dynamic")
 DEVICES = ("auto", "cpu", "cuda")
 BACKWARDS = ("manual", "autograd")
-
-
-def compile_supported(version: str | None = None) -> bool:
-    """Whether this torch (or `version`) compiles the manual gradient whole: 2.12 or newer. torch 2.11
-    has the dynamo options the compiled gradient sets, but breaks the graph at its requires_grad_ and
-    autograd.grad, which the families without a closed-form score (a learned scale, the discretized
-    logistic) go through: their gradient ran as five graphs."""
-    major, minor = re.match(r"(\d+)\.(\d+)", version or torch.__version__).groups()
-    return (int(major), int(minor)) >= (2, 12)
 PRUNERS = ("auto", "median", "none")
 SEARCH_KINDS = ("float", "int", "categorical")
 
@@ -416,6 +407,15 @@ def _is_int(x: Any) -> bool:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def compile_supported(version: str | None = None) -> bool:
+    """Whether this torch (or `version`) compiles the manual gradient whole: 2.12 or newer. torch 2.11
+    has the dynamo options the compiled gradient sets, but breaks the graph at its requires_grad_ and
+    autograd.grad, which the families without a closed-form score (a learned scale, the discretized
+    logistic) go through: their gradient ran as five graphs."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version or torch.__version__).groups()
+    return (int(major), int(minor)) >= (2, 12)
 
 
 def validate_run(cfg: Config, combination: bool = True) -> None:
