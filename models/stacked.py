@@ -141,7 +141,7 @@ class StackedAdam(torch.optim.Optimizer):
             v = [self.state[p]["exp_avg_sq"] for p in params]
             step_size = self.lr / (1 - beta1**count)  # (N,)
             bias2_sqrt = (1 - beta2**count).sqrt()
-            if params[0].is_cuda and params[0].dtype == torch.float32:  # the kernel's sqrt_rn, div_rn: fp32 only
+            if _triton_runs(params[0]):
                 update = _triton_adam()
                 for p, g, m_p, v_p in zip(params, grads, m, v):
                     update(p, g.contiguous(), m_p, v_p, step_size, bias2_sqrt.float(), beta1, beta2, group["eps"])
@@ -155,6 +155,12 @@ class StackedAdam(torch.optim.Optimizer):
             update = torch._foreach_div(m, denom)
             torch._foreach_mul_(update, [step_size.view(-1, *[1] * (p.dim() - 1)) for p in params])
             torch._foreach_sub_(params, update)
+
+
+def _triton_runs(p: Tensor) -> bool:
+    """Whether StackedAdam updates p with its Triton kernel: on a GPU, in float32 (the kernel's sqrt_rn
+    and div_rn are fp32 only)."""
+    return p.is_cuda and p.dtype == torch.float32
 
 
 @functools.cache

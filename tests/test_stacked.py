@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench.stacked
+import models.stacked
 from bench import config, states
 from bench.config import ConfigError
 from bench.data import load
@@ -72,10 +73,30 @@ def test_stacked_step_matches_separate_models(family):
         assert terms.smallest_scale.shape == (N,)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (the Triton update)"))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # on CUDA: Triton's kernel, fp32 only
-def test_stacked_adam_is_adam_with_a_learning_rate_per_variant(device, dtype):
+@pytest.fixture
+def triton_on_the_cpu(monkeypatch):
+    """StackedAdam's GPU update, its Triton kernel, run on the CPU by Triton's interpreter: so CI, which
+    has no GPU, checks the kernel's arithmetic too."""
+    pytest.importorskip("triton")  # ships with torch's Linux x86-64 wheels
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    update = models.stacked._triton_adam.__wrapped__()  # jitted now, under the interpreter; not cached
+    monkeypatch.setattr(models.stacked, "_triton_adam", lambda: update)
+    monkeypatch.setattr(models.stacked, "_triton_runs", lambda p: p.dtype == torch.float32)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton update)")
+
+
+# float32 on a GPU: the Triton kernel; float64 there, and the CPU: the foreach calls
+@pytest.mark.parametrize(("device", "dtype"), [
+    pytest.param("cpu", torch.float32, id="cpu-float32"), pytest.param("cpu", torch.float64, id="cpu-float64"),
+    pytest.param("triton-interpreter", torch.float32, id="triton-interpreter-float32"),
+    pytest.param("cuda", torch.float32, marks=CUDA, id="cuda-float32"),
+    pytest.param("cuda", torch.float64, marks=CUDA, id="cuda-float64")])
+def test_stacked_adam_is_adam_with_a_learning_rate_per_variant(device, dtype, request):
+    if device == "triton-interpreter":
+        request.getfixturevalue("triton_on_the_cpu")
+        device = "cpu"
     torch.manual_seed(0)
     lrs = [1e-3, 3e-2, 1e-4]
     variants = [VAE(D, [7], Z, likelihoods.get("gaussian_shared")).to(dtype) for _ in lrs]
